@@ -106,6 +106,9 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 _warned_fallback: set[str] = set()
 
 
+# Under torch.compile the choice is made once, at trace time, and baked into the graph: the
+# lookups below (imports, environment, dispatcher queries) are not traceable and need not be.
+@torch.compiler.assume_constant_result
 def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     """The backend a call of ``op`` on ``device`` uses.
 
