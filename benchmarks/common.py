@@ -68,13 +68,19 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Walk the allocation events in time order to find the high-water mark.
-    events = sorted(
-        (e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start
-    )
+    # Walk the allocation events in time order to find the high-water mark. Events nest (an op
+    # includes its children's allocations), so only each event's own share counts; a free is often
+    # attributed to an enclosing event that started earlier, so frees count at the event's end.
+    changes = []
+    for event in prof.events():
+        amount = event.self_cpu_memory_usage
+        if amount > 0:
+            changes.append((event.time_range.start, amount))
+        elif amount < 0:
+            changes.append((event.time_range.end, amount))
     current = peak = 0
-    for event in events:
-        current += event.cpu_memory_usage
+    for _, amount in sorted(changes, key=lambda change: (change[0], -change[1])):
+        current += amount
         peak = max(peak, current)
     return peak
 

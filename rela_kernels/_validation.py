@@ -33,9 +33,7 @@ def check_tensor(
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
         hint = f" {shape_hint}" if shape_hint else ""
-        raise ValueError(
-            f"{where}: {name} must be {ndim}-D{hint}, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{where}: {name} must be {ndim}-D{hint}, got shape {tuple(value.shape)}")
     if dtypes is not None and value.dtype not in dtypes:
         raise TypeError(
             f"{where}: {name} must have dtype {_dtype_names(dtypes)}, got {value.dtype}"
@@ -80,14 +78,18 @@ def check_reduction(where: str, reduction: object) -> str:
     return reduction  # type: ignore[return-value]
 
 
-def check_weight(where: str, weight: object, rows: int, device: torch.device) -> torch.Tensor | None:
+def check_weight(
+    where: str, weight: object, rows: int, device: torch.device
+) -> torch.Tensor | None:
     if weight is None:
         return None
     weight = check_tensor(where, "weight", weight, ndim=1, shape_hint=f"[{rows}]")
     if not weight.is_floating_point():
         raise TypeError(f"{where}: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.shape[0] != rows:
-        raise ValueError(f"{where}: weight must have {rows} entries (one per row), got {weight.shape[0]}")
+        raise ValueError(
+            f"{where}: weight must have {rows} entries (one per row), got {weight.shape[0]}"
+        )
     if weight.device != device:
         raise ValueError(f"{where}: weight is on {weight.device} but the inputs are on {device}")
     return weight

@@ -72,7 +72,9 @@ def available() -> dict[str, Availability]:
     """Each backend: usable here or not, and why."""
     module, ext_reason = _extension()
     result = {"reference": Availability(True, "pure PyTorch, always available")}
-    result["cpu"] = Availability(module is not None, ext_reason if module is None else "C++ kernels")
+    result["cpu"] = Availability(
+        module is not None, ext_reason if module is None else "C++ kernels"
+    )
     if module is None:
         result["cuda"] = Availability(False, ext_reason)
     elif not _has_kernel("transport", "CUDA"):
@@ -124,9 +126,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
         if not status.usable:
             raise ValueError(f"rk.{op}: backend {requested!r} is not usable here: {status.reason}")
         if not _runs_on(requested, device):
-            raise ValueError(
-                f"rk.{op}: backend {requested!r} cannot run on {device.type} tensors"
-            )
+            raise ValueError(f"rk.{op}: backend {requested!r} cannot run on {device.type} tensors")
         return requested
     status = available()
     if device.type == "cuda":

@@ -72,6 +72,9 @@ def _fake_score_and_select(z, p, mean, matrix, bias, eps, k, largest):
 
 def _save_row_gradient(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    # The row-gradient output never receives a gradient; without this autograd would fill a
+    # [B, d] tensor of zeros for it on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _scale_row_gradient(ctx, grad_loss, grad_of_grad, n_inputs):
@@ -81,6 +84,8 @@ def _scale_row_gradient(ctx, grad_loss, grad_of_grad, n_inputs):
             "rela: backward through a loss computed with compute_grad=False; call the public op "
             "(rk.cosine_loss / rk.transported_cosine_loss) with a z that requires grad"
         )
+    if grad_loss is None:
+        return (None,) * n_inputs
     grad_z = (row_gradient.float() * grad_loss.unsqueeze(1)).to(row_gradient.dtype)
     return (grad_z,) + (None,) * (n_inputs - 1)
 
@@ -114,7 +119,7 @@ if _EXTENSION is not None:
 # Triton kernels as custom ops. The kernel module is imported on first call, so importing
 # rela_kernels never imports triton.
 @torch.library.custom_op("rela::triton_transport", mutates_args=())
-def _triton_transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _triton_transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Optional[Tensor]) -> Tensor:  # noqa: UP045
     from rela_kernels.triton import cosine_loss as kernels
 
     return kernels.transport(p, mean, matrix, bias)
@@ -135,7 +140,7 @@ def _triton_transported_cosine_loss_fwd(
     p: Tensor,
     mean: Tensor,
     matrix: Tensor,
-    bias: Optional[Tensor],
+    bias: Optional[Tensor],  # noqa: UP045
     eps: float,
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -215,7 +220,7 @@ def _raise_non_finite(where: str, loss: Tensor, **inputs: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def transport(p: Tensor, t: Transport, *, backend: Optional[str] = None) -> Tensor:
+def transport(p: Tensor, t: Transport, *, backend: str | None = None) -> Tensor:
     """``(p - t.mean) @ t.matrix (+ t.bias)`` as float32 ``[B, d]``; no gradient."""
     where = "rk.transport"
     p = _check_p(where, p)
@@ -236,11 +241,11 @@ def cosine_loss(
     z: Tensor,
     y: Tensor,
     *,
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
     reduction: str = "none",
     eps: float = 1e-8,
     check_finite: bool = True,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Tensor:
     """``1 - cos(z_i, y_i)`` per row (torch's cosine_similarity clamping), float32.
 
@@ -273,11 +278,11 @@ def transported_cosine_loss(
     p: Tensor,
     t: Transport,
     *,
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
     reduction: str = "none",
     eps: float = 1e-8,
     check_finite: bool = True,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Tensor:
     """``cosine_loss(z, transport(p, t))`` fused: the targets are never materialised.
 
@@ -314,12 +319,14 @@ def transported_cosine_loss(
 def _check_scores(where: str, scores: object) -> Tensor:
     scores = check_tensor(where, "scores", scores, ndim=1, dtypes=SCORE_DTYPES, shape_hint="[N]")
     if not torch.compiler.is_compiling() and bool(torch.isnan(scores).any()):
-        raise ValueError(f"{where}: scores must not contain NaN, got {int(torch.isnan(scores).sum())}")
+        raise ValueError(
+            f"{where}: scores must not contain NaN, got {int(torch.isnan(scores).sum())}"
+        )
     return scores
 
 
 def select_topk(
-    scores: Tensor, k: int, *, largest: bool = True, backend: Optional[str] = None
+    scores: Tensor, k: int, *, largest: bool = True, backend: str | None = None
 ) -> Tensor:
     """int64 ``[k]``: indices of the k highest (lowest) scores, ascending.
 
@@ -346,7 +353,7 @@ def score_and_select(
     *,
     largest: bool = True,
     eps: float = 1e-8,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(indices[k], losses[B])``: every row's transported cosine loss and their top-k.
 

@@ -65,7 +65,9 @@ class Transport:
                 check_finite(_WHERE, name, value)
         self.mean = mean.detach().to(torch.float32, copy=True).contiguous()
         self.matrix = matrix.detach().to(torch.float32, copy=True).contiguous()
-        self.bias = None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
+        self.bias = (
+            None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
+        )
 
     @property
     def in_dim(self) -> int:
@@ -111,11 +113,15 @@ class Transport:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (temporary file, fsync, rename)."""
         buffer = io.BytesIO()
-        torch.save({k: None if v is None else v.cpu() for k, v in self.state_dict().items()}, buffer)
+        torch.save(
+            {k: None if v is None else v.cpu() for k, v in self.state_dict().items()}, buffer
+        )
         atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Transport:
+    def load(
+        cls, path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> Transport:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{_WHERE}.load: no transport file at {path}")
         try:
@@ -133,4 +139,6 @@ class Transport:
 
     def __repr__(self) -> str:
         bias = "with bias" if self.bias is not None else "no bias"
-        return f"Transport(in_dim={self.in_dim}, out_dim={self.out_dim}, {bias}, device={self.device})"
+        return (
+            f"Transport(in_dim={self.in_dim}, out_dim={self.out_dim}, {bias}, device={self.device})"
+        )

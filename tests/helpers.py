@@ -10,8 +10,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def loss_tolerance(dtype: torch.dtype, backend: str) -> dict:
-    """Every CPU backend upcasts the same 16-bit values, so losses agree to fp32 rounding; Triton on a
-    GPU rounds the centred prior embeddings to the input dtype for the tensor cores."""
+    """CPU backends upcast the same 16-bit values, so losses agree to fp32 rounding; Triton on
+    a GPU rounds the centred prior embeddings to the input dtype for the tensor cores."""
     if backend == "triton" and dtype != torch.float32:
         return {"rtol": 1e-2, "atol": 1e-2}
     return {"rtol": 1e-5, "atol": 1e-5}

@@ -39,10 +39,14 @@ def _grid(layouts=("contiguous",)):
     ):
         if backend == "triton" and not _triton_light(b, d, dp):
             continue
-        yield pytest.param(backend, b, d, dp, dtype, layout, id=f"{backend}-{b}x{d}x{dp}-{dtype}-{layout}")
+        yield pytest.param(
+            backend, b, d, dp, dtype, layout, id=f"{backend}-{b}x{d}x{dp}-{dtype}-{layout}"
+        )
 
 
-def _float64_loss(z: torch.Tensor, p: torch.Tensor, t: rk.Transport, eps: float = 1e-8) -> np.ndarray:
+def _float64_loss(
+    z: torch.Tensor, p: torch.Tensor, t: rk.Transport, eps: float = 1e-8
+) -> np.ndarray:
     """Independent float64 computation in numpy."""
     z64 = z.double().numpy()
     y64 = (p.double().numpy() - t.mean.double().numpy()) @ t.matrix.double().numpy()
@@ -176,7 +180,9 @@ def test_gradients_match_reference(backend, reduction, weighted, dtype, b, d, dp
     # A zero row of z has the clamped-norm gradient -y / (eps |y|) ~ 1e8, outside float16's range:
     # the kernels keep the unscaled row gradient in z's dtype, so in float16 it is inf before the
     # upstream scale where the reference (scaling in float32 first) may still round to finite.
-    z, p, t = make_loss_inputs(b, d, dp, dtype, generator, "sliced", zero_rows=dtype != torch.float16)
+    z, p, t = make_loss_inputs(
+        b, d, dp, dtype, generator, "sliced", zero_rows=dtype != torch.float16
+    )
     weight = torch.rand(b, generator=generator) if weighted else None
     upstream = torch.randn(b, generator=generator) if reduction == "none" else torch.tensor(0.7)
 
@@ -223,7 +229,7 @@ def test_no_grad_paths_and_inputs_untouched(backend, generator):
     assert a.grad_fn is None
     b = rk.transported_cosine_loss(z.detach(), p, t, backend=backend)
     torch.testing.assert_close(a, b)
-    for before, after in zip(copies, [z, p, t.mean, t.matrix, t.bias]):
+    for before, after in zip(copies, [z, p, t.mean, t.matrix, t.bias], strict=True):
         assert torch.equal(before, after)
 
 
@@ -261,9 +267,7 @@ def test_opcheck(backend, compute_grad, generator):
     torch.library.opcheck(
         getattr(ops, f"{prefix}cosine_loss_fwd").default, (z, y, 1e-8, compute_grad)
     )
-    torch.library.opcheck(
-        getattr(ops, f"{prefix}transport").default, (p, t.mean, t.matrix, None)
-    )
+    torch.library.opcheck(getattr(ops, f"{prefix}transport").default, (p, t.mean, t.matrix, None))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -312,10 +316,18 @@ def _bad_cases(generator):
         ("reduction", dict(reduction="avg"), ValueError, "reduction must be"),
         ("eps", dict(eps=0.0), ValueError, "eps must be"),
         ("backend", dict(backend="metal"), ValueError, "backend must be one of"),
-        ("non-finite z", dict(z=z.clone().index_fill_(0, torch.tensor([1]), float("nan"))),
-         ValueError, "z must be finite"),
-        ("non-finite p", dict(p=p.clone().index_fill_(0, torch.tensor([2]), float("inf"))),
-         ValueError, "p must be finite"),
+        (
+            "non-finite z",
+            dict(z=z.clone().index_fill_(0, torch.tensor([1]), float("nan"))),
+            ValueError,
+            "z must be finite",
+        ),
+        (
+            "non-finite p",
+            dict(p=p.clone().index_fill_(0, torch.tensor([2]), float("inf"))),
+            ValueError,
+            "p must be finite",
+        ),
     ]
     return z, p, t, cases
 
@@ -328,7 +340,7 @@ def test_bad_input_transported(generator):
         kwargs.update(override)
         with pytest.raises(error, match=message):
             rk.transported_cosine_loss(**kwargs)
-        for before, after in zip(snapshot, (z, p, t.mean, t.matrix, t.bias)):
+        for before, after in zip(snapshot, (z, p, t.mean, t.matrix, t.bias), strict=True):
             assert torch.equal(before, after), label
 
 
@@ -352,7 +364,9 @@ def test_transport_device_mismatch_message(generator):
     fake = rk.Transport(t.mean.to("meta"), t.matrix.to("meta"))
     with pytest.raises(ValueError, match="t is on meta but the inputs are on cpu"):
         rk.transport(torch.randn(2, 5), fake)
-    with pytest.raises(ValueError, match="z is on cpu but p is on meta|p is on meta but z is on cpu"):
+    with pytest.raises(
+        ValueError, match="z is on cpu but p is on meta|p is on meta but z is on cpu"
+    ):
         rk.transported_cosine_loss(torch.randn(2, 3), torch.randn(2, 5, device="meta"), t)
 
 
