@@ -1,0 +1,630 @@
+"""Triton kernels for ``transport``, ``cosine_loss_fwd`` and ``transported_cosine_loss_fwd``.
+
+Same semantics as ``csrc/cpu/cosine_loss.cpp`` and ``rela_kernels.reference``:
+
+* ``transport``: float32 ``y = (p - mean) @ matrix (+ bias)``;
+* ``cosine_loss_fwd``: per row ``1 - <z, y> / (max(|z|, eps) * max(|y|, eps))`` and optionally
+  ``d loss_i / d z_i`` in z's dtype;
+* ``transported_cosine_loss_fwd``: the two fused. One program owns ``BLOCK_B`` rows: it runs the
+  small GEMM ``(p - mean) @ matrix`` over ``Dp`` in ``BLOCK_K`` chunks into a float32 register
+  tile, then takes norms, the dot with ``z``, the loss and the gradient from registers. The
+  targets ``y`` are never written to memory.
+
+Rows wider than one register tile (``d > 256`` for the fused kernel) are tiled along ``d`` too:
+pass 1 accumulates ``<z, y>``, ``|z|^2`` and ``|y|^2`` over the tiles, pass 2 (only when the
+gradient is asked for) recomputes each tile of ``y`` and writes the gradient. The ``SINGLE_TILE``
+constexpr keeps the common narrow case to one pass.
+
+Precision: everything accumulates in float32. For 16-bit ``p`` on a GPU the GEMM runs on 16-bit
+operands with float32 accumulation: the centred ``p`` tile is rounded to p's dtype in the kernel,
+the matrix once per matrix on the host (a cached copy; same rounding as an in-kernel cast). For
+float32 ``p`` it uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` is set. The
+interpreter (``TRITON_INTERPRET=1``, set before this module is imported) has no 16-bit
+``tl.dot``, so there the operands stay float32.
+
+Launch: on a GPU the GEMM kernels are autotuned over a short config list (pruned by batch bucket,
+d and Dp, and by registers per thread); under the interpreter one fixed configuration runs. The
+plain loss kernel uses a block-size heuristic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["cosine_loss_fwd", "is_interpreted", "transport", "transported_cosine_loss_fwd"]
+
+# The fused kernel keeps a float32 [BLOCK_B, BLOCK_D] accumulator plus the z tile in registers;
+# beyond 256 columns that spills, so wider rows are processed in tiles (two passes). The d-tiled
+# loop needs more registers than one tile of the same size (ptxas, sm_90): float32 operands
+# only stay spill-free at 64 columns.
+_FUSED_MAX_SINGLE_D = 256
+_FUSED_TILE_D_16BIT = 128
+_FUSED_TILE_D_FP32 = 64
+# The plain loss kernel holds only z and y tiles; on a GPU 1024 columns still fit.
+_LOSS_MAX_TILE_D = 1024
+# Under the interpreter, tiles are capped lower so that the CPU tests exercise the d-tiled path.
+_INTERPRETER_MAX_TILE_D = 128
+_INTERPRETER_BLOCK_B = 16
+_INTERPRETER_MAX_BLOCK_K = 128
+# tl.dot needs every dimension >= 16 on older GPUs / Triton versions.
+_MIN_DOT = 16
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Device-side building blocks
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(ptr, stride_b, stride_d, rows, row_mask, cols, col_mask):
+    """float32 [rows, cols] tile of a strided 2-D tensor; zero outside the masks."""
+    # Row offsets in int64: B * stride may exceed 2**31 for large (or sliced) inputs.
+    ptrs = ptr + rows.to(tl.int64)[:, None] * stride_b + cols[None, :] * stride_d
+    return tl.load(ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _transport_tile(
+    p_ptr,
+    mean_ptr,
+    mat_ptr,
+    bias_ptr,
+    DP,
+    stride_pb,
+    stride_pk,
+    stride_mk,
+    stride_md,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    HAS_BIAS: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """float32 [BLOCK_B, BLOCK_D] tile of ``(p - mean) @ matrix (+ bias)``; 0 in masked columns."""
+    ks = tl.arange(0, BLOCK_K)
+    # Row offsets in int64 once; per-step addresses are rebuilt from k0 rather than carried as
+    # [BLOCK_B, BLOCK_K] / [BLOCK_K, BLOCK_D] pointer tensors, which would pin ~2 registers each.
+    p_rows = p_ptr + rows.to(tl.int64)[:, None] * stride_pb
+    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    for k0 in range(0, DP, BLOCK_K):
+        k = k0 + ks
+        k_mask = k < DP
+        p = tl.load(
+            p_rows + k[None, :] * stride_pk, mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        mu = tl.load(mean_ptr + k, mask=k_mask, other=0.0)
+        # Centre in float32 before any rounding: prior embeddings can have a large common
+        # offset, and subtracting it after a 16-bit rounding would lose the signal.
+        a = p.to(tl.float32) - mu[None, :]
+        m_ptrs = mat_ptr + k[:, None] * stride_mk + cols[None, :] * stride_md
+        m = tl.load(m_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if LOWP_DOT:
+            # 16-bit tensor-core operands, float32 accumulation.
+            acc = tl.dot(a.to(p_ptr.dtype.element_ty), m.to(p_ptr.dtype.element_ty), acc)
+        else:
+            acc = tl.dot(a, m.to(tl.float32), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    return acc
+
+
+@triton.jit
+def _target_tile(
+    y_ptr,
+    stride_yb,
+    stride_yd,
+    p_ptr,
+    mean_ptr,
+    mat_ptr,
+    bias_ptr,
+    DP,
+    stride_pb,
+    stride_pk,
+    stride_mk,
+    stride_md,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    FUSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The float32 target tile: transported from p (FUSED) or loaded from y."""
+    if FUSED:
+        y = _transport_tile(
+            p_ptr,
+            mean_ptr,
+            mat_ptr,
+            bias_ptr,
+            DP,
+            stride_pb,
+            stride_pk,
+            stride_mk,
+            stride_md,
+            rows,
+            row_mask,
+            cols,
+            col_mask,
+            HAS_BIAS,
+            LOWP_DOT,
+            INPUT_PRECISION,
+            BLOCK_B,
+            BLOCK_D,
+            BLOCK_K,
+        )
+    else:
+        y = _load_tile(y_ptr, stride_yb, stride_yd, rows, row_mask, cols, col_mask)
+    return y
+
+
+@triton.jit
+def _loss_coefficients(dot, zz, yy, eps):
+    """Per-row loss and the gradient as ``a * y + b * z`` (same formula as the C++ kernel)."""
+    # Round-to-nearest sqrt/div: these are per-row scalars, so exactness costs nothing.
+    z_norm = tl.sqrt_rn(zz)
+    nz = tl.maximum(z_norm, eps)
+    ny = tl.maximum(tl.sqrt_rn(yy), eps)
+    inv = tl.div_rn(1.0, nz * ny)
+    cosine = dot * inv
+    # Where |z| is clamped to eps the clamp has zero gradient (as in torch), so the z term drops.
+    b = tl.where(z_norm >= eps, tl.div_rn(cosine, nz * nz), 0.0)
+    return 1.0 - cosine, -inv, b
+
+
+@triton.jit
+def _store_grad(grad_ptr, D, rows, row_mask, cols, col_mask, a, b, y, z):
+    """Write ``a * y + b * z`` into the contiguous [B, D] gradient, rounded to its dtype."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    # Padding rows have z = 0 and so a clamped, huge coefficient: zero them before the cast so
+    # that no lane overflows a 16-bit type, even one that is never stored.
+    g = tl.where(mask, a[:, None] * y + b[:, None] * z, 0.0)
+    ptrs = grad_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cosine_loss_kernel(
+    z_ptr,
+    y_ptr,
+    p_ptr,
+    mean_ptr,
+    mat_ptr,
+    bias_ptr,
+    loss_ptr,
+    grad_ptr,
+    B,
+    D,
+    DP,
+    B_BUCKET,  # unused by the code; part of the autotuning key (best BLOCK_B depends on B)
+    stride_zb,
+    stride_zd,
+    stride_yb,
+    stride_yd,
+    stride_pb,
+    stride_pk,
+    stride_mk,
+    stride_md,
+    eps,
+    FUSED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Loss (and gradient) of rows [pid * BLOCK_B, (pid + 1) * BLOCK_B)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < B
+    if SINGLE_TILE:
+        # The whole row fits one tile: y and z stay in registers from the GEMM to the gradient.
+        cols = tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        y = _target_tile(
+            y_ptr, stride_yb, stride_yd, p_ptr, mean_ptr, mat_ptr, bias_ptr, DP,
+            stride_pb, stride_pk, stride_mk, stride_md, rows, row_mask, cols, col_mask,
+            FUSED, HAS_BIAS, LOWP_DOT, INPUT_PRECISION, BLOCK_B, BLOCK_D, BLOCK_K,
+        )  # fmt: skip
+        z = _load_tile(z_ptr, stride_zb, stride_zd, rows, row_mask, cols, col_mask)
+        loss, a, b = _loss_coefficients(
+            tl.sum(z * y, axis=1), tl.sum(z * z, axis=1), tl.sum(y * y, axis=1), eps
+        )
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        if COMPUTE_GRAD:
+            _store_grad(grad_ptr, D, rows, row_mask, cols, col_mask, a, b, y, z)
+    else:
+        # Pass 1: the three row reductions, tile by tile.
+        dot = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        zz = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        yy = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            y = _target_tile(
+                y_ptr, stride_yb, stride_yd, p_ptr, mean_ptr, mat_ptr, bias_ptr, DP,
+                stride_pb, stride_pk, stride_mk, stride_md, rows, row_mask, cols, col_mask,
+                FUSED, HAS_BIAS, LOWP_DOT, INPUT_PRECISION, BLOCK_B, BLOCK_D, BLOCK_K,
+            )  # fmt: skip
+            z = _load_tile(z_ptr, stride_zb, stride_zd, rows, row_mask, cols, col_mask)
+            dot += tl.sum(z * y, axis=1)
+            zz += tl.sum(z * z, axis=1)
+            yy += tl.sum(y * y, axis=1)
+        loss, a, b = _loss_coefficients(dot, zz, yy, eps)
+        tl.store(loss_ptr + rows, loss, mask=row_mask)
+        if COMPUTE_GRAD:
+            # Pass 2: recompute each y tile (nothing [B, d] is stashed) and write the gradient.
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                col_mask = cols < D
+                y = _target_tile(
+                    y_ptr, stride_yb, stride_yd, p_ptr, mean_ptr, mat_ptr, bias_ptr, DP,
+                    stride_pb, stride_pk, stride_mk, stride_md, rows, row_mask, cols, col_mask,
+                    FUSED, HAS_BIAS, LOWP_DOT, INPUT_PRECISION, BLOCK_B, BLOCK_D, BLOCK_K,
+                )  # fmt: skip
+                z = _load_tile(z_ptr, stride_zb, stride_zd, rows, row_mask, cols, col_mask)
+                _store_grad(grad_ptr, D, rows, row_mask, cols, col_mask, a, b, y, z)
+
+
+@triton.jit
+def _transport_kernel(
+    p_ptr,
+    mean_ptr,
+    mat_ptr,
+    bias_ptr,
+    y_ptr,
+    B,
+    D,
+    DP,
+    B_BUCKET,  # unused by the code; part of the autotuning key
+    stride_pb,
+    stride_pk,
+    stride_mk,
+    stride_md,
+    HAS_BIAS: tl.constexpr,
+    LOWP_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_B, BLOCK_D] tile of the contiguous float32 output y."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_mask = rows < B
+    col_mask = cols < D
+    y = _transport_tile(
+        p_ptr, mean_ptr, mat_ptr, bias_ptr, DP, stride_pb, stride_pk, stride_mk, stride_md,
+        rows, row_mask, cols, col_mask, HAS_BIAS, LOWP_DOT, INPUT_PRECISION,
+        BLOCK_B, BLOCK_D, BLOCK_K,
+    )  # fmt: skip
+    ptrs = y_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :]
+    tl.store(ptrs, y, mask=row_mask[:, None] & col_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+# triton.jit returns an InterpretedFunction instead of a JITFunction when TRITON_INTERPRET was
+# set at import: that, not the environment now, decides how the kernels run.
+_INTERPRETED = not isinstance(_cosine_loss_kernel, triton.runtime.JITFunction)
+
+
+def is_interpreted() -> bool:
+    """True when these kernels run under the Triton interpreter (on CPU tensors)."""
+    return _INTERPRETED
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(max(n, 1)))
+
+
+def _b_bucket(batch: int) -> int:
+    """Autotuning key for the batch: the best BLOCK_B follows B only coarsely."""
+    return min(_pow2_at_least(batch, 16), 8192)
+
+
+def _per_thread(block_b: int, block_d: int, num_warps: int) -> int:
+    """Accumulator elements each thread holds."""
+    return block_b * block_d // (32 * num_warps)
+
+
+def _prune(configs, predicate):
+    """Configs passing ``predicate``; the smallest tile if none does (never empty)."""
+    kept = [c for c in configs if predicate(c)]
+    if kept:
+        return kept
+    return [min(configs, key=lambda c: (c.kwargs["BLOCK_B"], c.kwargs.get("BLOCK_D", 0)))]
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    max_b = max(_MIN_DOT, args["B_BUCKET"])
+    max_k = _pow2_at_least(args["DP"], _MIN_DOT)
+    block_d = args["BLOCK_D"]
+    single = args["SINGLE_TILE"]
+    # float32 operands in the d-tiled loop spill with 64-wide K steps.
+    max_k = max_k if single or args["LOWP_DOT"] else min(max_k, 32)
+
+    def fits(c: triton.Config) -> bool:
+        # ptxas (sm_90, Triton 3.9) spills beyond ~16 accumulator elements per thread: the
+        # epilogue keeps z, y and their addresses live next to the accumulator. BLOCK_B = 16
+        # is the floor of tl.dot, so a single tile may hold 32 there (BLOCK_D = 256 needs it).
+        per_thread = _per_thread(c.kwargs["BLOCK_B"], block_d, c.num_warps)
+        limit = 32 if single and c.kwargs["BLOCK_B"] == _MIN_DOT else 16
+        return c.kwargs["BLOCK_B"] <= max_b and c.kwargs["BLOCK_K"] <= max_k and per_thread <= limit
+
+    return _prune(configs, fits)
+
+
+def _prune_transport(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    max_b = max(_MIN_DOT, args["B_BUCKET"])
+    max_d = _pow2_at_least(args["D"], 32)
+    max_k = _pow2_at_least(args["DP"], _MIN_DOT)
+    return _prune(
+        configs,
+        lambda c: (
+            c.kwargs["BLOCK_B"] <= max_b
+            and c.kwargs["BLOCK_D"] <= max_d
+            and c.kwargs["BLOCK_K"] <= max_k
+        ),
+    )
+
+
+def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# Small lists on purpose: each entry that survives pruning costs a compile and a benchmark per
+# new key. Configs that run out of shared memory on a smaller GPU are skipped by the autotuner.
+_FUSED_CONFIGS = [
+    _config(4, 2, BLOCK_B=16, BLOCK_K=32),
+    _config(4, 3, BLOCK_B=16, BLOCK_K=64),
+    _config(8, 2, BLOCK_B=16, BLOCK_K=32),
+    _config(4, 2, BLOCK_B=32, BLOCK_K=32),
+    _config(8, 3, BLOCK_B=32, BLOCK_K=64),
+    _config(8, 3, BLOCK_B=64, BLOCK_K=32),
+    _config(8, 3, BLOCK_B=64, BLOCK_K=64),
+    _config(8, 2, BLOCK_B=128, BLOCK_K=32),
+]
+_TRANSPORT_CONFIGS = [
+    _config(4, 3, BLOCK_B=32, BLOCK_D=32, BLOCK_K=64),
+    _config(4, 3, BLOCK_B=64, BLOCK_D=64, BLOCK_K=32),
+    _config(4, 3, BLOCK_B=64, BLOCK_D=128, BLOCK_K=32),
+    _config(4, 3, BLOCK_B=128, BLOCK_D=64, BLOCK_K=32),
+    _config(8, 3, BLOCK_B=128, BLOCK_D=128, BLOCK_K=32),
+    _config(4, 4, BLOCK_B=32, BLOCK_D=128, BLOCK_K=64),
+]
+
+
+@functools.cache
+def _tuned_fused_kernel():
+    # Built on first GPU use only: the interpreter runs one fixed configuration instead.
+    return triton.autotune(
+        configs=_FUSED_CONFIGS,
+        key=["B_BUCKET", "D", "DP", "HAS_BIAS", "COMPUTE_GRAD", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_fused},
+    )(_cosine_loss_kernel)
+
+
+@functools.cache
+def _tuned_transport_kernel():
+    return triton.autotune(
+        configs=_TRANSPORT_CONFIGS,
+        key=["B_BUCKET", "D", "DP", "HAS_BIAS", "INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": _prune_transport},
+    )(_transport_kernel)
+
+
+def _dot_mode(p: Tensor) -> tuple[bool, str]:
+    """(LOWP_DOT, INPUT_PRECISION) for the GEMM on p's dtype."""
+    if _INTERPRETED:
+        return False, "ieee"  # no 16-bit tl.dot in the interpreter; float32 is exact enough
+    if p.dtype in _SIXTEEN_BIT:
+        return True, "tf32"  # precision only matters for float32 operands
+    return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _fused_tile_d(lowp: bool) -> int:
+    return _FUSED_TILE_D_16BIT if lowp else _FUSED_TILE_D_FP32
+
+
+# One cached 16-bit copy of the transport matrix: the matrix is a constant of the training run,
+# and rounding it once here (round-to-nearest-even, exactly what the in-kernel cast would do)
+# spares every program a float32 load plus conversion of its matrix tiles.
+_matrix_cache: dict[str, object] = {}
+
+
+def _dot_matrix(matrix: Tensor, dtype: torch.dtype, lowp: bool) -> Tensor:
+    """The matrix in the GEMM operand dtype."""
+    if not lowp:
+        return matrix
+    try:
+        version = matrix._version  # bumped by in-place updates
+    except RuntimeError:  # inference tensors track no version: never cache them
+        return matrix.to(dtype)
+    cached = _matrix_cache.get("entry")
+    # Holding a reference to the source keeps its storage alive, so identity cannot be fooled
+    # by a new matrix allocated at the same address.
+    if cached is not None:
+        source, source_version, converted = cached
+        if source is matrix and source_version == version and converted.dtype == dtype:
+            return converted
+    converted = matrix.to(dtype)
+    _matrix_cache["entry"] = (matrix, version, converted)
+    return converted
+
+
+def _device_guard(t: Tensor):
+    """Launch on t's GPU (Triton launches on the current device), nothing to do on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_device(*tensors: Tensor | None) -> None:
+    device = tensors[0].device
+    for t in tensors:
+        assert t is None or t.device == device, "rela triton: all inputs must share one device"
+    assert _INTERPRETED or device.type == "cuda", (
+        "rela triton: CPU tensors need TRITON_INTERPRET=1 set before rela_kernels.triton is "
+        f"imported; got tensors on {device}"
+    )
+
+
+def _transport_params(
+    p: Tensor, mean: Tensor, matrix: Tensor, bias: Tensor | None, d: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """mean, matrix and the bias (mean as a never-read stand-in when None), checked."""
+    dp = p.shape[1]
+    assert p.dim() == 2 and mean.shape == (dp,) and matrix.shape == (dp, d)
+    assert mean.dtype == matrix.dtype == torch.float32
+    assert bias is None or (bias.shape == (d,) and bias.dtype == torch.float32)
+    # Parameters are tiny and normally contiguous already; .contiguous() is then free.
+    mean = mean.contiguous()
+    bias = mean if bias is None else bias.contiguous()
+    return mean, matrix, bias
+
+
+def _loss_outputs(z: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if compute_grad else z.new_empty(0)
+    return loss, grad
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
+    """float32 ``[B, d] = (p.float() - mean) @ matrix (+ bias)``; p may be strided."""
+    _check_device(p, mean, matrix, bias)
+    batch, dp = p.shape
+    d = matrix.shape[1]
+    mean, matrix, bias_arg = _transport_params(p, mean, matrix, bias, d)
+    y = torch.empty((batch, d), dtype=torch.float32, device=p.device)
+    if batch == 0 or d == 0:
+        return y
+    lowp, precision = _dot_mode(p)
+    matrix = _dot_matrix(matrix, p.dtype, lowp)
+    args = (p, mean, matrix, bias_arg, y, batch, d, dp, _b_bucket(batch))
+    args += (p.stride(0), p.stride(1), matrix.stride(0), matrix.stride(1))
+    meta = dict(HAS_BIAS=bias is not None, LOWP_DOT=lowp, INPUT_PRECISION=precision)
+    with _device_guard(p):
+        if _INTERPRETED:
+            block_b, block_k = _INTERPRETER_BLOCK_B, _interpreter_block_k(dp)
+            block_d = min(_pow2_at_least(d, _MIN_DOT), _INTERPRETER_MAX_TILE_D)
+            grid = (triton.cdiv(batch, block_b), triton.cdiv(d, block_d))
+            _transport_kernel[grid](
+                *args, **meta, BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k
+            )
+        else:
+            _tuned_transport_kernel()[
+                lambda m: (triton.cdiv(batch, m["BLOCK_B"]), triton.cdiv(d, m["BLOCK_D"]))
+            ](*args, **meta)
+    return y
+
+
+def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """(float32 loss [B], grad [B, d] in z's dtype or empty); z and y may be strided."""
+    _check_device(z, y)
+    assert z.dim() == 2 and y.shape == z.shape
+    batch, d = z.shape
+    loss, grad = _loss_outputs(z, compute_grad)
+    if batch == 0:
+        return loss, grad
+    max_tile = _INTERPRETER_MAX_TILE_D if _INTERPRETED else _LOSS_MAX_TILE_D
+    block_d = min(_pow2_at_least(d, _MIN_DOT), max_tile)
+    if _INTERPRETED:
+        block_b, num_warps = _INTERPRETER_BLOCK_B, 4
+    else:
+        # Up to 4096 elements per tile: enough loads in flight per program, and many programs
+        # for small d. 8 warps keep it at 16 elements per thread (ptxas spills from ~32).
+        block_b = min(max(1, 4096 // block_d), 64, triton.next_power_of_2(batch))
+        num_warps = 8 if block_b * block_d >= 4096 else 4
+    # y stands in for the never-read transport pointers; loss for an absent gradient.
+    args = (z, y, y, y, y, y, loss, grad if compute_grad else loss, batch, d, 0, 0)
+    args += (z.stride(0), z.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, float(eps))
+    with _device_guard(z):
+        _cosine_loss_kernel[(triton.cdiv(batch, block_b),)](
+            *args,
+            FUSED=False,
+            HAS_BIAS=False,
+            COMPUTE_GRAD=compute_grad,
+            SINGLE_TILE=d <= block_d,
+            LOWP_DOT=False,
+            INPUT_PRECISION="ieee",
+            BLOCK_B=block_b,
+            BLOCK_D=block_d,
+            BLOCK_K=_MIN_DOT,
+            num_warps=num_warps,
+        )
+    return loss, grad
+
+
+def transported_cosine_loss_fwd(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """``cosine_loss_fwd(z, transport(p, mean, matrix, bias))`` without materialising y."""
+    _check_device(z, p, mean, matrix, bias)
+    assert z.dim() == 2 and p.dim() == 2 and p.shape[0] == z.shape[0]
+    batch, d = z.shape
+    dp = p.shape[1]
+    mean, matrix, bias_arg = _transport_params(p, mean, matrix, bias, d)
+    loss, grad = _loss_outputs(z, compute_grad)
+    if batch == 0:
+        return loss, grad
+    single = d <= _FUSED_MAX_SINGLE_D
+    lowp, precision = _dot_mode(p)
+    matrix = _dot_matrix(matrix, p.dtype, lowp)
+    args = (z, z, p, mean, matrix, bias_arg, loss, grad if compute_grad else loss)
+    args += (batch, d, dp, _b_bucket(batch), z.stride(0), z.stride(1), 0, 0)
+    args += (p.stride(0), p.stride(1), matrix.stride(0), matrix.stride(1), float(eps))
+    meta = dict(
+        FUSED=True,
+        HAS_BIAS=bias is not None,
+        COMPUTE_GRAD=compute_grad,
+        SINGLE_TILE=single,
+        LOWP_DOT=lowp,
+        INPUT_PRECISION=precision,
+        BLOCK_D=_pow2_at_least(d, _MIN_DOT) if single else _fused_tile_d(lowp),
+    )
+    with _device_guard(z):
+        if _INTERPRETED:
+            grid = (triton.cdiv(batch, _INTERPRETER_BLOCK_B),)
+            _cosine_loss_kernel[grid](
+                *args, **meta, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_K=_interpreter_block_k(dp)
+            )
+        else:
+            _tuned_fused_kernel()[lambda m: (triton.cdiv(batch, m["BLOCK_B"]),)](*args, **meta)
+    return loss, grad
+
+
+def _interpreter_block_k(dp: int) -> int:
+    # Few, wide K steps: every interpreted op is a numpy call, so fewer steps run faster.
+    return min(_pow2_at_least(dp, _MIN_DOT), _INTERPRETER_MAX_BLOCK_K)
