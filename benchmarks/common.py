@@ -137,6 +137,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
+        # Other work on the machine skews CPU timings; the 1-minute load average says how much.
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "git_sha": _git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
