@@ -43,5 +43,25 @@ format: install
 bench: install
 	$(PYTHON) benchmarks/run_all.py
 
+# Fashion-MNIST demo (README's first command): BYOL on all data vs BYOL + ReLA on 50%.
+# Installs Debian's dataset-fashion-mnist package when the IDX files are missing and we can.
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_ARGS ?=
+.PHONY: demo
+demo: install
+	@if [ ! -e "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ] && \
+	    [ ! -e "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Fashion-MNIST not found: installing dataset-fashion-mnist with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST not found in $(FASHION_MNIST_DIR)." >&2; \
+	    echo "Install it with 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put" >&2; \
+	    echo "the four *-ubyte.gz IDX files in a directory and run: make demo FASHION_MNIST_DIR=DIR" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(PYTHON) -m rela_train demo --data-dir "$(FASHION_MNIST_DIR)" $(DEMO_ARGS)
+
 clean:
 	rm -rf build *.egg-info rela_kernels/_C*.so $(STAMP)

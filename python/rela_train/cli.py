@@ -181,6 +181,12 @@ register(
 )
 
 
+# fit, eval, report, demo: the trainer's commands live in rela_train.train_commands.
+from rela_train.train_commands import register_train_commands  # noqa: E402
+
+register_train_commands(sys.modules[__name__])
+
+
 # -------------------------------------------------------------------------------------------------
 # entry point
 # -------------------------------------------------------------------------------------------------

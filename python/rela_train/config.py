@@ -1,0 +1,307 @@
+"""The training configuration: one flat dataclass, a preset plus command-line overrides.
+
+Every field is also a ``rela-train fit`` flag (``--field-name``), generated from the field's
+metadata by :func:`add_config_arguments`, so the dataclass, the CLI and ``config.json`` can never
+disagree. :meth:`TrainConfig.validate` checks the combination and raises ``ValueError`` with a
+message that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DATASETS",
+    "SELECTIONS",
+    "TrainConfig",
+    "add_config_arguments",
+    "config_from_args",
+    "parse_switch",
+]
+
+DATASETS = ("fashion-mnist", "folder", "synthetic")
+SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
+OPTIMIZERS = ("lars", "adamw")
+RELA_HEADS = ("trainable", "frozen")
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (written to ``config.json`` in the run directory)."""
+
+    # -- data ----------------------------------------------------------------------------------
+    dataset: str = field(default="fashion-mnist", metadata=_opt("training data", choices=DATASETS))
+    data_dir: str | None = field(
+        default=None,
+        metadata=_opt(
+            "fashion-mnist: directory of the IDX files (default: Debian's dataset-fashion-mnist "
+            "location); folder: the training image folder (class subfolders)"
+        ),
+    )
+    val_dir: str | None = field(
+        default=None, metadata=_opt("folder: image folder used for kNN / linear-probe evaluation")
+    )
+    train_subset: int | None = field(
+        default=None,
+        metadata=_opt("train on a fixed random subset of this many training images (all if unset)"),
+    )
+    val_subset: int | None = field(
+        default=None, metadata=_opt("evaluate on a fixed random subset of this many images")
+    )
+    image_size: int = field(default=28, metadata=_opt("side of the augmented crops, in pixels"))
+    load_size: int | None = field(
+        default=None,
+        metadata=_opt(
+            "folder: images are decoded, resized and center-cropped to this side before the "
+            "(batched) augmentation (default: 8/7 of --image-size)"
+        ),
+    )
+    workers: int = field(default=0, metadata=_opt("folder: image decoding processes"))
+    # -- model ---------------------------------------------------------------------------------
+    arch: str = field(default="resnet18", metadata=_opt("backbone (resnet10/18/34/50/101/152)"))
+    width: int = field(default=64, metadata=_opt("channels of the first ResNet stage"))
+    small_images: bool = field(
+        default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
+    )
+    proj_hidden: int = field(default=4096, metadata=_opt("hidden width of projector/predictor"))
+    proj_dim: int = field(default=256, metadata=_opt("output width of projector and predictor"))
+    # -- optimisation --------------------------------------------------------------------------
+    epochs: int = field(default=100, metadata=_opt("training epochs"))
+    batch_size: int = field(default=256, metadata=_opt("images per optimizer micro-batch"))
+    accum_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
+    optimizer: str = field(default="lars", metadata=_opt("optimizer", choices=OPTIMIZERS))
+    lr: float = field(
+        default=0.2,
+        metadata=_opt("base learning rate per 256 images (scaled by the effective batch / 256)"),
+    )
+    weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay"))
+    momentum: float = field(default=0.9, metadata=_opt("LARS momentum"))
+    lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient"))
+    warmup_epochs: float = field(default=10.0, metadata=_opt("linear warmup, in epochs"))
+    probe_lr: float = field(default=0.1, metadata=_opt("learning rate of the online linear probe"))
+    ema_base: float = field(
+        default=0.99, metadata=_opt("target EMA tau at step 0 (cosine-scheduled to 1.0)")
+    )
+    # -- ReLA ----------------------------------------------------------------------------------
+    prior: str | None = field(
+        default=None,
+        metadata=_opt(
+            "enable ReLA with this prior (pixels[:SIZE], random:ARCH[:SEED], ...); the "
+            "embeddings are computed into RUN/prior once"
+        ),
+    )
+    prior_store: str | None = field(
+        default=None,
+        metadata=_opt("enable ReLA with an existing embedding store (with transport.pt)"),
+    )
+    rela_dim: int = field(default=256, metadata=_opt("transport width d when computing a prior"))
+    rela_head: str = field(
+        default="trainable",
+        metadata=_opt(
+            "ReLA linear head: trainable, or frozen (the official code: not optimised)",
+            choices=RELA_HEADS,
+        ),
+    )
+    switch: str = field(
+        default="adaptive",
+        metadata=_opt("ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never"),
+    )
+    # -- data selection ------------------------------------------------------------------------
+    budget: float = field(default=1.0, metadata=_opt("fraction of the data per epoch, in (0, 1]"))
+    selection: str = field(default="random", metadata=_opt("subset policy", choices=SELECTIONS))
+    # -- engine --------------------------------------------------------------------------------
+    seed: int = field(default=0, metadata=_opt("seed of initialisation, subsets, augmentation"))
+    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N"))
+    amp: str = field(
+        default="auto", metadata=_opt("bf16 autocast (auto: on CUDA only)", choices=AMP_MODES)
+    )
+    channels_last: bool | None = field(
+        default=None, metadata=_opt("channels_last memory format (default: on CUDA only)")
+    )
+    compile: bool = field(default=False, metadata=_opt("torch.compile the backbone"))
+    threads: int | None = field(
+        default=None, metadata=_opt("CPU threads for torch (default: torch's choice)")
+    )
+    # -- evaluation ----------------------------------------------------------------------------
+    knn_k: int = field(default=200, metadata=_opt("kNN neighbours"))
+    knn_t: float = field(default=0.1, metadata=_opt("kNN temperature"))
+    eval_every: int = field(
+        default=1, metadata=_opt("kNN evaluation every this many epochs (0: only at the end)")
+    )
+    eval_bank: int | None = field(
+        default=None,
+        metadata=_opt("per-epoch kNN: use at most this many training images as the bank"),
+    )
+    probe_epochs: int = field(
+        default=100,
+        metadata=_opt("final linear probe: L-BFGS iterations on frozen features (0: none)"),
+    )
+    progress: bool = field(default=True, metadata=_opt("show a progress bar"))
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def rela(self) -> bool:
+        return self.prior is not None or self.prior_store is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
+        return cls(**values).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read the configuration {path}: {error}") from error
+        return cls.from_dict(values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes).validate()
+
+    def validate(self) -> TrainConfig:
+        """Check the combination; raises ValueError naming the flag. Returns self."""
+
+        def need(ok: bool, flag: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"--{flag.replace('_', '-')}: {message}")
+
+        need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
+        need(
+            self.dataset != "folder" or self.data_dir is not None,
+            "data_dir",
+            "the folder dataset needs --data-dir (an image folder)",
+        )
+        for name in ("image_size", "width", "proj_hidden", "proj_dim", "epochs", "batch_size"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        need(self.accum_steps >= 1, "accum_steps", f"must be >= 1, got {self.accum_steps}")
+        need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        for name in ("train_subset", "val_subset", "eval_bank", "load_size", "threads"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, name, f"must be >= 1, got {value}")
+        need(
+            self.load_size is None or self.load_size >= self.image_size,
+            "load_size",
+            f"must be >= --image-size ({self.image_size})",
+        )
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "probe_lr"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name, f"must be > 0, got {value}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        need(self.lars_eta > 0, "lars_eta", f"must be > 0, got {self.lars_eta}")
+        need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        need(0 <= self.ema_base <= 1, "ema_base", f"must be in [0, 1], got {self.ema_base}")
+        need(
+            not (self.prior is not None and self.prior_store is not None),
+            "prior",
+            "give either --prior or --prior-store, not both",
+        )
+        need(self.rela_dim >= 1, "rela_dim", f"must be >= 1, got {self.rela_dim}")
+        need(self.rela_head in RELA_HEADS, "rela_head", f"must be one of {', '.join(RELA_HEADS)}")
+        parse_switch(self.switch)
+        need(
+            math.isfinite(self.budget) and 0 < self.budget <= 1,
+            "budget",
+            f"must be in (0, 1], got {self.budget}",
+        )
+        need(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
+        need(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
+        need(self.knn_t > 0, "knn_t", f"must be > 0, got {self.knn_t}")
+        need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
+        return self
+
+
+def parse_switch(text: str) -> tuple[str, float | None]:
+    """``adaptive`` | ``never`` | ``const:F`` (0 <= F <= 1) -> ``(kind, F or None)``."""
+    if text in ("adaptive", "never"):
+        return text, None
+    kind, _, value = text.partition(":")
+    if kind == "const":
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if 0.0 <= fraction <= 1.0:
+            return "const", fraction
+    raise ValueError(
+        f"--switch: expected adaptive, never or const:F with F in [0, 1], got {text!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    annotation = str(f.type)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return kind
+    return str
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field; unset flags stay ``None`` (= preset)."""
+    group = parser.add_argument_group("configuration (overrides the preset)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if kind is bool:
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
+        else:
+            group.add_argument(
+                flag, dest=f.name, type=kind, choices=choices, default=None,
+                metavar=f.name.upper() if choices is None else None, help=help_text,
+            )  # fmt: skip
+
+
+def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """``base`` with every flag that was given on the command line applied."""
+    changes = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    return dataclasses.replace(base, **changes).validate()

@@ -1,0 +1,879 @@
+"""The training loop: BYOL + ReLA-F with per-epoch subsets, checkpoints and exact resume.
+
+Per optimizer step (``accum_steps`` micro-batches): augment two views on the device; in the
+ReLA phase regress ``W h(x_v)`` onto the transported prior embeddings (fused kernel), in the BYOL
+phase use the symmetric BYOL loss; multiply per-sample losses by the sampler's infobatch weights;
+record them in the score table; step the optimizer with the scheduled learning rate; move the
+target network by the scheduled EMA; feed the step's loss to the switch rule.
+
+Exact resume: every random draw is a pure function of (seed, epoch, step, micro-batch, rank) --
+subsets come from the sampler (seeded per epoch), augmentation from a generator seeded per
+micro-batch -- and a checkpoint holds everything else that evolves (weights, optimizer, score
+table, the current epoch's subset, the switch state, counters, and the number of metric lines
+written). A resumed run therefore replays the remaining steps bit for bit (on the same device and
+thread count) and rewrites ``metrics.jsonl`` from the checkpoint on.
+
+Distributed (``torchrun``): gradients are averaged across ranks after each step (by hand, since
+each phase leaves some heads unused), losses are averaged for the switch, BatchNorm is synced on
+CUDA, the score table all-gathers, and only rank 0 writes files and evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import rela_kernels as rk
+from rela_kernels._io import atomic_write, atomic_write_text
+from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
+from rela_train.byol import BYOL, byol_loss
+from rela_train.config import TrainConfig
+from rela_train.data.sources import Source, build_sources
+from rela_train.embed import resolve_device
+from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from rela_train.models import build_resnet
+from rela_train.optim import (
+    build_optimizer,
+    cosine_ema_tau,
+    lr_factor,
+    parameter_groups,
+    set_learning_rates,
+)
+from rela_train.prior_targets import PriorTargets, prepare_prior
+from rela_train.rela import ReLAHead, Switch, build_switch, rela_loss
+
+__all__ = ["CHECKPOINT", "Hooks", "RunResult", "Trainer", "load_checkpoint"]
+
+CHECKPOINT = "last.pt"
+FORMAT = "rela-train-checkpoint-v1"
+# Fields of metrics.jsonl that depend on the clock (everything else replays exactly on resume).
+TIME_FIELDS = ("train_time", "wall_time", "img_per_s", "eval_time")
+
+
+@dataclass
+class Hooks:
+    """Callbacks for tests and tools; each receives the trainer."""
+
+    on_step_end: Callable[[Trainer], None] | None = None
+    on_epoch_end: Callable[[Trainer], None] | None = None
+
+
+@dataclass
+class RunResult:
+    status: str  # "finished" or "interrupted"
+    run_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    signal: int | None = None  # SIGTERM/SIGINT when a signal interrupted the run
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across Python processes (unlike ``hash``)."""
+    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Learner(nn.Module):
+    """Everything trained: BYOL (with its target), the ReLA head, the online linear probe."""
+
+    def __init__(self, config: TrainConfig, channels: int, num_classes: int, rela_dim: int | None):
+        super().__init__()
+        backbone = build_resnet(
+            config.arch, small_images=config.small_images, width=config.width, in_channels=channels
+        )
+        self.feature_dim = backbone.feature_dim
+        self.byol = BYOL(backbone, self.feature_dim, config.proj_hidden, config.proj_dim)
+        self.rela_head = (
+            ReLAHead(self.feature_dim, rela_dim, frozen=config.rela_head == "frozen")
+            if rela_dim is not None
+            else None
+        )
+        self.probe = nn.Linear(self.feature_dim, num_classes)
+
+
+def build_learner(
+    config: TrainConfig, channels: int, num_classes: int, rela_dim: int | None
+) -> Learner:
+    """The model of a run, initialised from ``config.seed`` (without touching global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return Learner(config, channels, num_classes, rela_dim)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :class:`Trainer` (a file, or a run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # zip/pickle errors of a damaged or foreign file
+        raise ValueError(f"{path} is not a rela-train checkpoint ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a rela-train checkpoint")
+    return state
+
+
+class _Stop:
+    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum: int | None = None  # the signal that asked, if one did
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signum = signum
+        print(
+            f"rela-train: got {signal.Signals(signum).name}; checkpointing after this step "
+            "(Ctrl-C again to abort without a checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> _Stop:
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run: ``Trainer(config, run_dir).fit()`` (or ``resume=True`` to continue it)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        hooks: Hooks | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.hooks = hooks or Hooks()
+        self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.stop = _Stop()
+        self._setup_distributed()
+        if resume:
+            saved = TrainConfig.load(self.run_dir / "config.json")
+            # Only settings that cannot change the results may differ on resume.
+            harmless = {"progress": config.progress, "threads": config.threads}
+            config = saved.replace(**harmless)
+            self._resume_state = load_checkpoint(self.run_dir)
+        else:
+            self._resume_state = None
+            if (self.run_dir / "checkpoints" / CHECKPOINT).exists():
+                raise ValueError(
+                    f"{self.run_dir} already holds a run; continue it with --resume, or choose "
+                    "another --out"
+                )
+        self.config = config
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        cuda = self.device.type == "cuda"
+        self.autocast = config.amp == "bf16" or (config.amp == "auto" and cuda)
+        self.channels_last = cuda if config.channels_last is None else config.channels_last
+        self._build()
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+    # ------------------------------------------------------------------------------------------
+
+    def _setup_distributed(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            self._owns_group = True
+        self.main = self.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.main:
+            self._log(message)
+
+    def _build(self) -> None:
+        config = self.config
+        self.train_source, self.val_source = build_sources(config, warn=self.log)
+        train = self.train_source
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prior: PriorTargets | None = None
+        if config.rela:
+            if self.world > 1 and not self.main:
+                dist.barrier()  # rank 0 computes the embeddings first
+            self.prior = prepare_prior(
+                source=train,
+                prior=config.prior,
+                prior_store=config.prior_store,
+                run_dir=self.run_dir,
+                dim=config.rela_dim,
+                device=self.device,
+                log=self.log,
+            )
+            if self.world > 1 and self.main:
+                dist.barrier()
+        self.learner = build_learner(
+            config, train.channels, len(train.classes), self.prior.dim if self.prior else None
+        ).to(self.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.learner = nn.SyncBatchNorm.convert_sync_batchnorm(self.learner)
+        if self.channels_last:
+            self.learner.to(memory_format=torch.channels_last)
+        byol = self.learner.byol
+        if config.compile:
+            byol.backbone.compile()
+            byol.target_backbone.compile()
+
+        # Epoch geometry: `inbatch` scores large batches of batch_size / budget images and
+        # back-propagates batch_size of them, so every policy takes the same optimizer steps.
+        self.inbatch = config.selection == "inbatch"
+        sampler_budget = 1.0 if self.inbatch else config.budget
+        self.micro_batch = (
+            max(config.batch_size, round(config.batch_size / config.budget))
+            if self.inbatch
+            else config.batch_size
+        )
+        # On the training device: per-step updates need no host sync; the sampler reads the
+        # table once per epoch.
+        self.score_table = rk.ScoreTable(train.n, self.device)
+        policy = "random" if config.selection in ("random", "inbatch") else config.selection
+        samplers = {
+            name: rk.SubsetSampler(
+                train.n,
+                sampler_budget,
+                name,
+                score_table=self.score_table,
+                seed=config.seed,
+                num_replicas=self.world,
+                rank=self.rank,
+            )
+            for name in {policy, "random"}
+        }
+        # hard/easy on a table that holds no losses yet would pick the lowest indices (the tie
+        # rule), so epoch 0 draws at random; later epochs rank real losses (samples never seen
+        # keep the initial 2.0, the largest possible score).
+        self._samplers = samplers
+        self._policy = policy
+        self.sampler = samplers[policy]
+        per_rank = len(self.sampler)
+        self.micro_batches_per_epoch = max(1, per_rank // self.micro_batch)
+        self.steps_per_epoch = max(1, self.micro_batches_per_epoch // config.accum_steps)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+
+        # Optimizer: BYOL online network and the ReLA head follow the schedule; the probe keeps
+        # its own fixed learning rate and no weight decay.
+        scale = config.batch_size * config.accum_steps * self.world / 256
+        lr = config.lr * scale
+        groups = []
+        for module in byol.online_modules():
+            groups += parameter_groups(
+                module, base_lr=lr, weight_decay=config.weight_decay, tag="byol"
+            )
+        if self.learner.rela_head is not None and not self.learner.rela_head.frozen:
+            groups += parameter_groups(
+                self.learner.rela_head, base_lr=lr, weight_decay=config.weight_decay, tag="rela"
+            )
+        groups += parameter_groups(
+            self.learner.probe, base_lr=config.probe_lr, weight_decay=0.0, tag="probe"
+        )
+        for group in groups:
+            if group["name"].startswith("probe"):
+                group["lars_exclude"] = True
+        self.optimizer = build_optimizer(
+            config.optimizer,
+            groups,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+            eta=config.lars_eta,
+        )
+        self.switch: Switch = build_switch(config.switch, self.total_steps)
+        if not config.rela:
+            self.switch.switched = True
+        channels = train.channels
+        mean, std = train.mean[:channels], train.std[:channels]
+        self.augment = {
+            "byol": Augmenter(BYOL_VIEWS, config.image_size, mean, std),
+            "rela": Augmenter(RELA_VIEWS, config.image_size, mean, std),
+        }
+        # Counters (restored on resume).
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.samples_seen = 0
+        self.samples_scored = 0
+        self.train_time = 0.0
+        self._wall_before = 0.0
+        self._wall_start = time.perf_counter()
+        self.switch_step: int | None = None
+        self.switch_epoch: int | None = None
+        self.metrics_lines = 0
+        self.evaluations: list[dict[str, Any]] = []
+        self._eval_bank: Source | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "score_table": self.score_table.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "sampler_policy": self.sampler.policy,
+            "switch": self.switch.state_dict(),
+            "counters": {
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step,
+                "samples_seen": self.samples_seen,
+                "samples_scored": self.samples_scored,
+                "train_time": self.train_time,
+                "wall_time": self.wall_time,
+                "switch_step": self.switch_step,
+                "switch_epoch": self.switch_epoch,
+                "metrics_lines": self.metrics_lines,
+                "skipped_images": self.train_source.skipped,
+            },
+            "evaluations": self.evaluations,
+            "feature_dim": self.learner.feature_dim,
+            "channels": self.train_source.channels,
+            "classes": self.train_source.classes,
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.run_dir / "checkpoints" / CHECKPOINT
+        if self.main:
+            buffer = io.BytesIO()
+            torch.save(self._state(), buffer)
+            atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+        return path
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.score_table.load_state_dict(state["score_table"])
+        self.sampler = self._samplers[state["sampler_policy"]]
+        self.sampler.load_state_dict(state["sampler"])
+        self.switch.load_state_dict(state["switch"])
+        counters = state["counters"]
+        for name in (
+            "epoch",
+            "step_in_epoch",
+            "global_step",
+            "samples_seen",
+            "samples_scored",
+            "train_time",
+            "switch_step",
+            "switch_epoch",
+            "metrics_lines",
+        ):
+            setattr(self, name, counters[name])
+        self.train_source.skipped = counters["skipped_images"]
+        self._wall_before = counters["wall_time"]
+        self.evaluations = list(state["evaluations"])
+        # Drop metric lines written after the checkpoint: the resumed run rewrites them.
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.main and metrics.exists():
+            lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+            atomic_write_text(metrics, "".join(lines[: self.metrics_lines]))
+
+    # ------------------------------------------------------------------------------------------
+    # Metrics
+    # ------------------------------------------------------------------------------------------
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        self.metrics_lines += 1
+        if not self.main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------------------------------
+    # One step
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        return "byol" if self.switch.switched else "rela"
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _to_device(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.channels_last:
+            return [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    @torch.no_grad()
+    def _inbatch_select(
+        self, views: list[torch.Tensor], indices: torch.Tensor, prior: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score the large batch without gradients (view 1 of the current phase's loss);
+        return ``(rows to back-propagate, every row's score)``."""
+        byol = self.learner.byol
+        keep = min(self.config.batch_size, indices.shape[0])
+        # BatchNorm momentum 0 while scoring: batch statistics as in training, running
+        # statistics untouched.
+        norms = [
+            m for m in self.learner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            with self._autocast():
+                features = byol.backbone(views[0])
+                if self.phase == "rela":
+                    assert self.prior is not None and self.learner.rela_head is not None
+                    z = self.learner.rela_head(features)
+                    chosen, scores = rk.score_and_select(z, prior, self.prior.transport, keep)
+                else:
+                    q = byol.predict(features)
+                    target = byol.target(views[1])
+                    scores = rk.cosine_loss(q, target, check_finite=False)  # one pair, in [0, 2]
+                    chosen = rk.select_in_batch(scores, keep)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+        return chosen, scores.float()
+
+    def _micro_step(
+        self, images: torch.Tensor, indices: torch.Tensor, g: torch.Generator, scale: float
+    ):
+        """Forward and backward one micro-batch; returns float64 ``[loss sum, rows, probe loss
+        sum, probe hits]``."""
+        byol = self.learner.byol
+        phase = self.phase
+        images = images.to(self.device, non_blocking=True)
+        views = self._to_device(self.augment[phase](images, g))
+        prior = None
+        if phase == "rela":
+            assert self.prior is not None
+            prior = self.prior.rows(indices, self.device)
+        if self.inbatch:
+            chosen, scores = self._inbatch_select(views, indices, prior)
+            self.score_table.update(indices, scores)
+            self.samples_scored += indices.shape[0]
+            chosen_cpu = chosen.cpu()
+            views = [v[chosen] for v in views]
+            indices = indices[chosen_cpu]
+            prior = prior[chosen] if prior is not None else None
+        labels = self.train_source.labels[indices].to(self.device)
+        weights = self.sampler.weight_of(indices).to(self.device)
+        check = self.device.type != "cuda"  # finiteness checks cost a host sync on CUDA
+        with self._autocast():
+            f1 = byol.backbone(views[0])
+            f2 = byol.backbone(views[1])
+            if phase == "rela":
+                head = self.learner.rela_head
+                per_sample = rela_loss(
+                    (head(f1), head(f2)), prior, self.prior.transport, check_finite=check
+                )
+                score = per_sample  # in [0, 2]
+            else:
+                q1, q2 = byol.predict(f1), byol.predict(f2)
+                z1, z2 = byol.target(views[0]), byol.target(views[1])
+                per_sample = byol_loss((q1, q2), (z1, z2), check_finite=check)
+                score = per_sample / 4.0  # two 2 - 2cos terms: back to [0, 2], as ReLA's
+            logits = self.learner.probe(f1.detach().float())
+            probe_loss = F.cross_entropy(logits, labels)
+        loss = (per_sample * weights).mean() + probe_loss
+        (loss * scale).backward()
+        if not self.inbatch:
+            self.score_table.update(indices, score.detach())
+        rows = indices.shape[0]
+        correct = (logits.argmax(dim=1) == labels).sum()
+        # Sums of the step's statistics, kept on the device (one host sync per step, later).
+        return torch.stack(
+            [
+                per_sample.detach().double().sum(),
+                torch.tensor(float(rows), dtype=torch.float64, device=correct.device),
+                probe_loss.detach().double() * rows,
+                correct.double(),
+            ]
+        )
+
+    def _switched(self) -> None:
+        """Record the switch to BYOL (it takes effect from the next step)."""
+        if not self.config.rela:
+            return
+        self.switch_step, self.switch_epoch = self.global_step, self.epoch
+        rho = "" if math.isnan(self.switch.rho) else f" (rho={self.switch.rho:.5f})"
+        self.log(f"switch to BYOL after step {self.global_step}, epoch {self.epoch + 1}{rho}")
+
+    def _all_reduce_gradients(self) -> None:
+        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _optimizer_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        config = self.config
+        phase = self.phase
+        factor = lr_factor(self.global_step, self.total_steps, self.warmup_steps)
+        set_learning_rates(self.optimizer, factor, fixed=("probe",))
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        scale = 1.0 / len(batches)
+        for micro, (images, indices) in enumerate(batches):
+            seed = _seed_for(config.seed, self.epoch, self.step_in_epoch, micro, self.rank)
+            g = torch.Generator().manual_seed(seed)
+            totals += self._micro_step(images, indices, g, scale)
+        if self.world > 1:
+            self._all_reduce_gradients()
+            dist.all_reduce(totals)
+        self.optimizer.step()
+        tau = cosine_ema_tau(self.global_step, self.total_steps, config.ema_base)
+        self.learner.byol.update_target(tau)
+        totals = totals.cpu()  # the step's one host sync: the switch needs the loss now
+        self.global_step += 1
+        rows = max(1.0, float(totals[1]))
+        loss = float(totals[0]) / rows
+        self.samples_seen += int(totals[1])
+        switched = phase == "rela" and self.switch.after_step(loss, self.global_step)
+        if switched and self.switch_step is None:
+            self._switched()
+        lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "byol")
+        rho = self.switch.rho
+        return {
+            "step": self.global_step,
+            "epoch": self.epoch,
+            "phase": phase,
+            "loss": loss,
+            "rho": None if math.isnan(rho) else rho,
+            "lr": lr,
+            "tau": tau,
+            "samples_seen": self.samples_seen,
+            "probe_loss": float(totals[2]) / rows,
+            "probe_acc": float(totals[3]) / rows,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Evaluation
+    # ------------------------------------------------------------------------------------------
+
+    def _features(self, source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+        backbone = self.learner.byol.backbone
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            return extract_features(
+                backbone,
+                source,
+                size=self.config.image_size,
+                device=self.device,
+                channels_last=self.channels_last,
+                autocast=self.autocast,
+            )
+        finally:
+            backbone.train(was_training)
+
+    def evaluate(self, *, final: bool) -> dict[str, Any]:
+        """kNN accuracy (per epoch: on the eval bank); at the end also the linear probe."""
+        config = self.config
+        start = time.perf_counter()
+        bank = self.train_source
+        if not final and config.eval_bank is not None:
+            if self._eval_bank is None:
+                self._eval_bank = self.train_source.subset(config.eval_bank, seed=1)
+            bank = self._eval_bank
+        train_f, train_y = self._features(bank)
+        val_f, val_y = self._features(self.val_source)
+        classes = len(self.train_source.classes)
+        result: dict[str, Any] = {
+            "knn_acc": knn_accuracy(
+                train_f,
+                train_y,
+                val_f,
+                val_y,
+                k=config.knn_k,
+                temperature=config.knn_t,
+                num_classes=classes,
+            )  # fmt: skip
+        }
+        if final and config.eval_bank is not None and config.eval_bank < self.train_source.n:
+            # The accuracy curve's last point uses the same bank as the per-epoch points.
+            if self._eval_bank is None:
+                self._eval_bank = self.train_source.subset(config.eval_bank, seed=1)
+            bank_f, bank_y = self._features(self._eval_bank)
+            result["knn_acc_bank"] = knn_accuracy(
+                bank_f, bank_y, val_f, val_y, k=config.knn_k, temperature=config.knn_t,
+                num_classes=classes,
+            )  # fmt: skip
+        if final and config.probe_epochs > 0:
+            result["linear_acc"] = linear_probe_accuracy(
+                train_f, train_y, val_f, val_y, num_classes=classes, iterations=config.probe_epochs
+            )
+        result["eval_time"] = time.perf_counter() - start
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------
+
+    def _epoch_batches(self) -> list[torch.Tensor]:
+        order = self.sampler.local_indices()
+        count = self.micro_batches_per_epoch
+        size = min(self.micro_batch, order.shape[0])
+        return [order[i * size : (i + 1) * size] for i in range(count)]
+
+    def request_stop(self) -> None:
+        """Stop after the current step with a checkpoint (what SIGTERM/SIGINT do)."""
+        self.stop.requested = True
+
+    def fit(self) -> RunResult:
+        try:
+            return self._fit()
+        finally:
+            if self._owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _fit(self) -> RunResult:
+        config = self.config
+        self._wall_start = time.perf_counter()
+        if self._resume_state is not None:
+            self._restore(self._resume_state)
+            self._resume_state = None
+            self.log(
+                f"resuming {self.run_dir} at epoch {self.epoch + 1}/{config.epochs}, step "
+                f"{self.step_in_epoch}/{self.steps_per_epoch}"
+            )
+            mid_epoch = self.step_in_epoch > 0
+        else:
+            if self.main:
+                atomic_write_text(self.run_dir / "config.json", config.to_json())
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            mid_epoch = False
+        self._log_start()
+        with self.stop:
+            while self.epoch < config.epochs:
+                if not mid_epoch:
+                    if self.switch.before_epoch(self.epoch) and self.switch_step is None:
+                        self._switched()
+                    warmup = self.epoch == 0 and self._policy in ("hard", "easy")
+                    self.sampler = self._samplers["random" if warmup else self._policy]
+                    self.sampler.set_epoch(self.epoch)
+                    self.step_in_epoch = 0
+                mid_epoch = False
+                if self._run_epoch() == "stopped":
+                    self.save_checkpoint()
+                    self.log(
+                        f"stopped at epoch {self.epoch + 1}, step {self.step_in_epoch}; a "
+                        f"checkpoint is in {self.run_dir / 'checkpoints'}. Continue with: "
+                        f"rela-train fit --resume {self.run_dir}"
+                    )
+                    return RunResult("interrupted", self.run_dir, signal=self.stop.signum)
+        summary = self._finish()
+        return RunResult("finished", self.run_dir, summary)
+
+    def _log_start(self) -> None:
+        config = self.config
+        what = "BYOL + ReLA" if config.rela else "BYOL"
+        self.log(
+            f"{what}: {self.train_source.name} ({self.train_source.n} images), budget "
+            f"{config.budget:g} ({config.selection}), {config.epochs} epochs x "
+            f"{self.steps_per_epoch} steps, {config.arch} width {config.width}, device "
+            f"{self.device}, {torch.get_num_threads()} threads"
+        )
+
+    def _run_epoch(self) -> str:
+        config = self.config
+        batches = self._epoch_batches()
+        accum = config.accum_steps
+        groups = []
+        for step in range(self.steps_per_epoch):
+            last = step == self.steps_per_epoch - 1
+            stop = (
+                len(batches) if last and len(batches) < accum * (step + 1) else accum * (step + 1)
+            )
+            groups.append(batches[accum * step : stop])
+        pending = groups[self.step_in_epoch :]
+        flat = [b for group in pending for b in group]
+        stream = self.train_source.batches(flat)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{config.epochs}",
+            disable=not (config.progress and self.main),
+            dynamic_ncols=True,
+            leave=False,
+        )
+        with bar:
+            for group in pending:
+                start = time.perf_counter()
+                loaded = []
+                for _ in group:
+                    batch = next(stream, None)
+                    # Unreadable images shrink a batch; BatchNorm needs at least two rows.
+                    if batch is not None and batch.indices.shape[0] >= 2:
+                        loaded.append((batch.images, batch.indices))
+                if not loaded:
+                    self.step_in_epoch += 1
+                    continue
+                record = self._optimizer_step(loaded)
+                self.step_in_epoch += 1
+                elapsed = time.perf_counter() - start
+                self.train_time += elapsed
+                rows = sum(int(indices.shape[0]) for _, indices in loaded) * self.world
+                record["img_per_s"] = rows / max(elapsed, 1e-9)
+                record["train_time"] = self.train_time
+                self._write_metrics(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", phase=record["phase"],
+                    img_s=f"{record['img_per_s']:.0f}",
+                )  # fmt: skip
+                bar.update(1)
+                if self.hooks.on_step_end is not None:
+                    self.hooks.on_step_end(self)
+                if self.stop.requested and self.step_in_epoch < self.steps_per_epoch:
+                    return "stopped"
+        self._end_epoch()
+        if self.stop.requested and self.epoch < config.epochs:
+            return "stopped"
+        return "done"
+
+    def _end_epoch(self) -> None:
+        config = self.config
+        epoch = self.epoch
+        record: dict[str, Any] = {
+            "event": "epoch",
+            "epoch": epoch,
+            "step": self.global_step,
+            "phase": self.phase,
+            "samples_seen": self.samples_seen,
+            "train_time": self.train_time,
+            "skipped_images": self.train_source.skipped,
+        }
+        last = epoch + 1 == config.epochs
+        if config.eval_every and (epoch + 1) % config.eval_every == 0 and not last:
+            if self.main:
+                result = self.evaluate(final=False)
+                record.update(result)
+                self.evaluations.append(
+                    {k: record[k] for k in ("epoch", "samples_seen", "train_time", "knn_acc")}
+                )
+                self.log(
+                    f"epoch {epoch + 1}/{config.epochs}: kNN {result['knn_acc']:.4f} "
+                    f"({self.phase}, {self.samples_seen} samples, {self.train_time:.0f} s)"
+                )
+            if self.world > 1:
+                dist.barrier()
+        self._write_metrics(record)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.save_checkpoint()
+        if self.hooks.on_epoch_end is not None:
+            self.hooks.on_epoch_end(self)
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds this run has existed in processes, over all its resumptions."""
+        return self._wall_before + time.perf_counter() - self._wall_start
+
+    def _finish(self) -> dict[str, Any]:
+        config = self.config
+        summary: dict[str, Any] = {}
+        if self.main:
+            result = self.evaluate(final=True)
+            wall_time = self.wall_time
+            self.evaluations.append(
+                {
+                    "epoch": self.epoch - 1,
+                    "samples_seen": self.samples_seen,
+                    "train_time": self.train_time,
+                    "knn_acc": result.get("knn_acc_bank", result["knn_acc"]),
+                }
+            )
+            summary = {
+                "run_dir": str(self.run_dir),
+                "method": "BYOL + ReLA" if config.rela else "BYOL",
+                "dataset": self.train_source.name,
+                "train_images": self.train_source.n,
+                "val_images": self.val_source.n,
+                "epochs": config.epochs,
+                "steps": self.global_step,
+                "budget": config.budget,
+                "selection": config.selection,
+                "prior": config.prior or config.prior_store,
+                "switch": config.switch if config.rela else None,
+                "switch_step": self.switch_step,
+                "switch_epoch": self.switch_epoch,
+                "last_rho": None if math.isnan(self.switch.rho) else self.switch.rho,
+                "samples_seen": self.samples_seen,
+                "samples_scored": self.samples_scored,
+                "train_time": self.train_time,
+                "wall_time": wall_time,
+                "eval_time": result["eval_time"],
+                "knn_acc": result["knn_acc"],
+                "knn_acc_bank": result.get("knn_acc_bank"),
+                "eval_bank": config.eval_bank,
+                "linear_acc": result.get("linear_acc"),
+                "skipped_images": self.train_source.skipped,
+                "evaluations": self.evaluations,
+                "device": str(self.device),
+                "threads": torch.get_num_threads(),
+            }
+            self._write_metrics(
+                {"event": "final", **{k: v for k, v in summary.items() if k != "evaluations"}}
+            )
+            atomic_write_text(
+                self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n"
+            )
+            self.save_checkpoint()
+            self.log(
+                f"done: kNN {summary['knn_acc']:.4f}, linear probe "
+                f"{_fmt(summary['linear_acc'])}, {self.samples_seen} samples in "
+                f"{self.train_time:.0f} s of training ({wall_time:.0f} s in all)"
+            )
+        if self.world > 1:
+            dist.barrier()
+        return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,147 @@
+"""ReLA-D for the trainer: the prior embeddings of the training set and their transport.
+
+Either an existing embedding store is used (``--prior-store DIR``, made by ``rela-train embed``;
+``DIR/transport.pt`` is the transport), or the embeddings are computed once into ``RUN/prior``
+(``--prior SPEC``): in-memory datasets are embedded directly from their tensors, image folders
+through :func:`rela_train.embed.embed`. A store made for other data is refused by its fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import rela_kernels as rk
+from rela_train.data.sources import FolderSource, Source, TensorSource
+from rela_train.embed import TRANSPORT_FILE
+from rela_train.priors import ModelPrior, load_prior
+
+__all__ = ["PriorTargets", "prepare_prior"]
+
+# Stores up to this size are held in (device) memory; larger ones are read per batch.
+_IN_MEMORY_BYTES = 2 << 30
+
+
+@dataclass
+class PriorTargets:
+    """The batch-indexable prior embeddings ``[N, D]`` and the transport to ``d`` dimensions."""
+
+    store: rk.EmbeddingStore
+    transport: rk.Transport
+    table: torch.Tensor | None  # float16 [N, D] on the device, when it fits
+
+    def rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[indices.to(self.table.device)]
+        return self.store.read(indices).to(device, non_blocking=True)
+
+    @property
+    def dim(self) -> int:
+        return self.transport.out_dim
+
+
+def _check_store(store: rk.EmbeddingStore, source: Source, where: str) -> None:
+    store.require_complete(where)
+    if store.n != source.n or store.fingerprint != source.fingerprint:
+        raise ValueError(
+            f"{where}: the embedding store at {store.path} was made for other data "
+            f"({store.n} rows, fingerprint {store.fingerprint[:40]}) than the training set "
+            f"{source.name} ({source.n} images, fingerprint {source.fingerprint[:40]}); embed this "
+            "dataset (same subset) or pass the matching store"
+        )
+
+
+def _embed_tensors(
+    source: TensorSource, prior: ModelPrior, out: Path, batch_size: int = 512
+) -> rk.EmbeddingStore:
+    size = prior.input_size
+    mean = torch.tensor(prior.transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prior.transform.std).view(1, 3, 1, 1)
+    with rk.EmbeddingStore.create_or_resume(
+        out,
+        source.n,
+        prior.dim,
+        fingerprint=source.fingerprint,
+        prior=prior.identity,
+        input_size=size,
+        chunk_rows=batch_size * 8,
+        metadata={"data": source.name, "prior_spec": prior.spec},
+    ) as store:
+        for start, stop in store.pending_chunks():
+            x = source.images[start:stop].to(torch.float32) / 255.0
+            if x.shape[1] == 1:
+                x = x.expand(-1, 3, -1, -1)  # gray -> RGB, as PIL's convert("RGB") does
+            if x.shape[-1] != size or x.shape[-2] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            x = (x - mean) / std
+            rows = torch.cat(
+                [prior.encode(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)]
+            )
+            store.write_chunk(start, rows)
+    return rk.EmbeddingStore.open(out)
+
+
+def prepare_prior(
+    *,
+    source: Source,
+    prior: str | None,
+    prior_store: str | None,
+    run_dir: Path,
+    dim: int,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> PriorTargets:
+    """Open or compute the training set's prior embeddings and transport (see module doc)."""
+    where = "--prior-store" if prior_store is not None else "--prior"
+    if prior_store is not None:
+        path = Path(prior_store)
+        store = rk.EmbeddingStore.open(path)
+        _check_store(store, source, where)
+        transport = rk.Transport.load(path / TRANSPORT_FILE)
+    else:
+        assert prior is not None
+        path = run_dir / "prior"
+        transport_path = path / TRANSPORT_FILE
+        if isinstance(source, FolderSource):
+            if source.fingerprint != source.folder.fingerprint:
+                raise ValueError(
+                    "--prior: embedding a subset of an image folder is not supported; embed the "
+                    "folder with `rela-train embed` and train on the whole folder"
+                )
+            from rela_train.embed import embed
+
+            done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
+            if not done or not rk.EmbeddingStore.open(path).complete:
+                workers = source.workers
+                embed(source.folder.root, prior, path, device=device, workers=workers, log=log)
+            store = rk.EmbeddingStore.open(path)
+            _check_store(store, source, where)
+        else:
+            assert isinstance(source, TensorSource)
+            if rk.EmbeddingStore.exists(path):
+                store = rk.EmbeddingStore.open(path)
+                _check_store(store, source, where)
+            else:
+                loaded = load_prior(prior, device=device, num_rows=source.n)
+                if not isinstance(loaded, ModelPrior):
+                    raise ValueError(f"--prior: {prior!r} is not a model prior; use --prior-store")
+                log(f"embedding {source.n} images with {loaded.identity} (D={loaded.dim})")
+                store = _embed_tensors(source, loaded, path)
+        if not transport_path.is_file():
+            width = max(1, min(dim, store.dim, store.n - 1))
+            log(f"fitting PCA whitening: {store.dim} -> {width} dimensions")
+            rk.fit_pca_whitening(store, width).save(transport_path)
+        transport = rk.Transport.load(transport_path)
+    if transport.in_dim != store.dim:
+        raise ValueError(
+            f"{where}: the transport maps {transport.in_dim}-d embeddings but the store at "
+            f"{store.path} holds {store.dim}-d ones"
+        )
+    table = None
+    if store.n * store.dim * 2 <= _IN_MEMORY_BYTES:
+        table = torch.from_numpy(store.array.copy()).to(device)
+    return PriorTargets(store, transport.to(device), table)

@@ -1,0 +1,157 @@
+"""ReLA-F: the linear head, the transported cosine loss, and the switch to BYOL.
+
+During the ReLA phase the backbone ``h`` and a linear head ``W`` regress each view onto the
+sample's transported prior embedding ``y = transport(p)``:
+``loss_i = 0.5 * sum_views (1 - cos(W h(x_v), y_i))``, computed by the fused
+:func:`rela_kernels.transported_cosine_loss` (the targets ``y`` are never materialised).
+
+A switch rule decides, after every optimizer step, whether to move to BYOL, once and for good:
+
+* ``adaptive`` -- the official EMA plateau test (DESIGN.md section 1). With the step's loss
+  ``L`` (cross-rank mean): ``rho = exp(-max(slow - fast, 0))`` is computed *first*, then
+  ``fast <- 0.999 fast + 0.001 L`` and ``slow <- 0.99 slow + 0.01 fast``; start ``slow = 2``,
+  ``fast = 1``; switch when ``rho >= 0.995``. ``rho`` is therefore always computed from the EMAs
+  *before* this step's update.
+* ``const:F`` -- switch after ``round(F * total_steps)`` optimizer steps (F of the run).
+* ``never`` -- ReLA for the whole run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import rela_kernels as rk
+from rela_train.config import parse_switch
+
+__all__ = [
+    "AdaptiveSwitch",
+    "ConstSwitch",
+    "NeverSwitch",
+    "ReLAHead",
+    "Switch",
+    "build_switch",
+    "rela_loss",
+]
+
+
+class ReLAHead(nn.Linear):
+    """``W``: backbone features -> the transport's width ``d``.
+
+    ``frozen=True`` keeps the random initialisation (no gradient, not in the optimizer), as the
+    official code effectively does.
+    """
+
+    def __init__(self, feature_dim: int, dim: int, *, frozen: bool = False) -> None:
+        super().__init__(feature_dim, dim)
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+
+
+def rela_loss(
+    predictions: tuple[torch.Tensor, torch.Tensor],
+    prior: torch.Tensor,
+    transport: rk.Transport,
+    *,
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Per-sample ReLA-F loss ``[B]``: ``0.5 * sum_v (1 - cos(z_v, transport(prior)))``.
+
+    ``predictions``: the head outputs ``W h(x_v)`` of the two views ``[B, d]``; ``prior``: the
+    batch's stored prior embeddings ``[B, D]``.
+    """
+    z1, z2 = predictions
+    first = rk.transported_cosine_loss(z1, prior, transport, check_finite=check_finite)
+    second = rk.transported_cosine_loss(z2, prior, transport, check_finite=check_finite)
+    return 0.5 * (first + second)
+
+
+# ----------------------------------------------------------------------------------------------
+# Switch rules
+# ----------------------------------------------------------------------------------------------
+
+
+class Switch:
+    """Base: ``switched`` becomes True once and stays; ``rho`` is the last plateau statistic."""
+
+    switched: bool = False
+    rho: float = math.nan
+
+    def before_epoch(self, epoch: int) -> bool:
+        """Called at the start of every epoch; returns ``switched``."""
+        return self.switched
+
+    def after_step(self, loss: float, step: int) -> bool:
+        """Called after every optimizer step of the ReLA phase with its (global mean) loss and
+        the number of optimizer steps done so far."""
+        return self.switched
+
+    def state_dict(self) -> dict:
+        return {"switched": self.switched, "rho": self.rho}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.switched = bool(state["switched"])
+        self.rho = float(state["rho"])
+
+
+@dataclass
+class AdaptiveSwitch(Switch):
+    """The official EMA plateau rule; see the module docstring."""
+
+    slow: float = 2.0
+    fast: float = 1.0
+    threshold: float = 0.995
+    fast_decay: float = 0.999
+    slow_decay: float = 0.99
+    switched: bool = False
+    rho: float = math.nan
+
+    def after_step(self, loss: float, step: int = 0) -> bool:
+        if self.switched:
+            return True
+        self.rho = math.exp(-max(self.slow - self.fast, 0.0))
+        self.fast = self.fast_decay * self.fast + (1.0 - self.fast_decay) * float(loss)
+        self.slow = self.slow_decay * self.slow + (1.0 - self.slow_decay) * self.fast
+        if self.rho >= self.threshold:
+            self.switched = True
+        return self.switched
+
+    def state_dict(self) -> dict:
+        return {"switched": self.switched, "rho": self.rho, "slow": self.slow, "fast": self.fast}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.slow = float(state["slow"])
+        self.fast = float(state["fast"])
+
+
+class ConstSwitch(Switch):
+    """Switch after ``round(fraction * total_steps)`` optimizer steps (at once if that is 0)."""
+
+    def __init__(self, fraction: float, total_steps: int) -> None:
+        self.switch_after = round(fraction * total_steps)
+        self.switched = self.switch_after <= 0
+
+    def after_step(self, loss: float, step: int) -> bool:
+        if step >= self.switch_after:
+            self.switched = True
+        return self.switched
+
+
+class NeverSwitch(Switch):
+    """ReLA for the whole run."""
+
+
+def build_switch(text: str, total_steps: int) -> Switch:
+    """The rule for ``--switch`` (``adaptive``, ``const:F``, ``never``)."""
+    kind, fraction = parse_switch(text)
+    if kind == "adaptive":
+        return AdaptiveSwitch()
+    if kind == "const":
+        assert fraction is not None
+        return ConstSwitch(fraction, total_steps)
+    return NeverSwitch()
