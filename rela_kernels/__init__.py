@@ -11,16 +11,25 @@ from rela_kernels.ops import (
     transport,
     transported_cosine_loss,
 )
-from rela_kernels.transport import Transport
+from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
+from rela_kernels.store import EmbeddingStore
+from rela_kernels.transport import Transport, fit_least_squares, fit_pca_whitening
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmbeddingStore",
+    "ScoreTable",
+    "StreamingTopK",
+    "SubsetSampler",
     "Transport",
     "backends",
     "cosine_loss",
+    "fit_least_squares",
+    "fit_pca_whitening",
     "reference",
     "score_and_select",
+    "select_in_batch",
     "select_topk",
     "transport",
     "transported_cosine_loss",

@@ -317,12 +317,32 @@ def transported_cosine_loss(
 
 
 def _check_scores(where: str, scores: object) -> Tensor:
-    scores = check_tensor(where, "scores", scores, ndim=1, dtypes=SCORE_DTYPES, shape_hint="[N]")
+    return check_tensor(where, "scores", scores, ndim=1, dtypes=SCORE_DTYPES, shape_hint="[N]")
+
+
+def _check_no_nan(where: str, scores: Tensor) -> None:
     if not torch.compiler.is_compiling() and bool(torch.isnan(scores).any()):
         raise ValueError(
             f"{where}: scores must not contain NaN, got {int(torch.isnan(scores).sum())}"
         )
-    return scores
+
+
+def _check_largest(where: str, largest: object) -> bool:
+    if not isinstance(largest, bool):
+        raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
+    return largest
+
+
+def _select_on_device(scores: Tensor, k: int, largest: bool) -> Tensor:
+    """The compiled select for ``scores``' device, or the reference where none is built.
+
+    Triton has no select kernel of its own: on GPU the CUDA radix select is the fast path and a
+    Triton copy of it would not pay, so the ``triton`` backend selects with this.
+    """
+    key = "CUDA" if scores.is_cuda else "CPU"
+    if _EXTENSION is not None and backends._has_kernel("select_topk", key):
+        return torch.ops.rela.select_topk(scores, k, largest)
+    return reference.select_topk(scores, k, largest)
 
 
 def select_topk(
@@ -336,12 +356,17 @@ def select_topk(
     where = "rk.select_topk"
     scores = _check_scores(where, scores)
     k = check_k(where, k, scores.shape[0])
-    if not isinstance(largest, bool):
-        raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
+    largest = _check_largest(where, largest)
     chosen = backends.resolve("select_topk", scores.device, backend)
+    if chosen != "cpu":
+        # The C++ CPU kernel counts NaN during its first pass and raises this same ValueError;
+        # elsewhere a separate pass looks for NaN (on CPU it would cost as much as the select).
+        _check_no_nan(where, scores)
     with torch.no_grad():
         if chosen == "reference":
             return reference.select_topk(scores, k, largest)
+        if chosen == "triton":
+            return _select_on_device(scores, k, largest)
         return _compiled_op("select_topk", chosen)(scores, k, largest)
 
 
@@ -371,6 +396,7 @@ def score_and_select(
         )
     z = _check_z(where, z, p.shape[0], t.out_dim)
     k = check_k(where, k, z.shape[0])
+    largest = _check_largest(where, largest)
     eps = check_eps(where, eps)
     chosen = backends.resolve("score_and_select", device, backend)
     with torch.no_grad():
@@ -383,9 +409,7 @@ def score_and_select(
                 z, p, t.mean, t.matrix, t.bias, eps, False
             )
             _raise_non_finite(where, losses, z=z, p=p)
-            return _compiled_op("select_topk", "cuda" if losses.is_cuda else "cpu")(
-                losses, k, largest
-            ), losses
+            return _select_on_device(losses, k, largest), losses
         indices, losses = _compiled_op("score_and_select", chosen)(
             z, p, t.mean, t.matrix, t.bias, eps, k, largest
         )
