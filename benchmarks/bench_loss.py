@@ -25,6 +25,7 @@ import rela_kernels as rk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     append_result,
     environment,
+    interleaved_median_times,
     median_time,
     peak_memory_bytes,
 )
@@ -82,33 +83,42 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
     env = environment(device)
     shape = {"B": b, "Dp": dp, "d": d, "dtype": str(dtype).replace("torch.", "")}
 
-    def timed(fn):
-        return median_time(fn, repeat=repeat, device=device)
-
-    eager_fwd = timed(forward_only(eager_loss, z, p, t))
-    eager_fb = timed(forward_backward(eager_loss, z, p, t))
-    eager_mem = peak_memory_bytes(forward_backward(eager_loss, z, p, t), device)
+    status = rk.backends.available()
+    chosen = [
+        name
+        for name in ("reference", "cpu", "triton", "cuda")
+        if status[name].usable
+        and rk.backends._runs_on(name, device)
+        and not (name == "triton" and device.type == "cpu")
+    ]
+    fns = {
+        "eager_fwd": forward_only(eager_loss, z, p, t),
+        "eager_fb": forward_backward(eager_loss, z, p, t),
+    }
+    for name in chosen:
+        fns[f"{name}_fwd"] = forward_only(fused_loss(name), z, p, t)
+        fns[f"{name}_fb"] = forward_backward(fused_loss(name), z, p, t)
     if device.type == "cuda":
+        times = {name: median_time(fn, device=device) for name, fn in fns.items()}
         bytes_moved = (p.numel() + 2 * z.numel()) * p.element_size()
         floor = bytes_moved / copy_bandwidth(device)
         floor_name = "read p and z, write grad at copy bandwidth"
     else:
         centred = (p.float() - t.mean).contiguous()
-        floor = timed(lambda: torch.mm(centred, t.matrix))
+        fns["floor"] = lambda: torch.mm(centred, t.matrix)
+        times = interleaved_median_times(fns, repeat=repeat)
+        floor = times["floor"]
         floor_name = "bare (p - mean) @ matrix, float32, multithreaded MKL"
+    eager_fwd, eager_fb = times["eager_fwd"], times["eager_fb"]
+    # Measure from a clean slate: a z.grad left by an earlier call would be freed inside the
+    # measured call and offset the peak.
+    z.grad = None
+    eager_mem = peak_memory_bytes(fns["eager_fb"], device)
     records = []
-    status = rk.backends.available()
-    for backend in ("reference", "cpu", "triton", "cuda"):
-        if not status[backend].usable:
-            continue
-        if not rk.backends._runs_on(backend, device) or (
-            backend == "triton" and device.type == "cpu"
-        ):
-            continue
-        loss_fn = fused_loss(backend)
-        fwd = timed(forward_only(loss_fn, z, p, t))
-        fb = timed(forward_backward(loss_fn, z, p, t))
-        mem = peak_memory_bytes(forward_backward(loss_fn, z, p, t), device)
+    for backend in chosen:
+        fwd, fb = times[f"{backend}_fwd"], times[f"{backend}_fb"]
+        z.grad = None
+        mem = peak_memory_bytes(fns[f"{backend}_fb"], device)
         record = {
             "benchmark": "transported_cosine_loss",
             "backend": backend,
@@ -125,6 +135,9 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
             "peak_memory_mb": mem / 2**20,
             "eager_peak_memory_mb": eager_mem / 2**20,
             "repeat": repeat,
+            "timing": "median, round-robin over all variants"
+            if device.type == "cpu"
+            else "do_bench median",
             **env,
         }
         records.append(record)
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     elif device.type == "cuda":
         b, dp, d, repeat = 65536, 768, 256, 20
     else:
-        b, dp, d, repeat = 8192, 768, 256, 15
+        b, dp, d, repeat = 8192, 768, 256, 30
     dtypes = args.dtype or (
         ["bfloat16", "float32"] if device.type == "cuda" else ["float32", "bfloat16"]
     )

@@ -50,6 +50,27 @@ def median_time(
     return statistics.median(times)
 
 
+def interleaved_median_times(
+    fns: dict[str, Callable[[], object]], warmup: int = 3, repeat: int = 20
+) -> dict[str, float]:
+    """Median seconds of each CPU function, timed round-robin.
+
+    Each repeat times every function once, so a transient slowdown of the machine (other
+    processes, a noisy VM neighbour) lands on all of them alike instead of on whichever happened
+    to run then; ratios between them stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak memory allocated while ``fn()`` runs, above what was allocated before.
 
