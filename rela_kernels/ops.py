@@ -180,15 +180,18 @@ def _check_transport(where: str, t: object, device: torch.device) -> Transport:
     return t
 
 
-def _check_p(where: str, p: object, t_in_dim: int | None = None) -> Tensor:
+def _check_p(where: str, p: object) -> Tensor:
     p = check_tensor(where, "p", p, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, Dp]")
     check_rows(where, "p", p)
-    if t_in_dim is not None and p.shape[1] != t_in_dim:
+    return p
+
+
+def _check_p_width(where: str, p: Tensor, t: Transport) -> None:
+    if p.shape[1] != t.in_dim:
         raise ValueError(
-            f"{where}: p must have {t_in_dim} columns (the transport's input width), "
+            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
             f"got shape {tuple(p.shape)}"
         )
-    return p
 
 
 def _check_z(where: str, z: object, rows: int | None, width: int | None) -> Tensor:
@@ -202,6 +205,18 @@ def _check_z(where: str, z: object, rows: int | None, width: int | None) -> Tens
     if z.shape[1] == 0:
         raise ValueError(f"{where}: z must have at least one column, got shape {tuple(z.shape)}")
     return z
+
+
+def _check_transported(
+    where: str, z: object, p: object, t: object
+) -> tuple[Tensor, Tensor, Transport, torch.device]:
+    """z [B, d], p [B, Dp] and a transport that maps Dp to d, all on one device."""
+    p = _check_p(where, p)
+    z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
+    device = check_same_device(where, z=z, p=p)
+    t = _check_transport(where, t, device)
+    _check_p_width(where, p, t)
+    return _check_z(where, z, p.shape[0], t.out_dim), p, t, device
 
 
 def _raise_non_finite(where: str, loss: Tensor, **inputs: Tensor) -> None:
@@ -225,11 +240,7 @@ def transport(p: Tensor, t: Transport, *, backend: str | None = None) -> Tensor:
     where = "rk.transport"
     p = _check_p(where, p)
     t = _check_transport(where, t, p.device)
-    if p.shape[1] != t.in_dim:
-        raise ValueError(
-            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
-            f"got shape {tuple(p.shape)}"
-        )
+    _check_p_width(where, p, t)
     chosen = backends.resolve("transport", p.device, backend)
     with torch.no_grad():
         if chosen == "reference":
@@ -290,16 +301,7 @@ def transported_cosine_loss(
     ``t``: the transport. Same ``weight`` / ``reduction`` / ``eps`` as :func:`cosine_loss`.
     """
     where = "rk.transported_cosine_loss"
-    p = _check_p(where, p)
-    z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
-    device = check_same_device(where, z=z, p=p)
-    t = _check_transport(where, t, device)
-    if p.shape[1] != t.in_dim:
-        raise ValueError(
-            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
-            f"got shape {tuple(p.shape)}"
-        )
-    z = _check_z(where, z, p.shape[0], t.out_dim)
+    z, p, t, device = _check_transported(where, z, p, t)
     weight = check_weight(where, weight, z.shape[0], device)
     reduction = check_reduction(where, reduction)
     eps = check_eps(where, eps)
@@ -385,16 +387,7 @@ def score_and_select(
     One pass over ``p``; no gradient. Indices follow :func:`select_topk`'s contract.
     """
     where = "rk.score_and_select"
-    p = _check_p(where, p)
-    z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
-    device = check_same_device(where, z=z, p=p)
-    t = _check_transport(where, t, device)
-    if p.shape[1] != t.in_dim:
-        raise ValueError(
-            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
-            f"got shape {tuple(p.shape)}"
-        )
-    z = _check_z(where, z, p.shape[0], t.out_dim)
+    z, p, t, device = _check_transported(where, z, p, t)
     k = check_k(where, k, z.shape[0])
     largest = _check_largest(where, largest)
     eps = check_eps(where, eps)
