@@ -311,3 +311,54 @@ def test_fashion_mnist_idx_reader(tmp_path: Path) -> None:
     _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 0x801, (4,), labels[:4].tobytes())
     with pytest.raises(ValueError, match="labels"):
         load_fashion_mnist(tmp_path, "test")
+
+
+def test_prepare_prior_resumes_an_embedding_left_incomplete(tmp_path):
+    """A run killed while embedding an in-memory dataset resumes it instead of failing."""
+    import numpy as np
+    from rela_train.data.sources import TensorSource
+    from rela_train.prior_targets import prepare_prior
+    from rela_train.priors import load_prior
+
+    import rela_kernels as rk
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    n = 4500  # more than one 4096-row chunk
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
+    source = TensorSource(
+        "tiny", images, torch.zeros(n, dtype=torch.long), ["a"], "fp-tiny", (0.5,), (0.5,)
+    )
+
+    def prepare(run_dir):
+        return prepare_prior(
+            source=source,
+            prior="pixels:4",
+            prior_store=None,
+            run_dir=run_dir,
+            dim=8,
+            device=torch.device("cpu"),
+            log=lambda message: None,
+        )
+
+    uninterrupted = prepare(tmp_path / "whole")
+    # The first chunk of the same job, then the "kill": the store exists but is incomplete.
+    prior = load_prior("pixels:4", num_rows=n)
+    partial = tmp_path / "killed" / "prior"
+    rows = uninterrupted.store.array
+    with rk.EmbeddingStore.create_or_resume(
+        partial,
+        n,
+        prior.dim,
+        fingerprint=source.fingerprint,
+        prior=prior.identity,
+        input_size=prior.input_size,
+        chunk_rows=uninterrupted.store.chunk_rows,
+        metadata={"data": source.name, "prior_spec": prior.spec},
+    ) as store:
+        start, stop = store.pending_chunks()[0]
+        assert stop < n, "the test needs more than one chunk"
+        store.write_chunk(start, np.asarray(rows[start:stop]))
+    assert not rk.EmbeddingStore.open(partial).complete
+    resumed = prepare(tmp_path / "killed")
+    assert resumed.store.complete
+    assert np.array_equal(np.asarray(resumed.store.array), np.asarray(rows))

@@ -122,10 +122,12 @@ def prepare_prior(
             _check_store(store, source, where)
         else:
             assert isinstance(source, TensorSource)
-            if rk.EmbeddingStore.exists(path):
+            if rk.EmbeddingStore.exists(path) and rk.EmbeddingStore.open(path).complete:
                 store = rk.EmbeddingStore.open(path)
                 _check_store(store, source, where)
             else:
+                # A store left incomplete by a killed run is resumed: create_or_resume checks
+                # that it belongs to this data and prior, then only the missing chunks run.
                 loaded = load_prior(prior, device=device, num_rows=source.n)
                 if not isinstance(loaded, ModelPrior):
                     raise ValueError(f"--prior: {prior!r} is not a model prior; use --prior-store")
