@@ -1,44 +1,55 @@
 # Everything runs inside .venv in the repository. `make test` installs what it needs first.
+# On a machine whose Python already has the torch to use (a GPU machine's CUDA build), pass
+# PYTHON=python3 to use that interpreter instead of a new .venv, and SKIP_DEPS=1 where no
+# package registry can be reached (only this package is then built and installed).
 PY ?= python3
 VENV := .venv
-PYTHON := $(VENV)/bin/python
+PYTHON ?= $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark expecttest ruff tqdm pillow matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
-STAMP := $(VENV)/.rela-installed
+STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
+SKIP_DEPS ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install build test test-fast bench lint format clean
+.PHONY: install build test test-fast bench lint format clean interpreter
 
-$(PYTHON):
-	$(PY) -m venv $(VENV)
+# The default interpreter is created on first use; an interpreter named by PYTHON= must exist.
+interpreter:
+	@if [ "$(PYTHON)" = "$(VENV)/bin/python" ]; then \
+	  [ -x "$(PYTHON)" ] || $(PY) -m venv $(VENV); \
+	else \
+	  command -v "$(PYTHON)" >/dev/null || { echo "PYTHON=$(PYTHON) not found" >&2; exit 1; }; \
+	fi
 
 # torch is installed only when none is importable: on a GPU machine the CUDA build already there
 # is kept, and a plain `pip install torch` (several GB of CUDA wheels) never happens here.
-$(STAMP): $(SOURCES) | $(PYTHON)
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install "$(TRITON_SPEC)" $(TOOLS)
+$(STAMP): $(SOURCES) | interpreter
+	@if [ "$(SKIP_DEPS)" != 1 ]; then \
+	  $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"; \
+	  $(PIP) install "$(TRITON_SPEC)" $(TOOLS); \
+	fi
 	$(PIP) install --no-build-isolation --no-deps -e .
-	@touch $@
+	@mkdir -p $(dir $@) && touch $@
 
 install: $(STAMP)
 
 # Incremental rebuild of rela_kernels._C in place (ninja) after editing csrc/.
-build: | $(PYTHON)
+build: | interpreter
 	$(PYTHON) setup.py build_ext --inplace
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 format: install
-	$(VENV)/bin/ruff format .
-	$(VENV)/bin/ruff check --fix .
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix .
 
 bench: install
 	$(PYTHON) benchmarks/run_all.py
