@@ -433,12 +433,34 @@ class SubsetSampler(Sampler[int]):
                 raise ValueError(f"{where}: indices must be in [0, {self.n}), got {bad}")
         return self.weights[indices.cpu().long()].to(indices.device)
 
-    def local_indices(self) -> torch.Tensor:
-        """int64 ``[len(self)]``: this rank's indices for the current epoch, in yield order."""
+    @property
+    def order(self) -> torch.Tensor:
+        """int64 ``[subset_size]``: the current epoch's shuffled subset, before padding and
+        sharding (the same on every rank)."""
         self._ensure_epoch()
-        repeats = math.ceil(self.total_size / self._order.shape[0])
-        padded = self._order.repeat(repeats)[: self.total_size]
-        return padded[self.rank : self.total_size : self.num_replicas]
+        return self._order
+
+    def local_indices(self, start: int = 0) -> torch.Tensor:
+        """int64: this rank's indices for the current epoch, in yield order.
+
+        With ``start = 0`` these are the ``len(self)`` indices :meth:`__iter__` yields. A
+        training loop that has consumed the first ``start`` positions of :attr:`order` (all
+        ranks together, e.g. ``steps * global_batch``) gets the shard of the rest: ``order[start:]``
+        padded from the start of :attr:`order` to a multiple of ``num_replicas``, rank ``r``
+        taking positions ``r, r + num_replicas, ...``. Because the sharding interleaves, a loop
+        in which every rank consumes ``b`` local indices per step consumes the global positions
+        ``[s * b * num_replicas, (s + 1) * b * num_replicas)`` in step ``s``: a run checkpointed
+        mid-epoch can resume with another ``num_replicas`` from ``start``.
+        """
+        self._ensure_epoch()
+        m = self._order.shape[0]
+        start = _check_int("rk.SubsetSampler.local_indices", "start", start, 0, m)
+        rest = self._order[start:]
+        total = math.ceil(rest.shape[0] / self.num_replicas) * self.num_replicas
+        if total > rest.shape[0]:
+            repeats = math.ceil((total - rest.shape[0]) / m)
+            rest = torch.cat([rest, self._order.repeat(repeats)[: total - rest.shape[0]]])
+        return rest[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.local_indices().tolist())

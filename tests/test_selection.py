@@ -420,3 +420,39 @@ def test_sampler_bad_input():
         sampler.weight_of(torch.tensor([10]))
     assert sampler.epoch is None
     assert set(POLICIES) == {"random", "hard", "easy", "infobatch"}
+
+
+@pytest.mark.parametrize(
+    "n, budget, world", [(100, 0.37, 3), (7, 1.0, 8), (64, 0.5, 4), (97, 1.0, 2)]
+)
+def test_local_indices_from_a_start_shard_the_rest_of_the_order(n, budget, world):
+    samplers = [
+        rk.SubsetSampler(n, budget, num_replicas=world, rank=r, seed=5) for r in range(world)
+    ]
+    for s in samplers:
+        s.set_epoch(3)
+    order = samplers[0].order
+    assert all(torch.equal(s.order, order) for s in samplers)
+    assert torch.equal(order.sort().values, samplers[0].subset)
+    m = order.shape[0]
+    for start in sorted({0, 1, min(world, m), m // 2, m - 1, m}):
+        shards = [s.local_indices(start) for s in samplers]
+        rest = order[start:]
+        assert len({shard.shape[0] for shard in shards}) == 1
+        if rest.numel():
+            assert shards[0].shape[0] == -(-rest.shape[0] // world)
+        # Interleaved: together the shards are order[start:] (then padding from order's start).
+        merged = torch.stack(shards, dim=1).flatten()
+        assert torch.equal(merged[: rest.shape[0]], rest)
+        assert torch.equal(
+            merged[rest.shape[0] :], order.repeat(world)[: merged.shape[0] - rest.shape[0]]
+        )
+    # start = 0 is what iteration yields.
+    assert all(torch.equal(s.local_indices(), torch.tensor(list(s))) for s in samplers)
+
+
+def test_local_indices_start_is_checked():
+    sampler = rk.SubsetSampler(10, 0.5)
+    for bad in (-1, 6, 2.5):
+        with pytest.raises((ValueError, TypeError), match="start"):
+            sampler.local_indices(bad)

@@ -1,7 +1,13 @@
 """Two-view augmentation on batched tensors (no torchvision), on whatever device the batch is on.
 
 Each view applies, per image: random resized crop + horizontal flip (one ``grid_sample``), color
-jitter with probability ``jitter_p``, grayscale, Gaussian blur and solarization. BYOL's two views
+jitter with probability ``jitter_p``, grayscale, Gaussian blur and solarization.
+
+The view is split in two halves that can run apart: the geometric half (crop box + flip,
+:func:`crop_resize_flip`) and the photometric half (:func:`sample_photometric`,
+:func:`apply_photometric`). In-memory sets run both here on the device (``Augmenter.__call__``);
+image folders crop and flip at decode time in the loader workers (``rela_train.data.views``), so
+only the photometric half runs on the device (``Augmenter.photometric``). BYOL's two views
 differ in blur (p = 1.0 / 0.1) and solarization (p = 0 / 0.2); ReLA's phase uses the paper's
 lighter views (crop scale 0.5-1, jitter 0.8/0.8/0.8/0.2, no blur or solarization).
 
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +38,16 @@ __all__ = [
     "BYOL_VIEWS",
     "RELA_VIEWS",
     "Augmenter",
+    "PhotometricParams",
     "ViewParams",
     "ViewSpec",
+    "apply_photometric",
+    "apply_view",
+    "crop_resize_flip",
     "normalize",
+    "sample_crop_boxes",
+    "sample_photometric",
+    "sample_view",
 ]
 
 # ITU-R 601 luma, the weights torchvision's grayscale uses.
@@ -63,11 +76,9 @@ RELA_VIEWS = (_RELA_VIEW, _RELA_VIEW)
 
 
 @dataclass
-class ViewParams:
-    """Per-image parameters of one view (CPU tensors, ``[B]`` unless noted)."""
+class PhotometricParams:
+    """Per-image photometric parameters of one view (CPU tensors, ``[B]`` unless noted)."""
 
-    box: torch.Tensor  # [B, 4] float: left, top, width, height in pixels
-    flip: torch.Tensor  # bool
     brightness: torch.Tensor  # factors; 1 = unchanged
     contrast: torch.Tensor
     saturation: torch.Tensor
@@ -76,6 +87,14 @@ class ViewParams:
     gray: torch.Tensor  # bool
     sigma: torch.Tensor  # blur sigma; 0 = no blur
     solarize: torch.Tensor  # bool
+
+
+@dataclass
+class ViewParams(PhotometricParams):
+    """Per-image parameters of one view: the photometric ones plus the crop box and the flip."""
+
+    box: torch.Tensor  # [B, 4] float: left, top, width, height in pixels
+    flip: torch.Tensor  # bool
 
 
 def _uniform(g: torch.Generator, shape: Sequence[int], low: float, high: float) -> torch.Tensor:
@@ -129,9 +148,21 @@ def sample_crop_boxes(
 
 
 def sample_view(spec: ViewSpec, g: torch.Generator, n: int, height: int, width: int) -> ViewParams:
-    """Draw one view's parameters for ``n`` images of ``height x width`` pixels."""
+    """Draw one view's parameters for ``n`` images of ``height x width`` pixels.
+
+    Draw order (part of the reproducibility contract): crop boxes, flips, then
+    :func:`sample_photometric`.
+    """
     box = sample_crop_boxes(g, n, height, width, spec.crop_scale, spec.crop_ratio)
     flip = _bernoulli(g, n, spec.flip_p)
+    photometric = sample_photometric(spec, g, n)
+    values = {f.name: getattr(photometric, f.name) for f in fields(PhotometricParams)}
+    return ViewParams(box=box, flip=flip, **values)
+
+
+def sample_photometric(spec: ViewSpec, g: torch.Generator, n: int) -> PhotometricParams:
+    """Draw one view's photometric parameters (jitter, grayscale, blur, solarize) for ``n``
+    images."""
     b, c, s, h = spec.jitter
     jitter = _bernoulli(g, n, spec.jitter_p)
     brightness = _uniform(g, (n,), max(0.0, 1 - b), 1 + b)
@@ -144,9 +175,7 @@ def sample_view(spec: ViewSpec, g: torch.Generator, n: int, height: int, width: 
     blur = _bernoulli(g, n, spec.blur_p)
     sigma = _uniform(g, (n,), spec.blur_sigma[0], spec.blur_sigma[1])
     solarize = _bernoulli(g, n, spec.solarize_p)
-    return ViewParams(
-        box=box,
-        flip=flip,
+    return PhotometricParams(
         brightness=torch.where(jitter, brightness, ones),
         contrast=torch.where(jitter, contrast, ones),
         saturation=torch.where(jitter, saturation, ones),
@@ -217,7 +246,7 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * ramp
 
 
-def color_jitter(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
     """Brightness, contrast, saturation, hue in ``p.jitter_order`` (identity factors skip)."""
     color = x.shape[1] == 3
     for op in p.jitter_order:
@@ -264,7 +293,11 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def apply_view(x: torch.Tensor, p: ViewParams, size: int) -> torch.Tensor:
     """Apply one view's parameters to float images in [0, 1]; returns ``[B, C, size, size]``."""
-    x = crop_resize_flip(x, p.box, p.flip, size)
+    return apply_photometric(crop_resize_flip(x, p.box, p.flip, size), p)
+
+
+def apply_photometric(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
+    """Color jitter, grayscale, blur and solarize float images in [0, 1] (``[B, C, H, W]``)."""
     x = color_jitter(x, p)
     if x.shape[1] == 3 and bool(p.gray.any()):
         gray = _grayscale(x).expand_as(x)
@@ -305,6 +338,7 @@ class Augmenter:
         self.std = tuple(std)
 
     def sample(self, g: torch.Generator, n: int, height: int, width: int) -> list[ViewParams]:
+        """Every view's parameters, view by view (the draw order ``__call__`` uses)."""
         return [sample_view(spec, g, n, height, width) for spec in self.views]
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
@@ -317,3 +351,33 @@ class Augmenter:
         x = images.to(torch.float32) / 255.0
         params = self.sample(g, n, height, width)
         return [normalize(apply_view(x, p, self.size), self.mean, self.std) for p in params]
+
+    def photometric(self, views: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """The photometric half on views already cropped, resized and flipped by the loader.
+
+        Args:
+            views: uint8 ``[B, V, C, size, size]`` with ``V == len(self.views)`` (view ``v`` of
+                every image was cropped with ``self.views[v]``), on any device: the conversion
+                to float and every operation run on that device.
+            g: CPU generator the parameters are drawn from (view by view, like ``__call__``).
+
+        Returns:
+            ``V`` normalised float32 tensors ``[B, C, size, size]`` on ``views.device``.
+        """
+        if views.dtype != torch.uint8 or views.dim() != 5:
+            raise ValueError(
+                f"Augmenter.photometric: expected uint8 views [B, V, C, S, S], got {views.dtype} "
+                f"{tuple(views.shape)}"
+            )
+        n, count, _, height, width = views.shape
+        if count != len(self.views) or height != self.size or width != self.size:
+            raise ValueError(
+                f"Augmenter.photometric: expected {len(self.views)} views of {self.size} x "
+                f"{self.size} pixels, got {count} of {height} x {width}"
+            )
+        params = [sample_photometric(spec, g, n) for spec in self.views]
+        out = []
+        for v, p in enumerate(params):
+            x = views[:, v].to(torch.float32) / 255.0
+            out.append(normalize(apply_photometric(x, p), self.mean, self.std))
+        return out

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "register"]
 
 USAGE_ERROR = 2
+# Exit status when a distributed run fails because another rank died or hung.
+DISTRIBUTED_FAILURE = 3
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,7 @@ register(
 
 
 # fit, eval, report, demo: the trainer's commands live in rela_train.train_commands.
+from rela_train.distributed import DistributedError  # noqa: E402
 from rela_train.train_commands import register_train_commands  # noqa: E402
 
 register_train_commands(sys.modules[__name__])
@@ -226,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"rela-train {command.name}: error: {_one_line(error)}", file=sys.stderr)
         return USAGE_ERROR
+    except DistributedError as error:
+        if os.environ.get("RELA_TRAIN_DEBUG"):
+            raise
+        print(f"rela-train {command.name}: error: {_one_line(error)}", file=sys.stderr)
+        return DISTRIBUTED_FAILURE
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
 OPTIMIZERS = ("lars", "adamw")
 RELA_HEADS = ("trainable", "frozen")
 AMP_MODES = ("auto", "bf16", "off")
+DECODERS = ("auto", "pil", "simplejpeg")
 
 
 def _opt(help: str, **extra: Any) -> dict[str, Any]:
@@ -67,7 +68,17 @@ class TrainConfig:
             "(batched) augmentation (default: 8/7 of --image-size)"
         ),
     )
-    workers: int = field(default=0, metadata=_opt("folder: image decoding processes"))
+    workers: int = field(default=0, metadata=_opt("folder: image decoding processes per rank"))
+    decoder: str = field(
+        default="auto",
+        metadata=_opt(
+            "folder: JPEG decoder (auto: simplejpeg when installed, else Pillow)",
+            choices=DECODERS,
+        ),
+    )
+    prefetch: int = field(
+        default=4, metadata=_opt("folder: batches each decoding process prepares ahead")
+    )
     # -- model ---------------------------------------------------------------------------------
     arch: str = field(default="resnet18", metadata=_opt("backbone (resnet10/18/34/50/101/152)"))
     width: int = field(default=64, metadata=_opt("channels of the first ResNet stage"))
@@ -80,6 +91,13 @@ class TrainConfig:
     epochs: int = field(default=100, metadata=_opt("training epochs"))
     batch_size: int = field(default=256, metadata=_opt("images per optimizer micro-batch"))
     accum_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
+    global_batch: int | None = field(
+        default=None,
+        metadata=_opt(
+            "images per optimizer step over all ranks; sets --accum-steps to global_batch / "
+            "(batch_size x world size), which must be a whole number"
+        ),
+    )
     optimizer: str = field(default="lars", metadata=_opt("optimizer", choices=OPTIMIZERS))
     lr: float = field(
         default=0.2,
@@ -130,6 +148,17 @@ class TrainConfig:
         default=None, metadata=_opt("channels_last memory format (default: on CUDA only)")
     )
     compile: bool = field(default=False, metadata=_opt("torch.compile the backbone"))
+    sync_bn: bool | None = field(
+        default=None,
+        metadata=_opt("synchronise BatchNorm across ranks (default: on for multi-GPU CUDA runs)"),
+    )
+    dist_timeout: float = field(
+        default=1800.0,
+        metadata=_opt(
+            "seconds a collective may wait for the other ranks before the run fails with a "
+            "clear error (a dead or hung rank)"
+        ),
+    )
     threads: int | None = field(
         default=None, metadata=_opt("CPU threads for torch (default: torch's choice)")
     )
@@ -198,7 +227,16 @@ class TrainConfig:
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         need(self.accum_steps >= 1, "accum_steps", f"must be >= 1, got {self.accum_steps}")
         need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        for name in ("train_subset", "val_subset", "eval_bank", "load_size", "threads"):
+        need(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
+        need(self.decoder in DECODERS, "decoder", f"must be one of {', '.join(DECODERS)}")
+        need(
+            math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
+            "dist_timeout",
+            f"must be > 0 seconds, got {self.dist_timeout}",
+        )
+        for name in (
+            "train_subset", "val_subset", "eval_bank", "load_size", "threads", "global_batch"
+        ):  # fmt: skip
             value = getattr(self, name)
             need(value is None or value >= 1, name, f"must be >= 1, got {value}")
         need(
@@ -277,13 +315,21 @@ def _field_type(f: dataclasses.Field) -> type:
     return str
 
 
+def _optional_int(f: dataclasses.Field) -> bool:
+    return str(f.type).replace(" ", "") == "int|None"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field; unset flags stay ``None`` (= preset)."""
+    """One ``--flag`` per :class:`TrainConfig` field; unset flags stay ``None`` (= preset).
+
+    Optional integer settings take ``0`` for "unset" (so a preset's value can be cleared)."""
     group = parser.add_argument_group("configuration (overrides the preset)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f)
         help_text = f.metadata.get("help", "")
+        if _optional_int(f):
+            help_text += " (0: unset)"
         choices = f.metadata.get("choices")
         if kind is bool:
             group.add_argument(
@@ -304,4 +350,7 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
         for f in dataclasses.fields(TrainConfig)
         if getattr(args, f.name, None) is not None
     }
+    for f in dataclasses.fields(TrainConfig):
+        if _optional_int(f) and changes.get(f.name) == 0:
+            changes[f.name] = None
     return dataclasses.replace(base, **changes).validate()

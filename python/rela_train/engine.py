@@ -13,14 +13,21 @@ table, the current epoch's subset, the switch state, counters, and the number of
 written). A resumed run therefore replays the remaining steps bit for bit (on the same device and
 thread count) and rewrites ``metrics.jsonl`` from the checkpoint on.
 
-Distributed (``torchrun``): gradients are averaged across ranks after each step (by hand, since
-each phase leaves some heads unused), losses are averaged for the switch, BatchNorm is synced on
-CUDA, the score table all-gathers, and only rank 0 writes files and evaluates.
+Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained
+modules are wrapped in ``DistributedDataParallel`` (gradients averaged in buckets that overlap the
+backward pass; ``find_unused_parameters`` since each phase leaves some heads unused; no
+all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step losses
+are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
+evaluates. Each step starts with one tiny all-reduce in which the ranks agree on stopping (a
+signal seen by any rank stops all after the same step) and on skipping a step whose images were
+all unreadable on some rank. Data are consumed per step as one global chunk of the epoch's order
+(``global batch = micro-batch x accumulation x world``), sharded by ``rk.SubsetSampler``: a
+checkpoint therefore resumes on another world size (same global batch, the accumulation or the
+per-rank batch adapted) at the same position of the same epoch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -46,7 +53,16 @@ from rela_kernels._io import atomic_write, atomic_write_text
 from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
 from rela_train.byol import BYOL, byol_loss
 from rela_train.config import TrainConfig
-from rela_train.data.sources import Source, build_sources
+from rela_train.data.sources import Batch, FolderSource, Source, build_sources
+from rela_train.data.views import CropPlan, stable_seed
+from rela_train.distributed import (
+    DistributedError,
+    check_shared_directory,
+    describe_failure,
+    is_collective_failure,
+    rank0_first,
+)
+from rela_train.distributed import setup as setup_distributed
 from rela_train.embed import resolve_device
 from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from rela_train.models import build_resnet
@@ -84,12 +100,6 @@ class RunResult:
     signal: int | None = None  # SIGTERM/SIGINT when a signal interrupted the run
 
 
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across Python processes (unlike ``hash``)."""
-    digest = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class Learner(nn.Module):
     """Everything trained: BYOL (with its target), the ReLA head, the online linear probe."""
 
@@ -115,6 +125,83 @@ def build_learner(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return Learner(config, channels, num_classes, rela_dim)
+
+
+class _Objective(nn.Module):
+    """One micro-batch's forward for the current phase: what DistributedDataParallel wraps, so
+    that its gradient all-reduce overlaps the backward pass."""
+
+    def __init__(self, learner: Learner) -> None:
+        super().__init__()
+        self.learner = learner
+
+    def forward(
+        self,
+        views: list[torch.Tensor],
+        phase: str,
+        prior: torch.Tensor | None,
+        transport: rk.Transport | None,
+        check: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(per-sample loss, score in [0, 2], probe logits)``."""
+        byol = self.learner.byol
+        f1 = byol.backbone(views[0])
+        f2 = byol.backbone(views[1])
+        if phase == "rela":
+            head = self.learner.rela_head
+            assert head is not None and prior is not None and transport is not None
+            per_sample = rela_loss((head(f1), head(f2)), prior, transport, check_finite=check)
+            score = per_sample  # in [0, 2]
+        else:
+            q1, q2 = byol.predict(f1), byol.predict(f2)
+            z1, z2 = byol.target(views[0]), byol.target(views[1])
+            per_sample = byol_loss((q1, q2), (z1, z2), check_finite=check)
+            score = per_sample / 4.0  # two 2 - 2cos terms: back to [0, 2], as ReLA's
+        logits = self.learner.probe(f1.detach().float())
+        return per_sample, score, logits
+
+
+def _micro_batch(config: TrainConfig) -> int:
+    """Images per micro-batch: ``inbatch`` scores batch_size / budget and keeps batch_size."""
+    if config.selection == "inbatch":
+        return max(config.batch_size, round(config.batch_size / config.budget))
+    return config.batch_size
+
+
+def _accumulation(config: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each rank (from --global-batch when it is set)."""
+    if config.global_batch is None:
+        return config.accum_steps
+    per_pass = config.batch_size * world
+    if config.global_batch % per_pass:
+        raise ValueError(
+            f"--global-batch: {config.global_batch} images per step is not a multiple of "
+            f"--batch-size x world size = {config.batch_size} x {world} = {per_pass}"
+        )
+    return config.global_batch // per_pass
+
+
+# Settings a resumed run may have changed since its checkpoint: the output only, or adapted to a
+# new world size (see Trainer._adapt_to_world).
+_RESUME_MAY_DIFFER = {"progress", "threads", "batch_size", "accum_steps"}
+
+
+def _check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """Refuse a checkpoint written under other settings than the run's ``config.json``."""
+    saved = state.get("config", {})
+    current = config.to_dict()
+    differ = sorted(
+        key
+        for key in set(saved) | set(current)
+        if key not in _RESUME_MAY_DIFFER and saved.get(key) != current.get(key)
+    )
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} vs {current.get(k)!r}" for k in differ[:6])
+        raise ValueError(
+            f"--resume: the checkpoint in {run_dir} was written by a run with other settings "
+            f"than {run_dir / 'config.json'} ({shown}); it comes from another run or preset, "
+            "so it is not loaded"
+        )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -181,74 +268,111 @@ class Trainer:
         self.hooks = hooks or Hooks()
         self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.stop = _Stop()
-        self._setup_distributed()
+        self._agreed_stop = False  # the stop decision all ranks reached at the last step
+        self._resume_state = None
         if resume:
             saved = TrainConfig.load(self.run_dir / "config.json")
             # Only settings that cannot change the results may differ on resume.
             harmless = {"progress": config.progress, "threads": config.threads}
             config = saved.replace(**harmless)
             self._resume_state = load_checkpoint(self.run_dir)
-        else:
-            self._resume_state = None
-            if (self.run_dir / "checkpoints" / CHECKPOINT).exists():
-                raise ValueError(
-                    f"{self.run_dir} already holds a run; continue it with --resume, or choose "
-                    "another --out"
-                )
-        self.config = config
+            _check_checkpoint_config(self._resume_state, config, self.run_dir)
+        elif (self.run_dir / "checkpoints" / CHECKPOINT).exists():
+            raise ValueError(
+                f"{self.run_dir} already holds a run; continue it with --resume, or choose "
+                "another --out"
+            )
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
-        if self.device.type == "cuda" and self.world > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
-        cuda = self.device.type == "cuda"
-        self.autocast = config.amp == "bf16" or (config.amp == "auto" and cuda)
-        self.channels_last = cuda if config.channels_last is None else config.channels_last
-        self._build()
+        device = resolve_device(config.device)
+        self.dist = setup_distributed(device, config.dist_timeout)
+        try:
+            self.world, self.rank, self.main = self.dist.world, self.dist.rank, self.dist.main
+            if device.type == "cuda" and self.world > 1:
+                device = torch.device("cuda", self.dist.local_rank)
+            self.device = device
+            if self._resume_state is not None:
+                config = self._adapt_to_world(config, self._resume_state)
+            self.config = config
+            self.accum_steps = _accumulation(config, self.world)
+            cuda = self.device.type == "cuda"
+            self.autocast = config.amp == "bf16" or (config.amp == "auto" and cuda)
+            self.channels_last = cuda if config.channels_last is None else config.channels_last
+            self.sync_bn = (cuda and self.world > 1) if config.sync_bn is None else config.sync_bn
+            if self.sync_bn and not cuda:
+                raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA training")
+            self._build()
+        except BaseException:
+            self.dist.close()
+            raise
+
+    def _adapt_to_world(self, config: TrainConfig, state: dict[str, Any]) -> TrainConfig:
+        """The resumed run's config on this world size: the same global batch (and so the same
+        learning rate, steps and data order), reached by another accumulation or per-rank batch;
+        a world size that cannot reach it is refused with the reason."""
+        old_world = int(state.get("world_size", 1))
+        if old_world == self.world:
+            return config
+        batch, accum = config.batch_size, _accumulation(config, old_world)
+        if (accum * old_world) % self.world == 0:
+            changes = {"accum_steps": accum * old_world // self.world}
+        elif config.selection != "inbatch" and (batch * old_world) % self.world == 0:
+            changes = {"batch_size": batch * old_world // self.world}
+        else:
+            raise ValueError(
+                f"--resume: the checkpoint in {self.run_dir} was trained on {old_world} ranks "
+                f"with {batch} images x {accum} micro-batches per rank per step (global batch "
+                f"{batch * accum * old_world}); on {self.world} ranks no whole per-rank batch "
+                "or accumulation gives the same global batch; resume on a world size that "
+                f"divides {accum * old_world} (or {batch * old_world} images)"
+            )
+        if config.global_batch is not None:
+            changes.pop("accum_steps", None)  # derived from the global batch
+        adapted = config.replace(**changes)
+        self.log(
+            f"resuming a {old_world}-rank checkpoint on {self.world} ranks: per rank "
+            f"{adapted.batch_size} images x {_accumulation(adapted, self.world)} micro-batches "
+            f"(global batch {batch * accum * old_world}, unchanged)"
+        )
+        return adapted
 
     # ------------------------------------------------------------------------------------------
     # Setup
     # ------------------------------------------------------------------------------------------
 
-    def _setup_distributed(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self._owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-            self._owns_group = True
-        self.main = self.rank == 0
-
     def log(self, message: str) -> None:
-        if self.main:
+        if getattr(self, "main", True):
             self._log(message)
 
     def _build(self) -> None:
         config = self.config
-        self.train_source, self.val_source = build_sources(config, warn=self.log)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_shared_directory(self.dist, self.run_dir)
+        self.train_source, self.val_source = build_sources(
+            config, warn=self.log, pin_memory=self.device.type == "cuda"
+        )
         train = self.train_source
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.prior: PriorTargets | None = None
         if config.rela:
-            if self.world > 1 and not self.main:
-                dist.barrier()  # rank 0 computes the embeddings first
-            self.prior = prepare_prior(
-                source=train,
-                prior=config.prior,
-                prior_store=config.prior_store,
-                run_dir=self.run_dir,
-                dim=config.rela_dim,
-                device=self.device,
-                log=self.log,
+            # Rank 0 computes the embeddings (no time limit); the others then open the store.
+            self.prior = rank0_first(
+                self.dist,
+                f"prior of {self.run_dir.resolve()}",
+                lambda: prepare_prior(
+                    source=train,
+                    prior=config.prior,
+                    prior_store=config.prior_store,
+                    run_dir=self.run_dir,
+                    dim=config.rela_dim,
+                    device=self.device,
+                    log=self.log,
+                ),
             )
-            if self.world > 1 and self.main:
-                dist.barrier()
         self.learner = build_learner(
             config, train.channels, len(train.classes), self.prior.dim if self.prior else None
         ).to(self.device)
-        if self.device.type == "cuda" and self.world > 1:
+        if self.sync_bn:
             self.learner = nn.SyncBatchNorm.convert_sync_batchnorm(self.learner)
         if self.channels_last:
             self.learner.to(memory_format=torch.channels_last)
@@ -256,16 +380,21 @@ class Trainer:
         if config.compile:
             byol.backbone.compile()
             byol.target_backbone.compile()
+        self.objective: nn.Module = _Objective(self.learner)
+        if self.world > 1:
+            cuda = self.device.type == "cuda"
+            self.objective = nn.parallel.DistributedDataParallel(
+                self.objective,
+                device_ids=[self.device.index] if cuda else None,
+                find_unused_parameters=True,  # each phase leaves some heads unused
+                broadcast_buffers=not self.sync_bn,
+            )
 
         # Epoch geometry: `inbatch` scores large batches of batch_size / budget images and
         # back-propagates batch_size of them, so every policy takes the same optimizer steps.
         self.inbatch = config.selection == "inbatch"
         sampler_budget = 1.0 if self.inbatch else config.budget
-        self.micro_batch = (
-            max(config.batch_size, round(config.batch_size / config.budget))
-            if self.inbatch
-            else config.batch_size
-        )
+        self.micro_batch = _micro_batch(config)
         # On the training device: per-step updates need no host sync; the sampler reads the
         # table once per epoch.
         self.score_table = rk.ScoreTable(train.n, self.device)
@@ -288,15 +417,16 @@ class Trainer:
         self._samplers = samplers
         self._policy = policy
         self.sampler = samplers[policy]
-        per_rank = len(self.sampler)
-        self.micro_batches_per_epoch = max(1, per_rank // self.micro_batch)
-        self.steps_per_epoch = max(1, self.micro_batches_per_epoch // config.accum_steps)
+        # Each step consumes the next `step_images` positions of the epoch's global order, all
+        # ranks together (see rk.SubsetSampler.local_indices); a world-size-free count of steps.
+        self.step_images = self.micro_batch * self.accum_steps * self.world
+        self.steps_per_epoch = max(1, self.sampler.subset_size // self.step_images)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
 
         # Optimizer: BYOL online network and the ReLA head follow the schedule; the probe keeps
         # its own fixed learning rate and no weight decay.
-        scale = config.batch_size * config.accum_steps * self.world / 256
+        scale = config.batch_size * self.accum_steps * self.world / 256
         lr = config.lr * scale
         groups = []
         for module in byol.online_modules():
@@ -372,6 +502,8 @@ class Trainer:
                 "skipped_images": self.train_source.skipped,
             },
             "evaluations": self.evaluations,
+            "world_size": self.world,
+            "step_images": self.step_images,
             "feature_dim": self.learner.feature_dim,
             "channels": self.train_source.channels,
             "classes": self.train_source.classes,
@@ -386,7 +518,18 @@ class Trainer:
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.learner.load_state_dict(state["learner"])
+        saved_step = int(state.get("step_images", self.step_images))
+        if saved_step != self.step_images:
+            raise ValueError(
+                f"--resume: the checkpoint consumed {saved_step} images per step, this run "
+                f"{self.step_images}; cannot continue its epoch"
+            )
+        try:
+            self.learner.load_state_dict(state["learner"])
+        except RuntimeError as error:
+            raise ValueError(
+                f"--resume: the checkpoint's model does not match this run's model ({error})"
+            ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.score_table.load_state_dict(state["score_table"])
         self.sampler = self._samplers[state["sampler_policy"]]
@@ -476,15 +619,24 @@ class Trainer:
                 m.momentum = momentum
         return chosen, scores.float()
 
-    def _micro_step(
-        self, images: torch.Tensor, indices: torch.Tensor, g: torch.Generator, scale: float
-    ):
+    def _views(self, batch: Batch, g: torch.Generator) -> list[torch.Tensor]:
+        """The normalised views of a batch on the device: the photometric half only when the
+        loader already cropped them, the whole augmentation otherwise."""
+        phase = self.phase
+        crops = getattr(batch, "views", None)
+        if crops is not None:
+            views = self.augment[phase].photometric(crops.to(self.device, non_blocking=True), g)
+        else:
+            images = batch.images.to(self.device, non_blocking=True)
+            views = self.augment[phase](images, g)
+        return self._to_device(views)
+
+    def _micro_step(self, batch: Batch, g: torch.Generator, scale: float) -> torch.Tensor:
         """Forward and backward one micro-batch; returns float64 ``[loss sum, rows, probe loss
         sum, probe hits]``."""
-        byol = self.learner.byol
         phase = self.phase
-        images = images.to(self.device, non_blocking=True)
-        views = self._to_device(self.augment[phase](images, g))
+        indices = batch.indices
+        views = self._views(batch, g)
         prior = None
         if phase == "rela":
             assert self.prior is not None
@@ -497,24 +649,12 @@ class Trainer:
             views = [v[chosen] for v in views]
             indices = indices[chosen_cpu]
             prior = prior[chosen] if prior is not None else None
-        labels = self.train_source.labels[indices].to(self.device)
-        weights = self.sampler.weight_of(indices).to(self.device)
+        labels = self.train_source.labels[indices].to(self.device, non_blocking=True)
+        weights = self.sampler.weight_of(indices).to(self.device, non_blocking=True)
         check = self.device.type != "cuda"  # finiteness checks cost a host sync on CUDA
+        transport = self.prior.transport if self.prior is not None else None
         with self._autocast():
-            f1 = byol.backbone(views[0])
-            f2 = byol.backbone(views[1])
-            if phase == "rela":
-                head = self.learner.rela_head
-                per_sample = rela_loss(
-                    (head(f1), head(f2)), prior, self.prior.transport, check_finite=check
-                )
-                score = per_sample  # in [0, 2]
-            else:
-                q1, q2 = byol.predict(f1), byol.predict(f2)
-                z1, z2 = byol.target(views[0]), byol.target(views[1])
-                per_sample = byol_loss((q1, q2), (z1, z2), check_finite=check)
-                score = per_sample / 4.0  # two 2 - 2cos terms: back to [0, 2], as ReLA's
-            logits = self.learner.probe(f1.detach().float())
+            per_sample, score, logits = self.objective(views, phase, prior, transport, check)
             probe_loss = F.cross_entropy(logits, labels)
         loss = (per_sample * weights).mean() + probe_loss
         (loss * scale).backward()
@@ -540,19 +680,16 @@ class Trainer:
         rho = "" if math.isnan(self.switch.rho) else f" (rho={self.switch.rho:.5f})"
         self.log(f"switch to BYOL after step {self.global_step}, epoch {self.epoch + 1}{rho}")
 
-    def _all_reduce_gradients(self) -> None:
-        grads = [p.grad for p in self.learner.parameters() if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    def _agree(self, loaded: int) -> tuple[bool, bool]:
+        """``(skip this step, stop after it)``, the same on every rank: a step is skipped when
+        some rank has no readable micro-batch; a stop asked of any rank stops all of them."""
+        if self.world == 1:
+            return loaded == 0, False
+        flags = torch.tensor([loaded, -int(self.stop.requested)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return int(flags[0]) == 0, int(flags[1]) < 0
 
-    def _optimizer_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    def _optimizer_step(self, batches: list[Batch]) -> dict[str, Any]:
         config = self.config
         phase = self.phase
         factor = lr_factor(self.global_step, self.total_steps, self.warmup_steps)
@@ -560,12 +697,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         scale = 1.0 / len(batches)
-        for micro, (images, indices) in enumerate(batches):
-            seed = _seed_for(config.seed, self.epoch, self.step_in_epoch, micro, self.rank)
+        for micro, batch in enumerate(batches):
+            seed = stable_seed(config.seed, self.epoch, self.step_in_epoch, micro, self.rank)
             g = torch.Generator().manual_seed(seed)
-            totals += self._micro_step(images, indices, g, scale)
+            # Gradients are all-reduced (by DDP) only in the step's last backward pass.
+            last = micro == len(batches) - 1
+            ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
+            with self.objective.no_sync() if ddp and not last else nullcontext():
+                totals += self._micro_step(batch, g, scale)
         if self.world > 1:
-            self._all_reduce_gradients()
             dist.all_reduce(totals)
         self.optimizer.step()
         tau = cosine_ema_tau(self.global_step, self.total_steps, config.ema_base)
@@ -656,11 +796,22 @@ class Trainer:
     # The loop
     # ------------------------------------------------------------------------------------------
 
-    def _epoch_batches(self) -> list[torch.Tensor]:
-        order = self.sampler.local_indices()
-        count = self.micro_batches_per_epoch
+    def _pending_steps(self) -> list[list[torch.Tensor]]:
+        """This rank's micro-batches (sample indices), grouped by step, for the rest of the
+        epoch: step ``s`` takes the global positions ``[s, s + 1) x step_images`` of the epoch's
+        order, sharded by the sampler."""
+        accum = self.accum_steps
+        remaining = self.steps_per_epoch - self.step_in_epoch
+        order = self.sampler.local_indices(start=self.step_in_epoch * self.step_images)
         size = min(self.micro_batch, order.shape[0])
-        return [order[i * size : (i + 1) * size] for i in range(count)]
+        count = max(1, min(remaining * accum, order.shape[0] // size))
+        micro = [order[i * size : (i + 1) * size] for i in range(count)]
+        return [group for r in range(remaining) if (group := micro[r * accum : (r + 1) * accum])]
+
+    def _crop_plan(self) -> CropPlan:
+        """How the loader crops this epoch's views (sources that crop in the loader)."""
+        specs = self.augment[self.phase].views
+        return CropPlan(specs, self.config.image_size, self.config.seed, self.epoch)
 
     def request_stop(self) -> None:
         """Stop after the current step with a checkpoint (what SIGTERM/SIGINT do)."""
@@ -669,9 +820,17 @@ class Trainer:
     def fit(self) -> RunResult:
         try:
             return self._fit()
+        except Exception as error:
+            if self.world > 1 and is_collective_failure(error):
+                checkpoint = self.run_dir / "checkpoints" / CHECKPOINT
+                raise DistributedError(describe_failure(self.dist, error, checkpoint)) from error
+            raise
         finally:
-            if self._owns_group and dist.is_initialized():
-                dist.destroy_process_group()
+            for source in (self.train_source, self.val_source):
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+            self.dist.close()
 
     def _fit(self) -> RunResult:
         config = self.config
@@ -684,6 +843,8 @@ class Trainer:
                 f"{self.step_in_epoch}/{self.steps_per_epoch}"
             )
             mid_epoch = self.step_in_epoch > 0
+            if self.main:  # the per-rank batch or accumulation may have changed (world size)
+                atomic_write_text(self.run_dir / "config.json", config.to_json())
         else:
             if self.main:
                 atomic_write_text(self.run_dir / "config.json", config.to_json())
@@ -723,18 +884,6 @@ class Trainer:
 
     def _run_epoch(self) -> str:
         config = self.config
-        batches = self._epoch_batches()
-        accum = config.accum_steps
-        groups = []
-        for step in range(self.steps_per_epoch):
-            last = step == self.steps_per_epoch - 1
-            stop = (
-                len(batches) if last and len(batches) < accum * (step + 1) else accum * (step + 1)
-            )
-            groups.append(batches[accum * step : stop])
-        pending = groups[self.step_in_epoch :]
-        flat = [b for group in pending for b in group]
-        stream = self.train_source.batches(flat)
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=self.step_in_epoch,
@@ -744,37 +893,57 @@ class Trainer:
             leave=False,
         )
         with bar:
-            for group in pending:
-                start = time.perf_counter()
-                loaded = []
-                for _ in group:
-                    batch = next(stream, None)
-                    # Unreadable images shrink a batch; BatchNorm needs at least two rows.
-                    if batch is not None and batch.indices.shape[0] >= 2:
-                        loaded.append((batch.images, batch.indices))
-                if not loaded:
-                    self.step_in_epoch += 1
-                    continue
-                record = self._optimizer_step(loaded)
-                self.step_in_epoch += 1
-                elapsed = time.perf_counter() - start
-                self.train_time += elapsed
-                rows = sum(int(indices.shape[0]) for _, indices in loaded) * self.world
-                record["img_per_s"] = rows / max(elapsed, 1e-9)
-                record["train_time"] = self.train_time
-                self._write_metrics(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", phase=record["phase"],
-                    img_s=f"{record['img_per_s']:.0f}",
-                )  # fmt: skip
-                bar.update(1)
-                if self.hooks.on_step_end is not None:
-                    self.hooks.on_step_end(self)
-                if self.stop.requested and self.step_in_epoch < self.steps_per_epoch:
+            while self.step_in_epoch < self.steps_per_epoch:
+                if self._run_steps(bar) == "stopped":
                     return "stopped"
         self._end_epoch()
-        if self.stop.requested and self.epoch < config.epochs:
+        stop = self._agreed_stop if self.world > 1 else self.stop.requested
+        if stop and self.epoch < config.epochs:
             return "stopped"
+        return "done"
+
+    def _run_steps(self, bar: tqdm) -> str:
+        """Steps until the epoch ends, a stop, or a phase switch that changes the loader's
+        crops ("restart": the stream is rebuilt for the new phase from the next step)."""
+        pending = self._pending_steps()
+        flat = [b for group in pending for b in group]
+        phase = self.phase
+        stream = self.train_source.batches(flat, self._crop_plan())
+        crops_in_loader = isinstance(self.train_source, FolderSource)
+        for group in pending:
+            start = time.perf_counter()
+            loaded = []
+            for _ in group:
+                batch = next(stream, None)
+                # Unreadable images shrink a batch; BatchNorm needs at least two rows.
+                if batch is not None and batch.indices.shape[0] >= 2:
+                    loaded.append(batch)
+            skip, self._agreed_stop = self._agree(len(loaded))
+            if skip:
+                self.log(f"step {self.step_in_epoch}: no readable images on some rank; skipped")
+                self.step_in_epoch += 1
+                continue
+            record = self._optimizer_step(loaded)
+            self.step_in_epoch += 1
+            elapsed = time.perf_counter() - start
+            self.train_time += elapsed
+            rows = sum(int(batch.indices.shape[0]) for batch in loaded) * self.world
+            record["img_per_s"] = rows / max(elapsed, 1e-9)
+            record["train_time"] = self.train_time
+            self._write_metrics(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", phase=record["phase"],
+                img_s=f"{record['img_per_s']:.0f}",
+            )  # fmt: skip
+            bar.update(1)
+            if self.hooks.on_step_end is not None:
+                self.hooks.on_step_end(self)
+            stop = self._agreed_stop if self.world > 1 else self.stop.requested
+            if stop and self.step_in_epoch < self.steps_per_epoch:
+                return "stopped"
+            more = self.step_in_epoch < self.steps_per_epoch
+            if crops_in_loader and self.phase != phase and more:
+                return "restart"
         return "done"
 
     def _end_epoch(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -68,6 +69,11 @@ def _fit_run(args: argparse.Namespace) -> int:
         result = fit(config.replace(**changes), run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
+        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "--out: a distributed run needs an explicit run directory, the same for every "
+                "rank (on a file system all nodes mount)"
+            )
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
         result = fit(config, run_dir)
     if result.status != "finished":

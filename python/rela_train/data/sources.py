@@ -4,10 +4,18 @@ A source yields ``Batch(images uint8 [B, C, H, W], indices int64 [B])`` for list
 indices; the batched augmentation then runs on the training device. Two kinds:
 
 * :class:`TensorSource` -- the whole set in memory (Fashion-MNIST, synthetic data): batches are
-  plain indexing, no worker processes.
-* :class:`FolderSource` -- an image folder decoded by DataLoader workers; each image is resized
-  (shorter side) and center-cropped to ``load_size`` before augmentation. Corrupt images are
-  skipped, counted and warned about once each; the batch (and the epoch) goes on without them.
+  plain indexing, no worker processes. A crop plan is ignored: the device crops.
+* :class:`FolderSource` -- an image folder decoded by DataLoader workers. Without a crop plan
+  each image is resized (shorter side) and center-cropped to ``load_size`` before augmentation.
+  With a :class:`~rela_train.data.views.CropPlan` the workers cut the views themselves from the
+  full image (draft-mode JPEG decoding, crop before resize, see ``rela_train.data.views``) and
+  yield ``Batch(images=None, views uint8 [B, V, 3, S, S])``; only the photometric half of the
+  augmentation is left for the device. Corrupt images are skipped, counted and warned about once
+  each; the batch (and the epoch) goes on without them.
+
+The DataLoader of a folder source, and its worker processes, live as long as the source (until
+:meth:`FolderSource.close`): each pass (``batches()``, ``eval_batches()``) only hands it a new
+list of index batches.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from PIL import Image
 
 from rela_train.augment import normalize
 from rela_train.data.folder import IMAGE_EXTENSIONS, ImageFolder
+from rela_train.data.views import CropPlan, decode_views, load_rgb, resolve_decoder
 
 __all__ = ["Batch", "FolderSource", "Source", "TensorSource", "build_sources"]
 
@@ -34,8 +43,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, C, H, W]
+    images: torch.Tensor | None  # uint8 [B, C, H, W]; None when the loader cut the views
     indices: torch.Tensor  # int64 [B], sample positions in the source
+    views: torch.Tensor | None = None  # uint8 [B, V, 3, S, S] cut by a CropPlan, else None
 
 
 class Source:
@@ -51,7 +61,11 @@ class Source:
     std: tuple[float, ...]
     skipped: int = 0  # unreadable images skipped by training batches so far
 
-    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], plan: CropPlan | None = None
+    ) -> Iterator[Batch]:
+        """One :class:`Batch` per list of sample positions, in order (unreadable images are left
+        out of their batch). ``plan``: cut the views in the loader where the source can."""
         raise NotImplementedError
 
     def eval_batches(
@@ -60,6 +74,9 @@ class Source:
         """``(float images normalised [B, C, size, size], indices)`` over the whole source, in
         order, without augmentation."""
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker processes, if any (the source stays usable: they restart on demand)."""
 
     def subset(self, count: int, seed: int = 0) -> Source:
         """A fixed random subset of ``count`` samples (the same for the same seed)."""
@@ -95,7 +112,10 @@ class TensorSource(Source):
         self.channels = images.shape[1]
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], plan: CropPlan | None = None
+    ) -> Iterator[Batch]:
+        # The plan is ignored: in-memory images are small, the device crops them in batch.
         for indices in index_batches:
             yield Batch(self.images[indices], indices)
 
@@ -142,35 +162,77 @@ def _resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-class _Decode(torch.utils.data.Dataset):
-    """Item ``i``: ``(uint8 [3, S, S] or None if the file is unreadable, i, error text)``."""
+# Key tag of evaluation items: resize + center crop to load_size, JPEGs decoded shrunk on load.
+_EVAL = "eval"
 
-    def __init__(self, folder: ImageFolder, size: int, indices: Sequence[int] | None) -> None:
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes one key to ``(uint8 pixels, or None if the file is unreadable, position, error)``.
+
+    Keys (``position`` is the sample's position in the source):
+
+    * ``position``: ``[3, L, L]``, the full image resized (shorter side) and center-cropped to
+      ``L = size``;
+    * ``(position, CropPlan)``: that sample's views ``[V, 3, S, S]`` (``decode_views``);
+    * ``(position, "eval")``: ``[3, L, L]`` like a plain position, JPEGs decoded in draft mode.
+    """
+
+    def __init__(
+        self, folder: ImageFolder, size: int, indices: Sequence[int] | None, decoder: str
+    ) -> None:
         self.folder = folder
         self.size = size
-        self.indices = indices
+        self.indices = None if indices is None else [int(i) for i in indices]
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.folder) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
-        index = i if self.indices is None else int(self.indices[i])
+    def __getitem__(self, key) -> tuple[torch.Tensor | None, int, str]:
+        position, plan = key if isinstance(key, tuple) else (key, None)
+        index = position if self.indices is None else self.indices[position]
         try:
-            pixels = _resize_center_crop(self.folder.load(index), self.size)
+            if isinstance(plan, CropPlan):
+                path = self.folder.root / self.folder.samples[index].path
+                return decode_views(path, plan, position, self.decoder), position, ""
+            if plan == _EVAL:
+                path = self.folder.root / self.folder.samples[index].path
+                image = load_rgb(path, shrink_to=self.size)
+            else:
+                image = self.folder.load(index)
+            pixels = _resize_center_crop(image, self.size)
         except (ValueError, OSError) as error:
-            return None, index, str(error)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), index, ""
+            return None, position, str(error)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1), position, ""
 
 
 def _collate(items: list[tuple[torch.Tensor | None, int, str]]):
-    good = [(image, index) for image, index, _ in items if image is not None]
-    bad = [(index, error) for image, index, error in items if image is None]
+    good = [(pixels, position) for pixels, position, _ in items if pixels is not None]
+    bad = [(position, error) for pixels, position, error in items if pixels is None]
     if good:
-        images = torch.stack([image for image, _ in good])
-        indices = torch.tensor([index for _, index in good], dtype=torch.int64)
+        pixels = torch.stack([p for p, _ in good])
+        positions = torch.tensor([position for _, position in good], dtype=torch.int64)
     else:
-        images, indices = None, torch.empty(0, dtype=torch.int64)
-    return images, indices, bad
+        pixels, positions = None, torch.empty(0, dtype=torch.int64)
+    return pixels, positions, bad
+
+
+class _BatchList:
+    """The batch sampler of a folder source's one DataLoader.
+
+    The DataLoader iterates it in the main process when a pass starts and sends only each batch's
+    keys to the workers, so replacing ``batches`` before a pass is all a new pass needs (worker
+    processes stay up).
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _check_class_folders(root: Path) -> None:
@@ -195,7 +257,18 @@ def _check_class_folders(root: Path) -> None:
 
 
 class FolderSource(Source):
-    """An image folder (class subfolders), decoded by ``workers`` processes."""
+    """An image folder (class subfolders), decoded by ``workers`` processes.
+
+    Args:
+        root: the folder.
+        load_size: side of the images of ``batches()`` without a plan and of ``eval_batches``.
+        workers: decoding processes (0: decode in the calling process). They start with the
+            first pass and stay up, across passes and epochs, until :meth:`close`.
+        pin_memory: pin the yielded tensors for asynchronous copies to the GPU; ignored (and
+            ``self.pin_memory`` False) when CUDA is not available.
+        decoder: JPEG decoder of crop plans, ``"auto"``, ``"pil"`` or ``"simplejpeg"``.
+        prefetch: batches each worker decodes ahead.
+    """
 
     def __init__(
         self,
@@ -206,8 +279,14 @@ class FolderSource(Source):
         warn: Callable[[str], None] | None = None,
         indices: torch.Tensor | None = None,
         fingerprint: str | None = None,
+        pin_memory: bool = False,
+        decoder: str = "auto",
+        prefetch: int = 4,
     ) -> None:
         root = Path(root)
+        self.decoder = resolve_decoder(decoder)
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1, got {prefetch}")
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
         _check_class_folders(root)
@@ -215,6 +294,9 @@ class FolderSource(Source):
         self.name = str(root)
         self.load_size = load_size
         self.workers = workers
+        self.prefetch = prefetch
+        self._pin_requested = pin_memory
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self._indices = indices  # positions in the folder, or None for all
         all_labels = torch.tensor([s.label for s in self.folder.samples], dtype=torch.int64)
         self.labels = all_labels if indices is None else all_labels[indices]
@@ -226,53 +308,103 @@ class FolderSource(Source):
         self._warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
         self._warned: set[int] = set()
         self.skipped = 0
+        self._sampler = _BatchList()
+        self._loader: torch.utils.data.DataLoader | None = None
+        self._generation = 0  # bumped by every pass: older pass iterators become stale
 
-    def _loader(self, batch_sampler: Sequence[Sequence[int]]):
-        dataset = _Decode(self.folder, self.load_size, self._indices)
-        return torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            persistent_workers=False,
-            prefetch_factor=4 if self.workers > 0 else None,
-        )
+    def _get_loader(self) -> torch.utils.data.DataLoader:
+        if self._loader is None:
+            dataset = _Decode(self.folder, self.load_size, self._indices, self.decoder)
+            self._loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=self._sampler,
+                num_workers=self.workers,
+                collate_fn=_collate,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.workers > 0,
+                prefetch_factor=self.prefetch if self.workers > 0 else None,
+            )
+        return self._loader
 
-    def _positions(self, indices: torch.Tensor) -> torch.Tensor:
-        # Map folder positions back to source positions when this source is a subset.
-        if self._indices is None:
-            return indices
-        lookup = {int(v): i for i, v in enumerate(self._indices)}
-        return torch.tensor([lookup[int(v)] for v in indices], dtype=torch.int64)
+    def _pass(self, key_batches: list[list]) -> Iterator[tuple]:
+        """Start a pass over ``key_batches`` now (workers begin decoding at once)."""
+        self._generation += 1
+        self._sampler.batches = key_batches
+        # With persistent workers this resets the loader's one iterator: whatever an abandoned
+        # pass still had in flight is drained and dropped.
+        return self._drain(iter(self._get_loader()), self._generation)
+
+    def _drain(self, iterator: Iterator[tuple], generation: int) -> Iterator[tuple]:
+        while True:
+            if generation != self._generation:
+                raise RuntimeError(
+                    f"{self.name}: this batch stream was replaced by a later batches() or "
+                    "eval_batches() call (or close()); a folder source runs one stream at a time"
+                )
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            yield item
 
     def _record(self, bad: list[tuple[int, str]], *, count: bool) -> None:
-        for index, error in bad:
+        for position, error in bad:
             self.skipped += int(count)
-            if index not in self._warned:
-                self._warned.add(index)
+            if position not in self._warned:
+                self._warned.add(position)
                 self._warn(f"warning: skipping unreadable image ({error})")
 
-    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
-        sampler = [[int(i) for i in batch] for batch in index_batches]
-        for images, indices, bad in self._loader(sampler):
+    def batches(
+        self, index_batches: Sequence[torch.Tensor], plan: CropPlan | None = None
+    ) -> Iterator[Batch]:
+        """Decode the batches (the pass starts now). With ``plan``: ``Batch(images=None,
+        views=uint8 [B, V, 3, plan.size, plan.size])``, else ``Batch(images=uint8
+        [B, 3, load_size, load_size])``. Starting another pass (or ``close()``) makes this
+        iterator raise RuntimeError when advanced; abandoning it half-way is fine."""
+        if plan is None:
+            keys = [[int(i) for i in batch] for batch in index_batches]
+        else:
+            keys = [[(int(i), plan) for i in batch] for batch in index_batches]
+        return self._train_batches(self._pass(keys), plan is not None)
+
+    def _train_batches(self, stream: Iterator[tuple], views: bool) -> Iterator[Batch]:
+        for pixels, positions, bad in stream:
             self._record(bad, count=True)
-            if images is not None:
-                yield Batch(images, self._positions(indices))
+            if pixels is None:
+                continue
+            yield Batch(None, positions, views=pixels) if views else Batch(pixels, positions)
 
     def eval_batches(
         self, size: int, batch_size: int
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = [
-            list(range(s, min(s + batch_size, self.n))) for s in range(0, self.n, batch_size)
+        keys = [
+            [(i, _EVAL) for i in range(s, min(s + batch_size, self.n))]
+            for s in range(0, self.n, batch_size)
         ]
-        for images, indices, bad in self._loader(sampler):
+        return self._eval_batches(self._pass(keys), size)
+
+    def _eval_batches(
+        self, stream: Iterator[tuple], size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, positions, bad in stream:
             self._record(bad, count=False)
             if images is None:
                 continue
             x = images.to(torch.float32) / 255.0
             offset = (self.load_size - size) // 2
             x = x[:, :, offset : offset + size, offset : offset + size]
-            yield normalize(x, self.mean, self.std), self._positions(indices)
+            yield normalize(x, self.mean, self.std), positions
+
+    def close(self) -> None:
+        """Shut the worker processes down now (a later pass starts new ones)."""
+        loader, self._loader = self._loader, None
+        self._generation += 1
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            loader._iterator = None
 
     def subset(self, count: int, seed: int = 0) -> FolderSource:
         if count >= self.n:
@@ -287,14 +419,23 @@ class FolderSource(Source):
             warn=self._warn,
             indices=base,
             fingerprint=f"{self.fingerprint}:subset={count}:seed={seed}",
+            pin_memory=self._pin_requested,
+            decoder=self.decoder,
+            prefetch=self.prefetch,
         )
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def build_sources(config, *, warn: Callable[[str], None] | None = None) -> tuple[Source, Source]:
-    """``(train, val)`` sources of a :class:`~rela_train.config.TrainConfig`."""
+def build_sources(
+    config, *, warn: Callable[[str], None] | None = None, pin_memory: bool = False
+) -> tuple[Source, Source]:
+    """``(train, val)`` sources of a :class:`~rela_train.config.TrainConfig`.
+
+    ``pin_memory`` (folder sources, with CUDA only) pins the batches the loader yields; the JPEG
+    decoder is ``config.decoder``.
+    """
     from rela_train.data.fashion_mnist import CLASSES, MEAN, STD, load_fashion_mnist
     from rela_train.data.synthetic import MEAN as SYN_MEAN
     from rela_train.data.synthetic import STD as SYN_STD
@@ -322,10 +463,16 @@ def build_sources(config, *, warn: Callable[[str], None] | None = None) -> tuple
         return train, val
     else:
         load_size = config.load_size or max(config.image_size, round(config.image_size * 8 / 7))
-        train = FolderSource(config.data_dir, load_size, config.workers, warn=warn)
+        options = {
+            "warn": warn,
+            "pin_memory": pin_memory,
+            "decoder": config.decoder,
+            "prefetch": config.prefetch,
+        }
+        train = FolderSource(config.data_dir, load_size, config.workers, **options)
         if config.val_dir is None:
             raise ValueError("--val-dir: the folder dataset needs an evaluation image folder")
-        val = FolderSource(config.val_dir, load_size, config.workers, warn=warn)
+        val = FolderSource(config.val_dir, load_size, config.workers, **options)
     if config.train_subset is not None:
         train = train.subset(config.train_subset)
     if config.val_subset is not None:

@@ -1,0 +1,190 @@
+"""Process-group plumbing for ``torchrun``: setup with collective timeouts, rank-0-first work
+that may take longer than any timeout, and collective failures turned into one clear message.
+
+``torchrun`` (single node or several) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads them and joins the default group with
+NCCL for CUDA training and gloo for CPU training. Every collective gets ``timeout`` seconds: a rank
+that dies or hangs makes the others fail with :class:`DistributedError` instead of waiting
+forever. Work that only rank 0 does (embedding the training set with the prior, which can take
+longer than any sensible collective timeout) is awaited through the rendezvous store, polled,
+so it has no time limit yet still notices a rank 0 that died.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistContext",
+    "DistributedError",
+    "check_shared_directory",
+    "describe_failure",
+    "is_collective_failure",
+    "rank0_first",
+    "setup",
+]
+
+T = TypeVar("T")
+
+# Fragments of the errors gloo, NCCL and the c10d store raise when a peer is gone or too slow.
+_FAILURE = re.compile(
+    r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout|pair closure|socket|"
+    r"broken pipe|watchdog|peer",
+    re.IGNORECASE,
+)
+
+
+class DistributedError(RuntimeError):
+    """A collective failed or timed out: another rank died, hung or cannot be reached."""
+
+
+@dataclass
+class DistContext:
+    world: int
+    rank: int
+    local_rank: int
+    backend: str | None  # None for a single process
+    timeout: float  # seconds per collective
+    owns_group: bool  # this module created the default group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def setup(device: torch.device, timeout: float) -> DistContext:
+    """Join (or reuse) the default process group described by torchrun's environment.
+
+    Args:
+        device: the training device: CUDA uses NCCL (and ``cuda:LOCAL_RANK``), CPU uses gloo.
+        timeout: seconds any collective may wait before it fails.
+    """
+    if dist.is_available() and dist.is_initialized():
+        backend = dist.get_backend()
+        return DistContext(
+            dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0), backend, timeout,
+            owns_group=False,
+        )  # fmt: skip
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: need 0 <= RANK < WORLD_SIZE")
+    if world == 1:
+        return DistContext(1, 0, local_rank, None, timeout, owns_group=False)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={world} but {' and '.join(missing)} not set; launch with torchrun "
+            "(it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)"
+        )
+    if not dist.is_available():
+        raise ValueError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    return DistContext(world, rank, local_rank, backend, timeout, owns_group=True)
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is what a collective raises when a peer died, hung or is unreachable."""
+    if isinstance(error, DistributedError | dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_FAILURE.search(str(error)))
+
+
+def describe_failure(ctx: DistContext, error: BaseException, checkpoint: Path) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"rank {ctx.rank} of {ctx.world}: a collective failed or waited more than "
+        f"{ctx.timeout:g} s (--dist-timeout): another rank died, hung or cannot be reached; see "
+        f"the other ranks' logs. The last checkpoint is {checkpoint}; continue with "
+        f"`rela-train fit --resume {checkpoint.parent.parent}` (any world size whose ranks "
+        f"divide the global batch). Cause: {first}"
+    )
+
+
+def rank0_first(ctx: DistContext, key: str, work: Callable[[], T], poll: float = 2.0) -> T:
+    """Run ``work`` on rank 0, then on the other ranks (which typically reuse its result on
+    disk). The other ranks wait through the rendezvous store, without a time limit; if rank 0
+    fails they raise its error message, and if it dies they raise :class:`DistributedError`."""
+    if ctx.world == 1:
+        return work()
+    store = dist.distributed_c10d._get_default_store()
+    done = f"rela_train/{key}"
+    if ctx.main:
+        try:
+            result = work()
+        except BaseException as error:
+            store.set(done, f"error: {type(error).__name__}: {error}")
+            raise
+        store.set(done, "ok")
+        return result
+    while True:
+        try:
+            if store.check([done]):
+                status = store.get(done).decode()
+                break
+        except Exception as error:  # the store lives with rank 0 (or the torchrun agent)
+            raise DistributedError(
+                f"rank {ctx.rank}: lost rank 0 while it was preparing {key}: {error}"
+            ) from error
+        time.sleep(poll)
+    if status != "ok":
+        raise ValueError(f"rank 0 failed while preparing {key}: {status.removeprefix('error: ')}")
+    return work()
+
+
+def check_shared_directory(ctx: DistContext, directory: Path) -> None:
+    """Every rank must see rank 0's run directory (checkpoints, prior embeddings): a token that
+    rank 0 writes must be readable by all, else raise a ValueError that says so."""
+    if ctx.world == 1:
+        return
+    token = directory / f".rank0-token-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    nonce = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    if ctx.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        token.write_text(str(int(nonce)), encoding="utf-8")
+    device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else None
+    nonce = nonce.to(device) if device is not None else nonce
+    dist.broadcast(nonce, src=0)
+    seen = None
+    try:
+        seen = int(token.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    ok = torch.tensor([int(seen == int(nonce))], dtype=torch.int64, device=nonce.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ctx.main:
+        token.unlink(missing_ok=True)
+    if not int(ok):
+        raise ValueError(
+            f"--out: the run directory {directory} is not shared by every rank (a rank could not "
+            "read what rank 0 wrote there); put it on a file system all nodes mount"
+        )
