@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result, environment, median_time  # noqa: E402
+from rela_train.data.sources import Batch  # noqa: E402
 from rela_train.engine import Trainer  # noqa: E402
 from rela_train.presets import get_preset  # noqa: E402
 from rela_train.rela import rela_loss  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
         def step(trainer: Trainer, phase: str):
             def run() -> None:
                 trainer.switch.switched = phase == "byol"
-                trainer._optimizer_step([(images, indices)])
+                trainer._optimizer_step([Batch(images, indices)])
 
             return run
 

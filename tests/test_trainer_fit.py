@@ -273,3 +273,7 @@ def test_folder_training_with_a_prior_embeds_the_folder(tmp_path: Path) -> None:
     assert result.status == "finished" and result.summary["switch_step"] is None
     store = rk.EmbeddingStore.open(tmp_path / "run" / "prior")
     assert store.complete and store.shape == (16, 6 * 6 * 3)
+    # The transport has the requested width (--rela-dim), as for in-memory data.
+    transport = rk.Transport.load(tmp_path / "run" / "prior" / "transport.pt")
+    assert transport.out_dim == 4
+    assert load_checkpoint(tmp_path / "run")["learner"]["rela_head.weight"].shape[0] == 4

@@ -131,20 +131,18 @@ class _Objective(nn.Module):
     """One micro-batch's forward for the current phase: what DistributedDataParallel wraps, so
     that its gradient all-reduce overlaps the backward pass."""
 
-    def __init__(self, learner: Learner) -> None:
+    def __init__(self, learner: Learner, transport: rk.Transport | None) -> None:
         super().__init__()
         self.learner = learner
+        # A plain attribute, not an input: DDP would try to move (rebuild) forward's inputs.
+        self.transport = transport
 
     def forward(
-        self,
-        views: list[torch.Tensor],
-        phase: str,
-        prior: torch.Tensor | None,
-        transport: rk.Transport | None,
-        check: bool,
+        self, views: list[torch.Tensor], phase: str, prior: torch.Tensor | None, check: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(per-sample loss, score in [0, 2], probe logits)``."""
         byol = self.learner.byol
+        transport = self.transport
         f1 = byol.backbone(views[0])
         f2 = byol.backbone(views[1])
         if phase == "rela":
@@ -380,7 +378,8 @@ class Trainer:
         if config.compile:
             byol.backbone.compile()
             byol.target_backbone.compile()
-        self.objective: nn.Module = _Objective(self.learner)
+        transport = self.prior.transport if self.prior is not None else None
+        self.objective: nn.Module = _Objective(self.learner, transport)
         if self.world > 1:
             cuda = self.device.type == "cuda"
             self.objective = nn.parallel.DistributedDataParallel(
@@ -652,9 +651,8 @@ class Trainer:
         labels = self.train_source.labels[indices].to(self.device, non_blocking=True)
         weights = self.sampler.weight_of(indices).to(self.device, non_blocking=True)
         check = self.device.type != "cuda"  # finiteness checks cost a host sync on CUDA
-        transport = self.prior.transport if self.prior is not None else None
         with self._autocast():
-            per_sample, score, logits = self.objective(views, phase, prior, transport, check)
+            per_sample, score, logits = self.objective(views, phase, prior, check)
             probe_loss = F.cross_entropy(logits, labels)
         loss = (per_sample * weights).mean() + probe_loss
         (loss * scale).backward()

@@ -116,8 +116,12 @@ def prepare_prior(
 
             done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
             if not done or not rk.EmbeddingStore.open(path).complete:
-                workers = source.workers
-                embed(source.folder.root, prior, path, device=device, workers=workers, log=log)
+                loaded = load_prior(prior, device=device, num_rows=source.n)
+                width = max(1, min(dim, loaded.dim, source.n - 1))  # as for in-memory data
+                embed(
+                    source.folder.root, loaded, path, device=device, workers=source.workers,
+                    dim=width, log=log,
+                )  # fmt: skip
             store = rk.EmbeddingStore.open(path)
             _check_store(store, source, where)
         else:
