@@ -43,6 +43,7 @@ BASE = dict(
     lr=0.2,
     threads=1,
     progress=False,
+    dist_timeout=60.0,  # a collective that hangs fails the test in a minute
 )
 
 
@@ -73,6 +74,14 @@ def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, folders) -> dict[str
     jobs.append({"name": "adaptive", "config": {"selection": "random", "switch": "adaptive"}})
     # Rank 1 alone asks to stop after step 1 of epoch 1: both ranks must stop there.
     jobs.append({"name": "stopped", "config": {"selection": "random"}, "stop_at": [1, 1, 1]})
+    # Most images unreadable: some micro-batches are empty on one rank only.
+    corrupt = make_jpeg_folder(out / "corrupt", classes=4, per_class=6, seed=5, corrupt=40)
+    jobs.append(
+        {
+            "name": "corrupt",
+            "config": {"data_dir": str(corrupt), "prior": None, "budget": 1.0, "batch_size": 4},
+        }
+    )
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "config": _config(folders), "jobs": jobs}))
     command = [
@@ -125,6 +134,14 @@ def test_a_stop_asked_by_one_rank_stops_both(two_rank_runs) -> None:
     # Asked after step 1 of epoch 1 on rank 1; the ranks agree at the start of the next step
     # and all stop after it.
     assert rank0["global_step"] == rank1["global_step"] == rank0["steps_per_epoch"] + 2
+
+
+def test_a_step_unreadable_on_one_rank_is_skipped_by_all(two_rank_runs) -> None:
+    rank0, rank1 = two_rank_runs["corrupt"]
+    assert rank0["status"] == rank1["status"] == "finished"
+    total = rank0["steps_per_epoch"] * BASE["epochs"]
+    assert 0 < rank0["global_step"] == rank1["global_step"] < total
+    assert rank0["losses"] == rank1["losses"]
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_runs, folders) -> None:
