@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,7 @@ import torch.distributed as dist
 __all__ = [
     "DistContext",
     "DistributedError",
+    "agree_min",
     "check_shared_directory",
     "describe_failure",
     "is_collective_failure",
@@ -56,6 +57,9 @@ class DistContext:
     backend: str | None  # None for a single process
     timeout: float  # seconds per collective
     owns_group: bool  # this module created the default group (and destroys it)
+    # Small CPU-side agreements (stop, skip, shared directory) go through gloo even when the
+    # training group is NCCL, so they never wait on the GPU's stream. None: the default group.
+    control_group: Any = None
 
     @property
     def main(self) -> bool:
@@ -88,7 +92,7 @@ def setup(device: torch.device, timeout: float) -> DistContext:
         backend = dist.get_backend()
         return DistContext(
             dist.get_world_size(), dist.get_rank(), _env_int("LOCAL_RANK", 0), backend, timeout,
-            owns_group=False,
+            owns_group=False, control_group=_control_group(backend, timeout),
         )  # fmt: skip
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -109,7 +113,23 @@ def setup(device: torch.device, timeout: float) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    return DistContext(world, rank, local_rank, backend, timeout, owns_group=True)
+    control = _control_group(backend, timeout)
+    return DistContext(world, rank, local_rank, backend, timeout, True, control)
+
+
+def _control_group(backend: str, timeout: float) -> Any:
+    if backend == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+
+
+def agree_min(ctx: DistContext, values: list[int]) -> list[int]:
+    """The element-wise minimum of ``values`` over all ranks (a CPU collective)."""
+    if ctx.world == 1:
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=ctx.control_group)
+    return flags.tolist()
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -171,19 +191,16 @@ def check_shared_directory(ctx: DistContext, directory: Path) -> None:
     if ctx.main:
         directory.mkdir(parents=True, exist_ok=True)
         token.write_text(str(int(nonce)), encoding="utf-8")
-    device = torch.device("cuda", torch.cuda.current_device()) if ctx.backend == "nccl" else None
-    nonce = nonce.to(device) if device is not None else nonce
-    dist.broadcast(nonce, src=0)
+    dist.broadcast(nonce, src=0, group=ctx.control_group)
     seen = None
     try:
         seen = int(token.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
-    ok = torch.tensor([int(seen == int(nonce))], dtype=torch.int64, device=nonce.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    (ok,) = agree_min(ctx, [int(seen == int(nonce))])
     if ctx.main:
         token.unlink(missing_ok=True)
-    if not int(ok):
+    if not ok:
         raise ValueError(
             f"--out: the run directory {directory} is not shared by every rank (a rank could not "
             "read what rank 0 wrote there); put it on a file system all nodes mount"

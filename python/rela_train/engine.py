@@ -57,6 +57,7 @@ from rela_train.data.sources import Batch, FolderSource, Source, build_sources
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.distributed import (
     DistributedError,
+    agree_min,
     check_shared_directory,
     describe_failure,
     is_collective_failure,
@@ -683,9 +684,8 @@ class Trainer:
         some rank has no readable micro-batch; a stop asked of any rank stops all of them."""
         if self.world == 1:
             return loaded == 0, False
-        flags = torch.tensor([loaded, -int(self.stop.requested)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        return int(flags[0]) == 0, int(flags[1]) < 0
+        least, stop = agree_min(self.dist, [loaded, -int(self.stop.requested)])
+        return least == 0, stop < 0
 
     def _optimizer_step(self, batches: list[Batch]) -> dict[str, Any]:
         config = self.config
@@ -753,6 +753,16 @@ class Trainer:
 
     def evaluate(self, *, final: bool) -> dict[str, Any]:
         """kNN accuracy (per epoch: on the eval bank); at the end also the linear probe."""
+        try:
+            return self._evaluate(final)
+        finally:
+            # Evaluation's decoding processes are not kept between evaluations (the training
+            # source's are: they serve every epoch).
+            for source in (self.val_source, self._eval_bank):
+                if source is not None and source is not self.train_source:
+                    source.close()
+
+    def _evaluate(self, final: bool) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
         bank = self.train_source
@@ -824,10 +834,9 @@ class Trainer:
                 raise DistributedError(describe_failure(self.dist, error, checkpoint)) from error
             raise
         finally:
-            for source in (self.train_source, self.val_source):
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
+            for source in (self.train_source, self.val_source, self._eval_bank):
+                if source is not None:
+                    source.close()
             self.dist.close()
 
     def _fit(self) -> RunResult:
