@@ -11,6 +11,22 @@ from rela_train.config import TrainConfig
 
 __all__ = ["PRESETS", "get_preset"]
 
+# ResNet-18 with the small-image stem (3x3 stride-1, no max-pool) for 32-64 px image folders.
+_SMALL_IMAGES_R18: dict[str, Any] = dict(
+    dataset="folder",
+    arch="resnet18",
+    small_images=True,
+    proj_hidden=4096,
+    proj_dim=256,
+    epochs=200,
+    batch_size=256,
+    lr=1.0,
+    weight_decay=1e-5,
+    warmup_epochs=10.0,
+    ema_base=0.99,
+    rela_dim=128,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's job: ResNet-50 BYOL on ImageNet-1K at 224 px (Grill et al. 2020; ReLA's
     # ImageNet runs): LARS at 0.45 x global batch / 256, weight decay 1e-6, 10 warmup epochs,
@@ -42,41 +58,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # CIFAR-10/100 folders (32 px): ResNet-18 with the small-image stem, the common BYOL
     # recipe for small images (LARS 1.0 x B/256, weight decay 1e-5, batch 256).
-    "cifar-r18": dict(
-        dataset="folder",
-        image_size=32,
-        load_size=32,
-        workers=4,
-        arch="resnet18",
-        small_images=True,
-        proj_hidden=4096,
-        proj_dim=256,
-        epochs=200,
-        batch_size=256,
-        lr=1.0,
-        weight_decay=1e-5,
-        warmup_epochs=10.0,
-        ema_base=0.99,
-        rela_dim=128,
-    ),
-    # Tiny-ImageNet folders (64 px, 200 classes): ResNet-18 with the small-image stem.
-    "tiny-imagenet-r18": dict(
-        dataset="folder",
-        image_size=64,
-        load_size=64,
-        workers=6,
-        arch="resnet18",
-        small_images=True,
-        proj_hidden=4096,
-        proj_dim=256,
-        epochs=200,
-        batch_size=256,
-        lr=1.0,
-        weight_decay=1e-5,
-        warmup_epochs=10.0,
-        ema_base=0.99,
-        rela_dim=128,
-    ),
+    "cifar-r18": dict(_SMALL_IMAGES_R18, image_size=32, load_size=32, workers=4),
+    # Tiny-ImageNet folders (64 px, 200 classes): the same recipe at 64 px.
+    "tiny-imagenet-r18": dict(_SMALL_IMAGES_R18, image_size=64, load_size=64, workers=6),
     # Fashion-MNIST at full size on a CPU or a small GPU.
     "fashion-mnist": dict(
         dataset="fashion-mnist",
