@@ -192,8 +192,13 @@ def sample_photometric(spec: ViewSpec, g: torch.Generator, n: int) -> Photometri
 # ----------------------------------------------------------------------------------------------
 
 
+# Parameters are drawn on the CPU and copied with non_blocking=True: a copy from pageable host
+# memory is staged at once, and the host need not wait for the GPU's queued work (a blocking copy
+# would), so it can queue the step ahead of the GPU.
+
+
 def _per_image(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
+    return values.to(device=like.device, dtype=like.dtype, non_blocking=True).view(-1, 1, 1, 1)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -215,7 +220,7 @@ def crop_resize_flip(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor, siz
     theta[:, 0, 2] = (2 * left + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * top + h) / height - 1
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    theta = theta.to(device=x.device, dtype=x.dtype, non_blocking=True)
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -259,7 +264,7 @@ def color_jitter(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
             x = _blend(x, _grayscale(x), _per_image(p.saturation, x))
         elif op == 3 and color and not bool((p.hue == 0).all()):
             hsv = _rgb_to_hsv(x)
-            shift = p.hue.to(device=x.device, dtype=x.dtype).view(-1, 1, 1)
+            shift = p.hue.to(device=x.device, dtype=x.dtype, non_blocking=True).view(-1, 1, 1)
             hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
             x = _hsv_to_rgb(hsv)
     return x
@@ -283,7 +288,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     weights = weights / weights.sum(dim=1, keepdim=True)
     delta = (offsets == 0).to(torch.float64).expand_as(weights)
     weights = torch.where((sigma > 0).view(-1, 1), weights, delta)
-    weights = weights.to(device=x.device, dtype=x.dtype).repeat_interleave(c, dim=0)  # [n*c, k]
+    weights = weights.to(device=x.device, dtype=x.dtype, non_blocking=True)
+    weights = weights.repeat_interleave(c, dim=0)  # [n*c, k]
     flat = x.reshape(1, n * c, height, width)
     flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
     flat = F.conv2d(flat, weights.view(n * c, 1, 1, k), groups=n * c)
@@ -301,10 +307,10 @@ def apply_photometric(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
     x = color_jitter(x, p)
     if x.shape[1] == 3 and bool(p.gray.any()):
         gray = _grayscale(x).expand_as(x)
-        x = torch.where(p.gray.to(x.device).view(-1, 1, 1, 1), gray, x)
+        x = torch.where(p.gray.to(x.device, non_blocking=True).view(-1, 1, 1, 1), gray, x)
     x = gaussian_blur(x, p.sigma)
     if bool(p.solarize.any()):
-        mask = p.solarize.to(x.device).view(-1, 1, 1, 1) & (x >= 0.5)
+        mask = p.solarize.to(x.device, non_blocking=True).view(-1, 1, 1, 1) & (x >= 0.5)
         x = torch.where(mask, 1.0 - x, x)
     return x
 

@@ -395,9 +395,11 @@ class Trainer:
         self.inbatch = config.selection == "inbatch"
         sampler_budget = 1.0 if self.inbatch else config.budget
         self.micro_batch = _micro_batch(config)
-        # On the training device: per-step updates need no host sync; the sampler reads the
-        # table once per epoch.
+        # On the training device. The sampler reads the table only when an epoch starts, so the
+        # epoch's scores are kept on the device and written (all-gathered) once, when the epoch
+        # ends or a checkpoint is due: no per-step host sync or collective.
         self.score_table = rk.ScoreTable(train.n, self.device)
+        self._pending_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         policy = "random" if config.selection in ("random", "inbatch") else config.selection
         samplers = {
             name: rk.SubsetSampler(
@@ -508,6 +510,20 @@ class Trainer:
             "channels": self.train_source.channels,
             "classes": self.train_source.classes,
         }
+
+    def flush_scores(self) -> None:
+        """Write the scores kept since the last flush to the score table (a collective: every
+        rank calls it at the same point; the last write of a sample wins, in rank order)."""
+        pending, self._pending_scores = self._pending_scores, []
+        if not pending and self.world == 1:
+            return
+        if pending:
+            indices = torch.cat([i for i, _ in pending])
+            scores = torch.cat([v for _, v in pending])
+        else:
+            indices = torch.empty(0, dtype=torch.int64)
+            scores = torch.empty(0, dtype=torch.float32, device=self.device)
+        self.score_table.update(indices, scores)
 
     def save_checkpoint(self) -> Path:
         path = self.run_dir / "checkpoints" / CHECKPOINT
@@ -643,7 +659,7 @@ class Trainer:
             prior = self.prior.rows(indices, self.device)
         if self.inbatch:
             chosen, scores = self._inbatch_select(views, indices, prior)
-            self.score_table.update(indices, scores)
+            self._pending_scores.append((indices, scores))
             self.samples_scored += indices.shape[0]
             chosen_cpu = chosen.cpu()
             views = [v[chosen] for v in views]
@@ -658,7 +674,7 @@ class Trainer:
         loss = (per_sample * weights).mean() + probe_loss
         (loss * scale).backward()
         if not self.inbatch:
-            self.score_table.update(indices, score.detach())
+            self._pending_scores.append((indices, score.detach().float()))
         rows = indices.shape[0]
         correct = (logits.argmax(dim=1) == labels).sum()
         # Sums of the step's statistics, kept on the device (one host sync per step, later).
@@ -869,6 +885,7 @@ class Trainer:
                     self.step_in_epoch = 0
                 mid_epoch = False
                 if self._run_epoch() == "stopped":
+                    self.flush_scores()
                     self.save_checkpoint()
                     self.log(
                         f"stopped at epoch {self.epoch + 1}, step {self.step_in_epoch}; a "
@@ -982,6 +999,7 @@ class Trainer:
         self._write_metrics(record)
         self.epoch += 1
         self.step_in_epoch = 0
+        self.flush_scores()
         self.save_checkpoint()
         if self.hooks.on_epoch_end is not None:
             self.hooks.on_epoch_end(self)
