@@ -30,6 +30,8 @@ SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
 OPTIMIZERS = ("lars", "adamw")
 RELA_HEADS = ("trainable", "frozen")
 AMP_MODES = ("auto", "bf16", "off")
+# Settings that cannot change a run's results: the only ones `fit --resume` may change.
+RESUME_SETTINGS = ("progress", "threads")
 DECODERS = ("auto", "pil", "simplejpeg")
 
 

@@ -52,7 +52,7 @@ import rela_kernels as rk
 from rela_kernels._io import atomic_write, atomic_write_text
 from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
 from rela_train.byol import BYOL, byol_loss
-from rela_train.config import TrainConfig
+from rela_train.config import RESUME_SETTINGS, TrainConfig
 from rela_train.data.sources import Batch, FolderSource, Source, build_sources
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.distributed import (
@@ -182,7 +182,7 @@ def _accumulation(config: TrainConfig, world: int) -> int:
 
 # Settings a resumed run may have changed since its checkpoint: the output only, or adapted to a
 # new world size (see Trainer._adapt_to_world).
-_RESUME_MAY_DIFFER = {"progress", "threads", "batch_size", "accum_steps"}
+_RESUME_MAY_DIFFER = {*RESUME_SETTINGS, "batch_size", "accum_steps"}
 
 
 def _check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -272,8 +272,7 @@ class Trainer:
         if resume:
             saved = TrainConfig.load(self.run_dir / "config.json")
             # Only settings that cannot change the results may differ on resume.
-            harmless = {"progress": config.progress, "threads": config.threads}
-            config = saved.replace(**harmless)
+            config = saved.replace(**{name: getattr(config, name) for name in RESUME_SETTINGS})
             self._resume_state = load_checkpoint(self.run_dir)
             _check_checkpoint_config(self._resume_state, config, self.run_dir)
         elif (self.run_dir / "checkpoints" / CHECKPOINT).exists():
@@ -505,7 +504,6 @@ class Trainer:
             },
             "evaluations": self.evaluations,
             "world_size": self.world,
-            "step_images": self.step_images,
             "feature_dim": self.learner.feature_dim,
             "channels": self.train_source.channels,
             "classes": self.train_source.classes,
@@ -534,12 +532,6 @@ class Trainer:
         return path
 
     def _restore(self, state: dict[str, Any]) -> None:
-        saved_step = int(state.get("step_images", self.step_images))
-        if saved_step != self.step_images:
-            raise ValueError(
-                f"--resume: the checkpoint consumed {saved_step} images per step, this run "
-                f"{self.step_images}; cannot continue its epoch"
-            )
         try:
             self.learner.load_state_dict(state["learner"])
         except RuntimeError as error:
@@ -639,9 +631,9 @@ class Trainer:
         """The normalised views of a batch on the device: the photometric half only when the
         loader already cropped them, the whole augmentation otherwise."""
         phase = self.phase
-        crops = getattr(batch, "views", None)
-        if crops is not None:
-            views = self.augment[phase].photometric(crops.to(self.device, non_blocking=True), g)
+        if batch.views is not None:
+            crops = batch.views.to(self.device, non_blocking=True)
+            views = self.augment[phase].photometric(crops, g)
         else:
             images = batch.images.to(self.device, non_blocking=True)
             views = self.augment[phase](images, g)
@@ -698,8 +690,6 @@ class Trainer:
     def _agree(self, loaded: int) -> tuple[bool, bool]:
         """``(skip this step, stop after it)``, the same on every rank: a step is skipped when
         some rank has no readable micro-batch; a stop asked of any rank stops all of them."""
-        if self.world == 1:
-            return loaded == 0, False
         least, stop = agree_min(self.dist, [loaded, -int(self.stop.requested)])
         return least == 0, stop < 0
 
@@ -711,12 +701,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         scale = 1.0 / len(batches)
+        ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
         for micro, batch in enumerate(batches):
             seed = stable_seed(config.seed, self.epoch, self.step_in_epoch, micro, self.rank)
             g = torch.Generator().manual_seed(seed)
             # Gradients are all-reduced (by DDP) only in the step's last backward pass.
             last = micro == len(batches) - 1
-            ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
             with self.objective.no_sync() if ddp and not last else nullcontext():
                 totals += self._micro_step(batch, g, scale)
         if self.world > 1:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from rela_train.config import TrainConfig, add_config_arguments
+from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
 
 __all__ = ["register_train_commands"]
 
@@ -44,9 +44,6 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
 
 
-_RESUME_OK = {"progress", "threads"}
-
-
 def _fit_run(args: argparse.Namespace) -> int:
     from rela_train.config import config_from_args
     from rela_train.fit import default_run_dir, fit
@@ -56,7 +53,7 @@ def _fit_run(args: argparse.Namespace) -> int:
         given = [
             f.name
             for f in dataclasses.fields(TrainConfig)
-            if getattr(args, f.name) is not None and f.name not in _RESUME_OK
+            if getattr(args, f.name) is not None and f.name not in RESUME_SETTINGS
         ]
         if given or args.preset is not None or args.out is not None:
             flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset/--out"
@@ -65,7 +62,7 @@ def _fit_run(args: argparse.Namespace) -> int:
         if not (run_dir / "config.json").is_file():
             raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
         config = TrainConfig.load(run_dir / "config.json")
-        changes = {n: getattr(args, n) for n in _RESUME_OK if getattr(args, n) is not None}
+        changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
         result = fit(config.replace(**changes), run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
