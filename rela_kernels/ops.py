@@ -219,15 +219,25 @@ def _check_transported(
     return _check_z(where, z, p.shape[0], t.out_dim), p, t, device
 
 
-def _raise_non_finite(where: str, loss: Tensor, **inputs: Tensor) -> None:
-    """Loss rows are finite whenever the inputs are; name the input that is not."""
-    if torch.compiler.is_compiling() or bool(torch.isfinite(loss).all()):
+def _raise_non_finite(
+    where: str, out: Tensor, weight: Tensor | None = None, **inputs: Tensor
+) -> None:
+    """Outputs are finite whenever the inputs are; name the input that is not. ``weight`` does
+    not enter the rows, so it is checked too (in the same host sync)."""
+    if torch.compiler.is_compiling():
         return
-    for name, tensor in inputs.items():
+    finite = torch.isfinite(out).all()
+    if weight is not None:
+        finite = finite & torch.isfinite(weight).all()
+    if bool(finite):
+        return
+    for name, tensor in (*inputs.items(), ("weight", weight)):
+        if tensor is None:
+            continue
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
             raise ValueError(f"{where}: {name} must be finite, got {bad} non-finite value(s)")
-    raise ValueError(f"{where}: the loss overflowed to a non-finite value")
+    raise ValueError(f"{where}: the result overflowed to a non-finite value")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,8 +245,15 @@ def _raise_non_finite(where: str, loss: Tensor, **inputs: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def transport(p: Tensor, t: Transport, *, backend: str | None = None) -> Tensor:
-    """``(p - t.mean) @ t.matrix (+ t.bias)`` as float32 ``[B, d]``; no gradient."""
+def transport(
+    p: Tensor, t: Transport, *, check_finite: bool = True, backend: str | None = None
+) -> Tensor:
+    """``(p - t.mean) @ t.matrix (+ t.bias)`` as float32 ``[B, d]``; no gradient.
+
+    ``check_finite`` (as for the losses) raises on a non-finite ``p``: the output is checked
+    (one host sync on CUDA; skipped under torch.compile) and, when it is not finite, the input
+    that caused it is named.
+    """
     where = "rk.transport"
     p = _check_p(where, p)
     t = _check_transport(where, t, p.device)
@@ -244,8 +261,12 @@ def transport(p: Tensor, t: Transport, *, backend: str | None = None) -> Tensor:
     chosen = backends.resolve("transport", p.device, backend)
     with torch.no_grad():
         if chosen == "reference":
-            return reference.transport(p, t.mean, t.matrix, t.bias)
-        return _compiled_op("transport", chosen)(p, t.mean, t.matrix, t.bias)
+            out = reference.transport(p, t.mean, t.matrix, t.bias)
+        else:
+            out = _compiled_op("transport", chosen)(p, t.mean, t.matrix, t.bias)
+    if check_finite:
+        _raise_non_finite(where, out, p=p)
+    return out
 
 
 def cosine_loss(
@@ -262,7 +283,8 @@ def cosine_loss(
 
     ``reduction``: ``none`` -> ``[B]`` (times ``weight``), ``sum`` -> ``sum(w*l)``,
     ``mean`` -> ``sum(w*l) / B``. Gradients flow to ``z`` only. ``check_finite`` raises on
-    non-finite inputs (costs a host sync on CUDA; skipped under torch.compile).
+    non-finite inputs, ``weight`` included (costs a host sync on CUDA; skipped under
+    torch.compile).
     """
     where = "rk.cosine_loss"
     z = _check_z(where, z, None, None)
@@ -280,7 +302,7 @@ def cosine_loss(
         compute_grad = torch.is_grad_enabled() and z.requires_grad
         loss, _ = _compiled_op("cosine_loss_fwd", chosen)(z, y.detach(), eps, compute_grad)
     if check_finite:
-        _raise_non_finite(where, loss, z=z, y=y)
+        _raise_non_finite(where, loss, weight, z=z, y=y)
     return reference.reduce_loss(loss, None if weight is None else weight.detach(), reduction)
 
 
@@ -314,7 +336,7 @@ def transported_cosine_loss(
             z, p.detach(), t.mean, t.matrix, t.bias, eps, compute_grad
         )
     if check_finite:
-        _raise_non_finite(where, loss, z=z, p=p)
+        _raise_non_finite(where, loss, weight, z=z, p=p)
     return reference.reduce_loss(loss, None if weight is None else weight.detach(), reduction)
 
 

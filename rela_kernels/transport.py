@@ -64,14 +64,17 @@ class Transport:
                     f"{tuple(matrix.shape)}, got {tuple(bias.shape)}"
                 )
         check_same_device(_WHERE, mean=mean, matrix=matrix, bias=bias)
-        for name, value in (("mean", mean), ("matrix", matrix), ("bias", bias)):
+        cast = {
+            name: None if value is None else value.detach().to(torch.float32, copy=True)
+            for name, value in (("mean", mean), ("matrix", matrix), ("bias", bias))
+        }
+        # Checked after the cast: a float64 value beyond float32's range becomes inf there.
+        for name, value in cast.items():
             if value is not None:
                 check_finite(_WHERE, name, value)
-        self.mean = mean.detach().to(torch.float32, copy=True).contiguous()
-        self.matrix = matrix.detach().to(torch.float32, copy=True).contiguous()
-        self.bias = (
-            None if bias is None else bias.detach().to(torch.float32, copy=True).contiguous()
-        )
+        self.mean = cast["mean"].contiguous()
+        self.matrix = cast["matrix"].contiguous()
+        self.bias = None if cast["bias"] is None else cast["bias"].contiguous()
 
     @property
     def in_dim(self) -> int:

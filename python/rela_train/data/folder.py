@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rela_train.data.images import UnreadableImage, read_rgb, to_rgb
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "EvalTransform",
@@ -120,7 +122,7 @@ class EvalTransform:
         return f"resize={self.resize} crop={self.size} {self.interpolation} mean={mean} std={std}"
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+        image = to_rgb(image)
         width, height = image.size
         scale = self.resize / min(width, height)
         # The shorter side lands exactly on `resize`; the longer one is rounded.
@@ -164,15 +166,22 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index: int) -> Image.Image:
-        path = self.root / self.samples[index].path
-        try:
-            with Image.open(path) as image:
-                image.load()
-                return image
-        except (OSError, SyntaxError, ValueError) as error:
-            # Pillow reports truncated or corrupt files with several exception types.
-            raise ValueError(f"cannot read image {path}: {error}") from error
+        """Image ``index`` as 8-bit RGB (see :func:`rela_train.data.images.to_rgb`).
+
+        Raises:
+            UnreadableImage: (a ValueError) the file cannot be read; the message names it.
+        """
+        return read_rgb(self.root / self.samples[index].path)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
         image = self.load(index)
         return (image if self.transform is None else self.transform(image)), index
+
+    def read(self, index: int) -> tuple[torch.Tensor | Image.Image | None, int, str]:
+        """``(transformed image, index, "")``, or ``(None, index, reason)`` when the file cannot
+        be read: the form every reading path uses to skip an unreadable image."""
+        try:
+            image, _ = self[index]
+        except UnreadableImage as error:
+            return None, index, str(error)
+        return image, index, ""

@@ -33,6 +33,7 @@ from PIL import Image
 
 from rela_train.augment import normalize
 from rela_train.data.folder import IMAGE_EXTENSIONS, ImageFolder
+from rela_train.data.images import UnreadableImage, to_rgb
 from rela_train.data.views import CropPlan, decode_views, load_rgb, resolve_decoder
 
 __all__ = ["Batch", "FolderSource", "Source", "TensorSource", "build_sources"]
@@ -152,7 +153,7 @@ class TensorSource(Source):
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = image.size
     scale = size / min(width, height)
     new = (max(size, round(width * scale)), max(size, round(height * scale)))
@@ -201,7 +202,7 @@ class _Decode(torch.utils.data.Dataset):
             else:
                 image = self.folder.load(index)
             pixels = _resize_center_crop(image, self.size)
-        except (ValueError, OSError) as error:
+        except UnreadableImage as error:
             return None, position, str(error)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1), position, ""
 

@@ -37,6 +37,13 @@ import torch
 from PIL import Image
 
 from rela_train.augment import ViewSpec, _bernoulli, sample_crop_boxes
+from rela_train.data.images import (
+    UnreadableImage,
+    check_pixel_count,
+    open_image,
+    read_rgb,
+    to_rgb,
+)
 
 try:  # optional: faster JPEG decoding (libjpeg-turbo)
     import simplejpeg
@@ -57,8 +64,6 @@ DECODERS = ("auto", "pil", "simplejpeg")
 _JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 # Draft-mode (DCT-domain) downscale factors, largest first.
 _DCT_FACTORS = (8, 4, 2, 1)
-# Pillow and simplejpeg report corrupt or truncated files with several exception types.
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def stable_seed(*parts: int) -> int:
@@ -149,7 +154,7 @@ def _crop_views(
 
 
 def _decode_pil(path: Path, plan: CropPlan, index: int) -> torch.Tensor:
-    with Image.open(path) as image:
+    with open_image(path) as image:
         width, height = image.size  # header only: nothing is decoded yet
         boxes, flips = plan.draw(index, height, width)
         scale = 1.0
@@ -158,19 +163,20 @@ def _decode_pil(path: Path, plan: CropPlan, index: int) -> torch.Tensor:
             drafted = image.draft("RGB", (width // factor, height // factor))
             if drafted is not None:
                 scale = width / drafted[1][2]  # draft's box is the original size / scale
-        rgb = image.convert("RGB")  # decodes (at the drafted scale)
+        image.load()  # decodes (at the drafted scale)
+        rgb = to_rgb(image)
     return _crop_views(rgb, boxes, flips, scale, plan.size)
 
 
-def _decode_simplejpeg(path: Path, plan: CropPlan, index: int) -> torch.Tensor | None:
+def _decode_simplejpeg(path: Path, data: bytes, plan: CropPlan, index: int) -> torch.Tensor | None:
     """None where simplejpeg cannot or should not decode the file (Pillow then does)."""
-    data = path.read_bytes()
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
     if colorspace not in ("YCbCr", "Gray", "RGB"):
         return None  # CMYK/YCCK: Pillow's conversion is the reference
+    check_pixel_count(path, width, height)
     boxes, flips = plan.draw(index, height, width)
     factor = draft_scale(boxes, plan.size)
     if max(height, width) < 8:
@@ -197,18 +203,20 @@ def decode_views(
     antialiased) and mirrors the flipped views. Any image mode becomes RGB.
 
     Raises:
-        ValueError: unknown ``decoder``, or the file cannot be read (the message names it).
+        ValueError: unknown ``decoder``.
+        UnreadableImage: (a ValueError) the file cannot be read; the message names it.
     """
     name = resolve_decoder(decoder)
     path = Path(path)
-    try:
-        if name == "simplejpeg" and path.suffix.lower() in _JPEG_SUFFIXES:
-            views = _decode_simplejpeg(path, plan, index)
-            if views is not None:
-                return views
-        return _decode_pil(path, plan, index)
-    except _READ_ERRORS as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    if name == "simplejpeg" and path.suffix.lower() in _JPEG_SUFFIXES:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise UnreadableImage(path, f"{type(error).__name__}: {error.strerror}") from error
+        views = _decode_simplejpeg(path, data, plan, index)
+        if views is not None:
+            return views
+    return _decode_pil(path, plan, index)
 
 
 def load_rgb(path: str | os.PathLike[str], shrink_to: int | None = None) -> Image.Image:
@@ -216,13 +224,6 @@ def load_rgb(path: str | os.PathLike[str], shrink_to: int | None = None) -> Imag
     that keeps the shorter side at least ``shrink_to`` pixels (for resize-to-``shrink_to``).
 
     Raises:
-        ValueError: the file cannot be read (the message names it).
+        UnreadableImage: (a ValueError) the file cannot be read; the message names it.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if shrink_to is not None:
-                image.draft("RGB", (shrink_to, shrink_to))
-            return image.convert("RGB")
-    except _READ_ERRORS as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+    return read_rgb(path, shrink_to)
