@@ -2,7 +2,8 @@
 
 Layout of a store directory::
 
-    manifest.json    what the data is and how much of it is durably written (``rows_done``)
+    manifest.json    what the data is, how much of it is durably written (``rows_done``), a
+                     CRC-32 per written chunk, and the rows of skipped (unreadable) inputs
     embeddings.f16   raw row-major little-endian float16, exactly N·D·2 bytes, memory-mappable
     .lock            held (flock) by the one process writing the store
 
@@ -12,6 +13,19 @@ the larger ``rows_done``. The manifest therefore never claims rows that are not 
 ``rows_done`` may hold anything and are simply written again on resume. Chunks are fixed-size
 and written in order, so a resumed run starts at the first unfinished chunk and recomputes nothing
 that was finished.
+
+Integrity: every chunk's CRC-32 (``zlib.crc32`` of its float16 bytes) is committed with the
+manifest that claims it. :meth:`EmbeddingStore.verify` rereads the data file and returns the row
+ranges of chunks whose bytes no longer match (a zeroed or overwritten region of the file); a
+writer repairs them with :meth:`EmbeddingStore.rewrite_chunk`. Stores of format version 1 (made
+before checksums existed) still open: their chunks are "unverified" (:attr:`unverified_rows`)
+until rewritten.
+
+Skipped rows: a writer may mark rows of a chunk as skipped (``write_chunk(..., skipped={row:
+reason})``), e.g. images that cannot be decoded. Their stored values are zeros and carry no
+meaning: :attr:`EmbeddingStore.valid` is False there, the transport fits (PCA whitening, least
+squares) leave them out, and training gives their targets weight 0. The
+skip list is part of the same atomic manifest commit as the rows.
 
 Rows are written with ``os.pwrite`` rather than through a writable memmap: on a full disk a
 write to a mapped page kills the process with SIGBUS, whereas ``pwrite`` raises an OSError that
@@ -23,6 +37,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -40,7 +55,10 @@ except ImportError:  # Windows: no flock; the store needs a POSIX system (Linux,
 __all__ = ["EmbeddingStore"]
 
 FORMAT = "rela-embedding-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 stores have no checksums and no skipped rows; they are read as unverified.
+_READABLE_VERSIONS = (1, 2)
+CHECKSUM = "crc32"
 MANIFEST = "manifest.json"
 DATA = "embeddings.f16"
 LOCK = ".lock"
@@ -55,13 +73,7 @@ _IDENTITY = ("fingerprint", "prior", "input_size", "n", "dim")
 def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     """Atomically replace the manifest (module-level so tests can interpose on the commit)."""
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-
-    def write(handle: IO[bytes]) -> None:
-        # The temporary file is created private (0600); a store is as readable as its data file.
-        os.fchmod(handle.fileno(), 0o644)
-        handle.write(text.encode("utf-8"))
-
-    atomic_write(path, write)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # macOS has no fdatasync; fsync is the (slightly slower) portable equivalent.
@@ -184,6 +196,9 @@ class EmbeddingStore:
                     "data_file": DATA,
                     "chunk_rows": chunk_rows or DEFAULT_CHUNK_ROWS,
                     "rows_done": 0,
+                    "checksum": CHECKSUM,
+                    "chunk_checksums": [],
+                    "skipped": [],
                     "metadata": dict(metadata or {}),
                     **wanted,
                 }
@@ -262,6 +277,50 @@ class EmbeddingStore:
         return self.rows_done == self.n
 
     @property
+    def skipped(self) -> dict[int, str]:
+        """Rows marked skipped by the writer (input could not be read), with the reason."""
+        return {int(row): str(reason) for row, reason in self._manifest.get("skipped", [])}
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool ``[n]``: True for written rows that are not skipped (the rows targets come from)."""
+        mask = np.zeros(self.n, dtype=bool)
+        mask[: self.rows_done] = True
+        rows = list(self.skipped)
+        if rows:
+            mask[rows] = False
+        return mask
+
+    @property
+    def unverified_rows(self) -> int:
+        """Written rows without a checksum (chunks written by a store of format version 1)."""
+        sums = self._checksums()
+        return sum(stop - start for (start, stop), crc in zip(self._written(), sums) if crc is None)
+
+    def _written(self) -> list[tuple[int, int]]:
+        step = self.chunk_rows
+        return [(s, min(s + step, self.n)) for s in range(0, self.rows_done, step)]
+
+    def _checksums(self) -> list[int | None]:
+        sums = list(self._manifest.get("chunk_checksums", []))
+        return sums + [None] * (len(self._written()) - len(sums))
+
+    def verify(self) -> list[tuple[int, int]]:
+        """Reread every written chunk and compare it with its checksum.
+
+        Returns the ``(start, stop)`` row ranges of damaged chunks, in order (empty when the
+        store is intact). Chunks without a checksum (:attr:`unverified_rows`) cannot be checked
+        and are not reported.
+        """
+        damaged = []
+        sums = self._checksums()
+        chunks = self.iter_chunks(self.chunk_rows) if self.rows_done else iter(())
+        for (start, stop), expected, rows in zip(self._written(), sums, chunks, strict=True):
+            if expected is not None and zlib.crc32(memoryview(rows).cast("B")) != expected:
+                damaged.append((start, stop))
+        return damaged
+
+    @property
     def writable(self) -> bool:
         return self._data_fd is not None
 
@@ -282,15 +341,22 @@ class EmbeddingStore:
     # Writing
     # ---------------------------------------------------------------------------------------
 
-    def write_chunk(self, start: int, rows: np.ndarray | torch.Tensor) -> None:
+    def write_chunk(
+        self,
+        start: int,
+        rows: np.ndarray | torch.Tensor,
+        *,
+        skipped: Mapping[int, str] | None = None,
+    ) -> None:
         """Write the next chunk, rows ``[start, start + len(rows))``, and commit it durably.
 
         ``start`` must equal :attr:`rows_done` and ``rows`` must be ``[min(chunk_rows,
         n - start), dim]``. Values are converted to float16 and must be finite after conversion
         (so an embedding beyond float16's range, ±65504, is an error rather than a stored inf).
+        ``skipped`` maps rows of this chunk (absolute row numbers) to the reason their input was
+        unreadable: they are stored as zeros (whatever ``rows`` holds there) and marked invalid.
         """
-        if self._data_fd is None:
-            raise RuntimeError(f"{_WHERE}: {self.path} was opened read-only; use create_or_resume")
+        self._check_writable()
         if start != self.rows_done:
             raise ValueError(
                 f"{_WHERE}.write_chunk: chunks must be written in order; the next chunk starts "
@@ -298,25 +364,68 @@ class EmbeddingStore:
             )
         if self.complete:
             raise ValueError(f"{_WHERE}.write_chunk: the store at {self.path} is already complete")
+        self._commit(start, rows, skipped, "write_chunk")
+
+    def rewrite_chunk(
+        self,
+        start: int,
+        rows: np.ndarray | torch.Tensor,
+        *,
+        skipped: Mapping[int, str] | None = None,
+    ) -> None:
+        """Replace an already written chunk (a repair of a range :meth:`verify` reported):
+        ``start`` must be a chunk boundary below :attr:`rows_done`; otherwise as
+        :meth:`write_chunk`. The chunk's checksum and skipped rows are replaced."""
+        self._check_writable()
+        if start < 0 or start >= self.rows_done or start % self.chunk_rows:
+            raise ValueError(
+                f"{_WHERE}.rewrite_chunk: start must be the first row of a written chunk "
+                f"(a multiple of {self.chunk_rows} below {self.rows_done}), got {start}"
+            )
+        self._commit(start, rows, skipped, "rewrite_chunk")
+
+    def _check_writable(self) -> None:
+        if self._data_fd is None:
+            raise RuntimeError(f"{_WHERE}: {self.path} was opened read-only; use create_or_resume")
+
+    def _commit(
+        self,
+        start: int,
+        rows: np.ndarray | torch.Tensor,
+        skipped: Mapping[int, str] | None,
+        method: str,
+    ) -> None:
+        where = f"{_WHERE}.{method}"
         expected = (min(self.chunk_rows, self.n - start), self.dim)
+        stop = start + expected[0]
         if isinstance(rows, torch.Tensor):
             rows = rows.detach().cpu().numpy()
         rows = np.asarray(rows)
         if rows.shape != expected:
             raise ValueError(
-                f"{_WHERE}.write_chunk: the chunk at row {start} must have shape {expected}, "
-                f"got {rows.shape}"
+                f"{where}: the chunk at row {start} must have shape {expected}, got {rows.shape}"
             )
         if rows.dtype.kind != "f":
-            raise TypeError(f"{_WHERE}.write_chunk: rows must be floating point, got {rows.dtype}")
+            raise TypeError(f"{where}: rows must be floating point, got {rows.dtype}")
+        marks = {}
+        for row, reason in (skipped or {}).items():
+            if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+                raise TypeError(f"{where}: skipped rows must be ints, got {row!r}")
+            if not start <= row < stop:
+                raise ValueError(
+                    f"{where}: skipped row {row} is outside this chunk (rows {start}..{stop - 1})"
+                )
+            marks[int(row)] = str(reason)
         with np.errstate(over="ignore"):
-            data = np.ascontiguousarray(rows, dtype=_DTYPE)
+            data = np.array(rows, dtype=_DTYPE, order="C")
+        for row in marks:
+            data[row - start] = 0  # no meaning: fixed bytes keep the store deterministic
         finite = np.isfinite(data).all(axis=1)
         if not finite.all():
             bad = start + int(np.flatnonzero(~finite)[0])
             raise ValueError(
-                f"{_WHERE}.write_chunk: row {bad} has non-finite values (or values beyond "
-                "float16's range ±65504)"
+                f"{where}: row {bad} has non-finite values (or values beyond float16's range "
+                "±65504)"
             )
         offset = start * self.dim * _DTYPE.itemsize
         view = memoryview(data).cast("B")
@@ -325,7 +434,18 @@ class EmbeddingStore:
             written += os.pwrite(self._data_fd, view[written:], offset + written)
         _datasync(self._data_fd)
         # Only now, with the rows durable, may the manifest claim them.
-        manifest = dict(self._manifest, rows_done=start + expected[0])
+        chunk = start // self.chunk_rows
+        sums = self._checksums() if method == "rewrite_chunk" else self._checksums() + [None]
+        sums[chunk] = zlib.crc32(view)
+        kept = [[r, why] for r, why in self._manifest.get("skipped", []) if not start <= r < stop]
+        manifest = dict(
+            self._manifest,
+            format_version=FORMAT_VERSION,
+            checksum=CHECKSUM,
+            chunk_checksums=sums,
+            skipped=sorted(kept + [[r, why] for r, why in marks.items()]),
+            rows_done=max(self.rows_done, stop),
+        )
         _write_manifest(self.path / MANIFEST, manifest)
         self._manifest = manifest
         self._memmap = None
@@ -437,7 +557,7 @@ class EmbeddingStore:
     def _lock(path: Path) -> int:
         if fcntl is None:
             raise OSError(errno.ENOSYS, f"{_WHERE}: writing a store needs a POSIX system")
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
         try:
             # Released by the kernel when the holder exits, even on SIGKILL, so a killed run
             # never blocks its own resume.
@@ -485,10 +605,11 @@ class EmbeddingStore:
             raise ValueError(f"{_WHERE}: cannot read {manifest_path}: {error}") from error
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError(f"{_WHERE}: {manifest_path} is not an embedding-store manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in _READABLE_VERSIONS:
+            versions = " and ".join(map(str, _READABLE_VERSIONS))
             raise ValueError(
                 f"{_WHERE}: {manifest_path} has format version {manifest.get('format_version')}; "
-                f"this rela_kernels reads version {FORMAT_VERSION}"
+                f"this rela_kernels reads versions {versions}"
             )
         missing = [
             k for k in ("n", "dim", "chunk_rows", "rows_done", *_IDENTITY) if k not in manifest
@@ -506,6 +627,21 @@ class EmbeddingStore:
             raise ValueError(
                 f"{_WHERE}: {manifest_path} is inconsistent (n={n}, dim={dim}, "
                 f"chunk_rows={chunk}, rows_done={done})"
+            )
+        sums = manifest.get("chunk_checksums", [])
+        skipped = manifest.get("skipped", [])
+        if (
+            not isinstance(sums, list)
+            or len(sums) > -(-done // chunk)
+            or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in sums)
+            or not isinstance(skipped, list)
+            or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < done
+                for e in skipped
+            )
+        ):
+            raise ValueError(
+                f"{_WHERE}: {manifest_path} is damaged (bad chunk_checksums or skipped entries)"
             )
         return manifest
 
@@ -548,7 +684,7 @@ class EmbeddingStore:
         data = path / DATA
         if data.is_file() and data.stat().st_size == size:
             return
-        fd = os.open(data, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(data, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
         try:
             os.ftruncate(fd, 0)
             try:

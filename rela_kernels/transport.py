@@ -286,12 +286,24 @@ def _describe(source: object) -> tuple[int | None, int | None]:
 
 
 def _chunks(
-    where: str, name: str, source: object, device: torch.device | None
+    where: str,
+    name: str,
+    source: object,
+    device: torch.device | None,
+    keep: np.ndarray | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Validated float chunks of ``source`` on ``device`` with one width, all rows finite."""
+    """Validated float chunks of ``source`` on ``device`` with one width, all rows finite.
+
+    A store yields only its valid rows (skipped inputs left out), or the rows ``keep`` marks."""
     if isinstance(source, EmbeddingStore):
         source.require_complete(where)
-        raw: Iterable[object] = source.iter_chunks(_CHUNK_ROWS)
+        mask = source.valid if keep is None else keep
+        raw: Iterable[object] = (
+            rows[mask[first : first + len(rows)]]
+            for first, rows in zip(
+                range(0, source.n, _CHUNK_ROWS), source.iter_chunks(_CHUNK_ROWS), strict=True
+            )
+        )
     elif isinstance(source, (torch.Tensor, np.ndarray)):
         if source.ndim != 2:
             raise ValueError(f"{where}: {name} must be 2-D [N, D], got shape {tuple(source.shape)}")
@@ -471,8 +483,16 @@ def fit_least_squares(
 def _paired_chunks(
     where: str, src: Embeddings, dst: Embeddings, device: torch.device | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    src_chunks = _chunks(where, "src", src, device)
-    dst_chunks = _chunks(where, "dst", dst, device)
+    keep = None
+    if isinstance(src, EmbeddingStore) and isinstance(dst, EmbeddingStore):
+        keep = src.valid & dst.valid  # rows valid in both stores, so pairs stay aligned
+    elif any(isinstance(s, EmbeddingStore) and s.skipped for s in (src, dst)):
+        raise ValueError(
+            f"{where}: a store with skipped rows can only be paired with another store (or pass "
+            "both as arrays of the rows to use)"
+        )
+    src_chunks = _chunks(where, "src", src, device, keep)
+    dst_chunks = _chunks(where, "dst", dst, device, keep)
     rows = 0
     while True:
         x = next(src_chunks, None)
