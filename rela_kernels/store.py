@@ -40,7 +40,7 @@ import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,8 +294,8 @@ class EmbeddingStore:
     @property
     def unverified_rows(self) -> int:
         """Written rows without a checksum (chunks written by a store of format version 1)."""
-        sums = self._checksums()
-        return sum(stop - start for (start, stop), crc in zip(self._written(), sums) if crc is None)
+        pairs = zip(self._written(), self._checksums(), strict=True)
+        return sum(stop - start for (start, stop), crc in pairs if crc is None)
 
     def _written(self) -> list[tuple[int, int]]:
         step = self.chunk_rows

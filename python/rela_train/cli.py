@@ -62,12 +62,14 @@ def _non_negative_int(text: str) -> int:
 
 
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="image folder (class subfolders of images)")
+    parser.add_argument(
+        "--data", help="image folder (class subfolders of images); required unless --verify"
+    )
     parser.add_argument(
         "--prior",
-        required=True,
-        help="prior spec: torchscript:PATH, checkpoint:ARCH:PATH, random:ARCH[:SEED], "
-        "pixels[:SIZE], embeddings:PATH, timm:NAME[:WEIGHTS], open_clip:ARCH:PRETRAINED",
+        help="required unless --verify; prior spec: torchscript:PATH, checkpoint:ARCH:PATH, "
+        "random:ARCH[:SEED], pixels[:SIZE], embeddings:PATH, timm:NAME[:WEIGHTS], "
+        "open_clip:ARCH:PRETRAINED",
     )
     parser.add_argument(
         "--out", required=True, help="embedding store directory (resumed if it exists)"
@@ -102,11 +104,31 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="override the normalisation",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check = parser.add_mutually_exclusive_group()
+    check.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check the store's chunk checksums: print a one-line summary, exit 1 if any "
+        "rows are damaged",
+    )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="recompute the chunks that fail their checksum (then finish the store as usual)",
+    )
 
 
 def _embed_run(args: argparse.Namespace) -> int:
-    from rela_train.embed import embed
+    from rela_train.embed import embed, verify_store
 
+    if args.verify:
+        report = verify_store(args.out)
+        print(report.summary())
+        return 0 if report.ok else 1
+    given = (("--data", args.data), ("--prior", args.prior))
+    missing = [flag for flag, value in given if not value]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
     result = embed(
         args.data,
         args.prior,
@@ -119,11 +141,18 @@ def _embed_run(args: argparse.Namespace) -> int:
         input_size=args.input_size,
         normalize=args.normalize,
         progress=not args.no_progress,
+        repair=args.repair,
+    )
+    extra = "".join(
+        [
+            f", {result.repaired_rows} repaired" if result.repaired_rows else "",
+            f", {result.skipped_rows} unreadable images skipped" if result.skipped_rows else "",
+        ]
     )
     print(
         f"{result.store}: {result.rows} x {result.prior_dim} embeddings "
-        f"({result.computed_rows} computed now); transport {result.prior_dim} -> {result.dim} "
-        f"in {result.transport}"
+        f"({result.computed_rows} computed now{extra}); transport {result.prior_dim} -> "
+        f"{result.dim} in {result.transport}"
     )
     return 0
 
