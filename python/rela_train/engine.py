@@ -659,6 +659,8 @@ class Trainer:
             prior = prior[chosen] if prior is not None else None
         labels = self.train_source.labels[indices].to(self.device, non_blocking=True)
         weights = self.sampler.weight_of(indices).to(self.device, non_blocking=True)
+        if prior is not None and (valid := self.prior.valid(indices, self.device)) is not None:
+            weights = weights * valid  # rows of images the prior could not read: no target
         check = self.device.type != "cuda"  # finiteness checks cost a host sync on CUDA
         with self._autocast():
             per_sample, score, logits = self.objective(views, phase, prior, check)
@@ -1038,6 +1040,9 @@ class Trainer:
                 "eval_bank": config.eval_bank,
                 "linear_acc": result.get("linear_acc"),
                 "skipped_images": self.train_source.skipped,
+                "skipped_files": sorted(
+                    {*self.train_source.unreadable(), *self.val_source.unreadable()}
+                ),
                 "evaluations": self.evaluations,
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),

@@ -107,6 +107,7 @@ def evaluate_checkpoint(
         "linear_acc": linear,
         "train_images": train.n,
         "val_images": val.n,
+        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
         "eval_time": time.perf_counter() - start,
     }
 

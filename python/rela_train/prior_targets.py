@@ -3,7 +3,10 @@
 Either an existing embedding store is used (``--prior-store DIR``, made by ``rela-train embed``;
 ``DIR/transport.pt`` is the transport), or the embeddings are computed once into ``RUN/prior``
 (``--prior SPEC``): in-memory datasets are embedded directly from their tensors, image folders
-through :func:`rela_train.embed.embed`. A store made for other data is refused by its fingerprint.
+through :func:`rela_train.embed.embed`. A store made for other data is refused by its fingerprint,
+and a store whose rows fail their checksums is refused before any target is made from it. Rows the
+store marks skipped (unreadable images) make no target: their per-sample weight is 0
+(:meth:`PriorTargets.valid`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ class PriorTargets:
     store: rk.EmbeddingStore
     transport: rk.Transport
     table: torch.Tensor | None  # float16 [N, D] on the device, when it fits
+    mask: torch.Tensor | None = None  # bool [N], False for skipped rows; None when none are
+
+    def valid(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """float32 ``[B]``: 1 where the row has a target, 0 for skipped rows; None when the
+        store has no skipped rows (so callers need no extra work)."""
+        if self.mask is None:
+            return None
+        return self.mask[indices.cpu()].to(device, torch.float32, non_blocking=True)
 
     def rows(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
         if self.table is not None:
@@ -46,6 +57,14 @@ class PriorTargets:
 
 def _check_store(store: rk.EmbeddingStore, source: Source, where: str) -> None:
     store.require_complete(where)
+    damaged = store.verify()
+    if damaged:
+        shown = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:5])
+        raise ValueError(
+            f"{where}: the embedding store at {store.path} has {len(damaged)} chunk(s) that fail "
+            f"their checksum (rows {shown}); repair it with `rela-train embed --repair` (same "
+            "--data, --prior and --out)"
+        )
     if store.n != source.n or store.fingerprint != source.fingerprint:
         raise ValueError(
             f"{where}: the embedding store at {store.path} was made for other data "
@@ -150,4 +169,7 @@ def prepare_prior(
     table = None
     if store.n * store.dim * 2 <= _IN_MEMORY_BYTES:
         table = torch.from_numpy(store.array.copy()).to(device)
-    return PriorTargets(store, transport.to(device), table)
+    mask = torch.from_numpy(store.valid) if store.skipped else None
+    if mask is not None:
+        log(f"{where}: {len(store.skipped)} skipped row(s) of the store make no targets")
+    return PriorTargets(store, transport.to(device), table, mask)

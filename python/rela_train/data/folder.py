@@ -72,10 +72,13 @@ def list_images(root: str | os.PathLike[str]) -> tuple[list[Sample], list[str]]:
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 over every sample's relative path and size, in order."""
+    """sha256 over every sample's relative path and size, in order.
+
+    A name that is not valid UTF-8 (kept by Python as lone surrogates) hashes as its raw bytes.
+    """
     digest = hashlib.sha256()
     for sample in samples:
-        digest.update(f"{sample.path}\0{sample.size}\n".encode())
+        digest.update(f"{sample.path}\0{sample.size}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -76,6 +76,10 @@ class Source:
         order, without augmentation."""
         raise NotImplementedError
 
+    def unreadable(self) -> list[str]:
+        """One line per unreadable image met so far (file and reason), in first-met order."""
+        return []
+
     def close(self) -> None:
         """Release worker processes, if any (the source stays usable: they restart on demand)."""
 
@@ -307,7 +311,7 @@ class FolderSource(Source):
         self.channels = 3
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self._warn = warn or (lambda message: print(message, file=sys.stderr, flush=True))
-        self._warned: set[int] = set()
+        self._warned: dict[int, str] = {}  # position -> "cannot read image PATH: reason"
         self.skipped = 0
         self._sampler = _BatchList()
         self._loader: torch.utils.data.DataLoader | None = None
@@ -352,8 +356,11 @@ class FolderSource(Source):
         for position, error in bad:
             self.skipped += int(count)
             if position not in self._warned:
-                self._warned.add(position)
+                self._warned[position] = error
                 self._warn(f"warning: skipping unreadable image ({error})")
+
+    def unreadable(self) -> list[str]:
+        return list(self._warned.values())
 
     def batches(
         self, index_batches: Sequence[torch.Tensor], plan: CropPlan | None = None
