@@ -188,6 +188,7 @@ def embed(
         raise ValueError("input_size/normalize apply to a prior spec, not to a loaded prior")
     elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
         raise ValueError(f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images")
+    wanted_dim = dim
     dim = _check_dim(dim, prior.dim, n)
     out = Path(out)
     _check_same_folder(out, dataset, data)
@@ -249,6 +250,8 @@ def embed(
                 f"{out}: {skipped} unreadable image(s) skipped; their rows are marked in "
                 f"{out / 'manifest.json'} and make no targets"
             )
+    if wanted_dim is None and skipped:
+        dim = _check_dim(None, prior.dim, n - skipped)  # the fit sees only the valid rows
     log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
     # On a GPU the float64 covariance accumulation is far faster there than on the host.
     transport = rk.fit_pca_whitening(rk.EmbeddingStore.open(out), dim, device=device)

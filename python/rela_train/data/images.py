@@ -23,7 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["UnreadableImage", "check_pixel_count", "open_image", "read_rgb", "to_rgb"]
+__all__ = [
+    "UnreadableImage",
+    "check_pixel_count",
+    "open_image",
+    "printable",
+    "read_rgb",
+    "to_rgb",
+]
 
 # Pillow modes holding more than 8 bits per pixel of grayscale.
 _WIDE_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
@@ -34,10 +41,14 @@ class UnreadableImage(ValueError):
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         self.path = os.fsdecode(path)
-        self.reason = reason
-        # A file name that is not valid UTF-8 is shown with its bytes escaped, never raising.
-        shown = self.path.encode("utf-8", "backslashreplace").decode("utf-8")
-        super().__init__(f"cannot read image {shown}: {reason}")
+        self.reason = printable(reason)
+        super().__init__(f"cannot read image {printable(self.path)}: {self.reason}")
+
+
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not valid UTF-8 (which Python keeps as
+    lone surrogates) shown as ``\\xNN`` escapes, so it can be printed and written as JSON."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def check_pixel_count(path: str | os.PathLike[str], width: int, height: int) -> None:
