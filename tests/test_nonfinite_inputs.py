@@ -15,7 +15,8 @@ BAD = [math.nan, math.inf, -math.inf]
 
 
 def transport_of(generator: torch.Generator, dp: int = 6, d: int = 3) -> rk.Transport:
-    return rk.Transport(torch.randn(dp, generator=generator), torch.randn(dp, d, generator=generator))
+    mean = torch.randn(dp, generator=generator)
+    return rk.Transport(mean, torch.randn(dp, d, generator=generator))
 
 
 @pytest.mark.parametrize("backend", usable_backends())
