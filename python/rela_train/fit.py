@@ -56,7 +56,10 @@ def evaluate_checkpoint(
     another copy of the same data.
     """
     state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: the checkpoint's configuration is not valid: {error}") from error
     changes: dict[str, Any] = {}
     if data_dir is not None:
         changes["data_dir"] = data_dir
