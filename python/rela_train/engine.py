@@ -230,8 +230,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except pickle.UnpicklingError as error:
         # torch's message suggests weights_only=False, which would run the file's code.
         raise ValueError(
-            f"{path} is not a safe rela-train checkpoint: it holds objects other than tensors "
-            "and plain values, so it was refused without running any of it"
+            f"{path} is not a safe, valid rela-train checkpoint (damaged, or holding objects "
+            "other than tensors and plain values); refused without running any of it"
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
