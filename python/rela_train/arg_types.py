@@ -86,7 +86,7 @@ fraction_upper_closed = _fraction(False, True)  # (0, 1]
 
 def non_empty(text: str) -> str:
     if not text.strip():
-        raise argparse.ArgumentTypeError("expected a non-empty value, got ''")
+        raise argparse.ArgumentTypeError(f"expected a non-empty value, got {text!r}")
     return text
 
 

@@ -261,7 +261,7 @@ class TrainConfig:
         )
         for name in ("prior", "prior_store", "data_dir", "val_dir"):
             value = getattr(self, name)
-            need(value is None or value.strip() != "", name, "must not be empty")
+            need(value is None or value.strip() != "", name, f"must not be empty, got {value!r}")
         need(
             math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
             "dist_timeout",
