@@ -17,8 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from rela_train.arg_types import fraction_open, non_empty, non_negative_int
-from rela_train.arg_types import non_negative_float as _non_negative_float
+from rela_train.arg_types import non_empty, non_negative_int
 from rela_train.arg_types import positive_int as _positive_int
 
 _non_negative_int = non_negative_int  # the names the embed flags use
@@ -142,14 +141,13 @@ def _transportability_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--b", required=True, type=non_empty, help="embedding store of the target prior (same data)"
     )
+    # --ridge and --holdout are checked by transportability() itself, with the same message for
+    # the library and the command line.
     parser.add_argument(
-        "--ridge",
-        type=_non_negative_float,
-        default=1e-3,
-        help="ridge penalty, relative to A's mean variance",
+        "--ridge", type=float, default=1e-3, help="ridge penalty, relative to A's mean variance"
     )
     parser.add_argument(
-        "--holdout", type=fraction_open, default=0.2, help="held-out fraction of the rows (0..1)"
+        "--holdout", type=float, default=0.2, help="held-out fraction of the rows, in (0, 1)"
     )
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of the train/held-out split"
