@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,26 @@ def test_the_library_api_validates_the_same_way(changes: dict) -> None:
 def test_integer_values_are_accepted_for_float_settings() -> None:
     config = get_preset("synthetic-test").replace(lr=1, weight_decay=0)
     assert config.lr == 1 and config.weight_decay == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"probe_iterations": -5}, "--probe-iterations: expected an integer >= 0, got -5"),
+        ({"probe_iterations": 2.5}, "--probe-iterations: expected an integer, got 2.5"),
+        ({"threads": 0}, "--threads: expected an integer >= 1, got 0"),
+        ({"device": "nowhere"}, "--device: unknown device"),
+    ],
+)
+def test_evaluate_checkpoint_checks_its_arguments(
+    tmp_path: Path, changes: dict, message: str
+) -> None:
+    from rela_train.fit import evaluate_checkpoint, fit
+
+    run = tmp_path / "run"
+    config = get_preset("synthetic-test").replace(
+        epochs=1, eval_every=0, probe_epochs=0, progress=False, threads=1
+    )
+    fit(config, run, log=lambda _: None)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate_checkpoint(run, log=lambda _: None, **changes)
