@@ -8,7 +8,7 @@ PYTHON ?= $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
-TOOLS := numpy pybind11 ninja pytest pytest-benchmark expecttest ruff tqdm pillow matplotlib simplejpeg
+TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow matplotlib simplejpeg
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
 SKIP_DEPS ?= 0

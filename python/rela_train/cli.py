@@ -17,6 +17,11 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from rela_train.arg_types import non_empty, non_negative_int
+from rela_train.arg_types import positive_int as _positive_int
+
+_non_negative_int = non_negative_int  # the names the embed flags use
+
 __all__ = ["COMMANDS", "Command", "build_parser", "main", "register"]
 
 USAGE_ERROR = 2
@@ -40,20 +45,6 @@ def register(command: Command) -> Command:
         raise ValueError(f"rela-train: subcommand {command.name!r} is already registered")
     COMMANDS[command.name] = command
     return command
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 # -------------------------------------------------------------------------------------------------
@@ -173,15 +164,23 @@ register(
 
 
 def _transportability_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--a", required=True, help="embedding store of the source prior")
     parser.add_argument(
-        "--b", required=True, help="embedding store of the target prior (same data)"
+        "--a", required=True, type=non_empty, help="embedding store of the source prior"
     )
+    parser.add_argument(
+        "--b", required=True, type=non_empty, help="embedding store of the target prior (same data)"
+    )
+    # --ridge and --holdout are checked by transportability() itself, with the same message for
+    # the library and the command line.
     parser.add_argument(
         "--ridge", type=float, default=1e-3, help="ridge penalty, relative to A's mean variance"
     )
-    parser.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of the rows")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/held-out split")
+    parser.add_argument(
+        "--holdout", type=float, default=0.2, help="held-out fraction of the rows, in (0, 1)"
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the train/held-out split"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 

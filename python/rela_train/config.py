@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ class TrainConfig:
         default=None,
         metadata=_opt(
             "enable ReLA with this prior (pixels[:SIZE], random:ARCH[:SEED], ...); the "
-            "embeddings are computed into RUN/prior once"
+            "embeddings are computed into RUN/prior once. A torchscript:PATH prior runs the "
+            "archive's code: use only archives you trust"
         ),
     )
     prior_store: str | None = field(
@@ -194,6 +196,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -207,18 +211,25 @@ class TrainConfig:
             values = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"cannot read the configuration {path}: {error}") from error
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes).validate()
 
     def validate(self) -> TrainConfig:
-        """Check the combination; raises ValueError naming the flag. Returns self."""
+        """Check every field's type, range and finiteness, then the combination; raises
+        ValueError naming the flag (the same checks for flags and for a ``config.json`` read on
+        resume). Returns self."""
 
         def need(ok: bool, flag: str, message: str) -> None:
             if not ok:
                 raise ValueError(f"--{flag.replace('_', '-')}: {message}")
 
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
         need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
         need(
             self.dataset != "folder" or self.data_dir is not None,
@@ -231,6 +242,26 @@ class TrainConfig:
         need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         need(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
         need(self.decoder in DECODERS, "decoder", f"must be one of {', '.join(DECODERS)}")
+        need(
+            self.batch_size >= 2,
+            "batch_size",
+            f"must be >= 2 (BatchNorm needs at least two images per batch), got {self.batch_size}",
+        )
+        from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
+
+        need(
+            self.arch in RESNET_ARCHS,
+            "arch",
+            f"expected one of {', '.join(RESNET_ARCHS)}, got {self.arch!r}",
+        )
+        need(
+            _DEVICE.fullmatch(self.device) is not None,
+            "device",
+            f"expected auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        for name in ("prior", "prior_store", "data_dir", "val_dir"):
+            value = getattr(self, name)
+            need(value is None or value.strip() != "", name, f"must not be empty, got {value!r}")
         need(
             math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
             "dist_timeout",
@@ -276,6 +307,29 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
         return self
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|[a-z]+(:\d+)?")
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    """``value`` has ``f``'s declared type (an int is a float; a bool is neither) and a float
+    is finite; raises ValueError naming the flag."""
+    flag = "--" + f.name.replace("_", "-")
+    annotation = str(f.type).replace(" ", "")
+    optional = annotation.endswith("|None")
+    expected = _TYPES[annotation.removesuffix("|None")]
+    if value is None and optional:
+        return
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        wanted = expected.__name__ + (" or null" if optional else "")
+        raise ValueError(f"{flag}: expected {wanted}, got {value!r} ({type(value).__name__})")
+    if expected is float and not math.isfinite(value):
+        raise ValueError(f"{flag}: must be a finite number, got {value!r}")
 
 
 def parse_switch(text: str) -> tuple[str, float | None]:

@@ -32,10 +32,12 @@ import io
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -50,6 +52,7 @@ from tqdm import tqdm
 
 import rela_kernels as rk
 from rela_kernels._io import atomic_write, atomic_write_text
+from rela_kernels.selection import subset_size
 from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
 from rela_train.byol import BYOL, byol_loss
 from rela_train.config import RESUME_SETTINGS, TrainConfig
@@ -76,11 +79,17 @@ from rela_train.optim import (
 )
 from rela_train.prior_targets import PriorTargets, prepare_prior
 from rela_train.rela import ReLAHead, Switch, build_switch, rela_loss
+from rela_train.run_directory import RunDirectory
 
 __all__ = ["CHECKPOINT", "Hooks", "RunResult", "Trainer", "load_checkpoint"]
 
 CHECKPOINT = "last.pt"
 FORMAT = "rela-train-checkpoint-v1"
+# What every checkpoint holds (see Trainer._state); checked before any of it is used.
+_CHECKPOINT_KEYS = frozenset(
+    ("format", "config", "learner", "optimizer", "score_table", "sampler", "sampler_policy",
+     "switch", "counters", "evaluations", "channels", "classes")
+)  # fmt: skip
 # Fields of metrics.jsonl that depend on the clock (everything else replays exactly on resume).
 TIME_FIELDS = ("train_time", "wall_time", "img_per_s", "eval_time")
 
@@ -204,18 +213,34 @@ def _check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint written by :class:`Trainer` (a file, or a run directory)."""
+    """Read a checkpoint written by :class:`Trainer` (a file, or a run directory).
+
+    Loaded with ``weights_only=True``: a checkpoint holds only tensors, plain containers and
+    primitive values, so a crafted file cannot run code here; anything else is refused."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            # The weights-only unpickler warns about pickle protocols before refusing them.
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run the file's code.
+        raise ValueError(
+            f"{path} is not a safe, valid rela-train checkpoint (damaged, or holding objects "
+            "other than tensors and plain values); refused without running any of it"
+        ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
-        raise ValueError(f"{path} is not a rela-train checkpoint ({error})") from error
+        raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a rela-train checkpoint")
+        raise ValueError(f"{path} is not a valid rela-train checkpoint (no {FORMAT} marker)")
+    missing = sorted(_CHECKPOINT_KEYS - set(state))
+    if missing or not isinstance(state.get("config"), dict):
+        what = ", ".join(missing) or "config"
+        raise ValueError(f"{path} is not a valid rela-train checkpoint (missing {what})")
     return state
 
 
@@ -275,14 +300,18 @@ class Trainer:
             config = saved.replace(**{name: getattr(config, name) for name in RESUME_SETTINGS})
             self._resume_state = load_checkpoint(self.run_dir)
             _check_checkpoint_config(self._resume_state, config, self.run_dir)
-        elif (self.run_dir / "checkpoints" / CHECKPOINT).exists():
-            raise ValueError(
-                f"{self.run_dir} already holds a run; continue it with --resume, or choose "
-                "another --out"
-            )
+        else:
+            RunDirectory.check_new(self.run_dir)  # before anything is created
+        self._run: RunDirectory | None = None
+        self.train_source: Source | None = None
+        self.val_source: Source | None = None
+        self._eval_bank: Source | None = None
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        device = resolve_device(config.device)
+        try:
+            device = resolve_device(config.device)
+        except ValueError as error:
+            raise ValueError(f"--device: {error}") from error
         self.dist = setup_distributed(device, config.dist_timeout)
         try:
             self.world, self.rank, self.main = self.dist.world, self.dist.rank, self.dist.main
@@ -301,6 +330,9 @@ class Trainer:
                 raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA training")
             self._build()
         except BaseException:
+            if self._run is not None:
+                self._run.abandon()  # a failed start leaves nothing behind
+            self._close_sources()
             self.dist.close()
             raise
 
@@ -344,13 +376,15 @@ class Trainer:
 
     def _build(self) -> None:
         config = self.config
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        check_shared_directory(self.dist, self.run_dir)
+        # Everything that can be checked without the run directory is checked before it is
+        # created or locked.
         self.train_source, self.val_source = build_sources(
             config, warn=self.log, pin_memory=self.device.type == "cuda"
         )
         train = self.train_source
+        self._check_trainable(train.n)
+        self._open_run_directory()
+        check_shared_directory(self.dist, self.run_dir)
         self.prior: PriorTargets | None = None
         if config.rela:
             # Rank 0 computes the embeddings (no time limit); the others then open the store.
@@ -473,7 +507,40 @@ class Trainer:
         self.switch_epoch: int | None = None
         self.metrics_lines = 0
         self.evaluations: list[dict[str, Any]] = []
-        self._eval_bank: Source | None = None
+
+    def _check_trainable(self, images: int) -> None:
+        """Refuse a run in which some rank's micro-batch would hold fewer than two images
+        (BatchNorm needs two): it could not train a single step."""
+        config = self.config
+        subset = subset_size(images, 1.0 if config.selection == "inbatch" else config.budget)
+        per_rank = min(_micro_batch(config), math.ceil(subset / self.world))
+        if per_rank < 2:
+            raise ValueError(
+                f"--train-subset/--budget: an epoch takes {subset} of the {images} training "
+                f"images, {per_rank} per rank and micro-batch on {self.world} rank(s); BatchNorm "
+                "needs at least 2 images per micro-batch, so no step could be trained: use more "
+                "images or a larger --budget"
+            )
+
+    def _open_run_directory(self) -> None:
+        """Rank 0 creates (new runs) and locks the run directory; every rank learns whether it
+        could, so that a refusal stops all ranks at once."""
+        error: BaseException | None = None
+        if self.main:
+            try:
+                self._run = RunDirectory.open(self.run_dir, new=self._resume_state is None)
+            except (ValueError, OSError) as caught:
+                error = caught
+        (ok,) = agree_min(self.dist, [int(error is None)])
+        if error is not None:
+            raise error
+        if not ok:
+            raise ValueError(f"--out: rank 0 could not open the run directory {self.run_dir}")
+
+    def _close_sources(self) -> None:
+        for source in (self.train_source, self.val_source, self._eval_bank):
+            if source is not None:
+                source.close()
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -842,9 +909,9 @@ class Trainer:
                 raise DistributedError(describe_failure(self.dist, error, checkpoint)) from error
             raise
         finally:
-            for source in (self.train_source, self.val_source, self._eval_bank):
-                if source is not None:
-                    source.close()
+            self._close_sources()
+            if self._run is not None:
+                self._run.release()
             self.dist.close()
 
     def _fit(self) -> RunResult:
@@ -912,6 +979,12 @@ class Trainer:
             while self.step_in_epoch < self.steps_per_epoch:
                 if self._run_steps(bar) == "stopped":
                     return "stopped"
+        if self.global_step == 0:  # the same on every rank: skips are agreed
+            raise ValueError(
+                f"{self.train_source.name}: no step of epoch {self.epoch + 1} could be trained: "
+                f"every batch had fewer than 2 readable images ({self.train_source.skipped} "
+                "unreadable images skipped); check the training data"
+            )
         self._end_epoch()
         stop = self._agreed_stop if self.world > 1 else self.stop.requested
         if stop and self.epoch < config.epochs:

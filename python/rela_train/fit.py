@@ -55,8 +55,18 @@ def evaluate_checkpoint(
     The data come from the checkpoint's configuration; ``data_dir`` / ``val_dir`` point it at
     another copy of the same data.
     """
+    for name, value, least in (("probe_iterations", probe_iterations, 0), ("threads", threads, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
+        if value is not None and value < least:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected an integer >= {least}, got {value}"
+            )
     state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: the checkpoint's configuration is not valid: {error}") from error
     changes: dict[str, Any] = {}
     if data_dir is not None:
         changes["data_dir"] = data_dir
@@ -68,7 +78,10 @@ def evaluate_checkpoint(
         torch.set_num_threads(threads)
     elif config.threads is not None:
         torch.set_num_threads(config.threads)
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from error
     start = time.perf_counter()
     train, val = build_sources(config, warn=log)
     head = state["learner"].get("rela_head.weight")

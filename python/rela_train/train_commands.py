@@ -15,6 +15,13 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from rela_train.arg_types import (
+    device,
+    fraction_upper_closed,
+    non_empty,
+    non_negative_int,
+    positive_int,
+)
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
 
 __all__ = ["register_train_commands"]
@@ -34,10 +41,13 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default=None, help=f"starting configuration: {', '.join(PRESETS)}"
     )
-    parser.add_argument("--out", default=None, help="run directory (default runs/<name>-<time>)")
+    parser.add_argument(
+        "--out", type=non_empty, default=None, help="run directory (default runs/<name>-<time>)"
+    )
     parser.add_argument(
         "--resume",
         metavar="RUN",
+        type=non_empty,
         default=None,
         help="continue the run in RUN from its last checkpoint (its config.json is used)",
     )
@@ -95,14 +105,25 @@ def _fit_run(args: argparse.Namespace) -> int:
 
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file or a run directory")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--data-dir", default=None, help="override the training data location")
-    parser.add_argument("--val-dir", default=None, help="override the evaluation folder")
     parser.add_argument(
-        "--probe-iterations", type=int, default=None, help="L-BFGS iterations (0: no probe)"
+        "checkpoint", metavar="CKPT", type=non_empty, help="a checkpoint file or a run directory"
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument(
+        "--device", type=device, default="auto", help="auto (default), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--data-dir", type=non_empty, default=None, help="override the training data location"
+    )
+    parser.add_argument(
+        "--val-dir", type=non_empty, default=None, help="override the evaluation folder"
+    )
+    parser.add_argument(
+        "--probe-iterations",
+        type=non_negative_int,
+        default=None,
+        help="L-BFGS iterations (0: no probe)",
+    )
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -158,22 +179,36 @@ def _report_run(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="directory of the two runs and the plot")
     parser.add_argument(
-        "--data-dir", default=None, help="Fashion-MNIST IDX directory (default: Debian's)"
+        "--out", type=non_empty, default=None, help="directory of the two runs and the plot"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--budget", type=float, default=0.5, help="ReLA run's budget (0.5)")
-    parser.add_argument("--prior", default="pixels:16", help="ReLA prior spec (pixels:16)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (preset: 2)")
+    parser.add_argument(
+        "--data-dir",
+        type=non_empty,
+        default=None,
+        help="Fashion-MNIST IDX directory (default: Debian's)",
+    )
+    parser.add_argument(
+        "--epochs", type=positive_int, default=None, help="override the preset's epochs"
+    )
+    parser.add_argument(
+        "--budget", type=fraction_upper_closed, default=0.5, help="ReLA run's budget (0.5)"
+    )
+    parser.add_argument(
+        "--prior",
+        type=non_empty,
+        default="pixels:16",
+        help="ReLA prior spec (pixels:16; a torchscript:PATH prior runs the archive's code)",
+    )
+    parser.add_argument(
+        "--threads", type=positive_int, default=None, help="CPU threads (preset: 2)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _demo_run(args: argparse.Namespace) -> int:
     from rela_train.demo import run_demo
 
-    if not 0 < args.budget <= 1:
-        raise ValueError(f"--budget: must be in (0, 1], got {args.budget}")
     try:
         run_demo(
             args.out,

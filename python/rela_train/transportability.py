@@ -10,6 +10,7 @@ Everything streams over the stores in chunks with float64 accumulation.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ def transportability(
     seed: int = 0,
 ) -> TransportabilityResult:
     """Held-out R² of the ridge-regularised affine map from store ``a``'s rows to ``b``'s."""
+    # The settings are checked before any store is opened.
+    if isinstance(holdout, bool) or not (0.0 < float(holdout) < 1.0):
+        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if isinstance(ridge, bool) or not (math.isfinite(float(ridge)) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     store_a, store_b = _open(a, "A"), _open(b, "B")
     if store_a.fingerprint != store_b.fingerprint or store_a.n != store_b.n:
         raise ValueError(
@@ -65,8 +71,6 @@ def transportability(
             f"{store_a.fingerprint[:12]}... ({store_a.n} rows), {store_b.path} has "
             f"{store_b.fingerprint[:12]}... ({store_b.n} rows)"
         )
-    if isinstance(holdout, bool) or not (0.0 < float(holdout) < 1.0):
-        raise ValueError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
     n = store_a.n
     test_rows = int(round(holdout * n))
     train_rows = n - test_rows

@@ -1,0 +1,150 @@
+"""Ownership of a run directory: one writer at a time, and no foreign files overwritten.
+
+While a run writes its directory, rank 0 holds an exclusive ``flock`` on ``rela-train.lock`` in
+it; the file records the holder (pid, host, start time) so that a second writer is refused with
+a message naming it. The kernel releases the lock when the holder exits, even on SIGKILL, so a
+killed run never blocks its own resume. The lock file stays behind and marks the directory as
+rela-train's: a new run (not a resume) refuses a directory holding the files a run writes
+(``config.json``, ``metrics.jsonl``, ...) without that mark, since they belong to something else.
+
+A start that fails before training removes what it created (the directory, if it made it),
+except an embedding store of the prior in it, which is resumable work.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; run directories need a POSIX system
+    fcntl = None
+
+__all__ = ["LOCK", "RUN_FILES", "RunDirectory"]
+
+LOCK = "rela-train.lock"
+# What a run writes into its directory (a new run replaces these, so they must be its own).
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "prior")
+CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+
+
+class RunDirectory:
+    """The run directory held by this process: :meth:`open` it, :meth:`release` it at the end,
+    or :meth:`abandon` it when the start failed."""
+
+    def __init__(self, path: Path, fd: int, created: Path | None, lock_created: bool) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._created = created  # the topmost directory this start made, if it made one
+        self._lock_created = lock_created
+
+    @classmethod
+    def check_new(cls, path: Path) -> None:
+        """Refuse a directory that holds a run already or files rela-train did not write;
+        creates nothing (called before anything else of a new run)."""
+        if (path / CHECKPOINT_FILE).exists():
+            raise ValueError(
+                f"--out: {path} already holds a run; continue it with --resume, or choose "
+                "another --out"
+            )
+        if not path.is_dir():
+            if path.exists():
+                raise ValueError(f"--out: {path} exists and is not a directory")
+            return
+        if (path / LOCK).is_file():
+            return  # an earlier start of a run here that never reached its first checkpoint
+        foreign = [name for name in RUN_FILES if (path / name).exists()]
+        if foreign:
+            raise ValueError(
+                f"--out: {path} holds {', '.join(foreign)} that rela-train did not write there "
+                "(no rela-train.lock); it is not overwritten: choose a new or empty directory"
+            )
+
+    @classmethod
+    def open(cls, path: Path, *, new: bool) -> RunDirectory:
+        """Create (``new`` runs) and lock ``path``; raises ValueError if another process holds
+        it, or (``new``) if it holds a run or foreign files."""
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "rela-train: run directories need a POSIX system")
+        if new:
+            cls.check_new(path)
+        created = _first_missing(path)
+        path.mkdir(parents=True, exist_ok=True)
+        lock_created = not (path / LOCK).exists()
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise ValueError(
+                    f"--out: {path} is being written by another rela-train run ({holder}); "
+                    "wait for it to end or choose another directory"
+                ) from error
+            raise
+        held = cls(path, fd, created, lock_created)
+        try:
+            if new:
+                cls.check_new(path)  # again, now that no other start can race this one
+            _write_holder(fd)
+        except BaseException:
+            held.release()
+            raise
+        return held
+
+    def release(self) -> None:
+        """Unlock (the lock file stays: it marks the directory as a rela-train run's)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor releases the flock
+            self._fd = None
+
+    def abandon(self) -> None:
+        """The start failed: remove what it created, then unlock. A directory this start did not
+        create is left as it was, and so is one holding the prior's (resumable) embeddings."""
+        try:
+            prior = self.path / "prior"
+            if self._fd is not None and not (prior.is_dir() and any(prior.iterdir())):
+                if self._created is not None:
+                    shutil.rmtree(self._created, ignore_errors=True)
+                elif self._lock_created:
+                    (self.path / LOCK).unlink(missing_ok=True)
+        finally:
+            self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost ancestor of ``path`` (or itself) that does not exist yet."""
+    missing = None
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _write_holder(fd: int) -> None:
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
