@@ -112,7 +112,7 @@ def test_two_ranks(tmp_path: Path) -> None:
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
 
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     want = expected_table()
     for r in range(WORLD):
         assert torch.equal(results[r]["table"], want), f"rank {r} table differs"

@@ -60,7 +60,8 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         "--prior",
         help="required unless --verify; prior spec: torchscript:PATH, checkpoint:ARCH:PATH, "
         "random:ARCH[:SEED], pixels[:SIZE], embeddings:PATH, timm:NAME[:WEIGHTS], "
-        "open_clip:ARCH:PRETRAINED",
+        "open_clip:ARCH:PRETRAINED (a torchscript:PATH prior runs the archive's code: use only "
+        "archives you trust)",
     )
     parser.add_argument(
         "--out", required=True, help="embedding store directory (resumed if it exists)"
