@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats, no save")
     parser.add_argument("--skip-score", action="store_true", help="only select_topk")
+    parser.add_argument("--skip-select", action="store_true", help="only score_and_select")
     parser.add_argument("--out", default="select.jsonl", help="file under benchmarks/results/")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         args.score_shape = [65536, 768, 256] if device.type == "cpu" else [1 << 20, 768, 256]
     env = environment(device)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}")
-    bench_select_topk(args, device, env)
+    if not args.skip_select:
+        bench_select_topk(args, device, env)
     if not args.skip_score:
         bench_score_and_select(args, device, env)
 
