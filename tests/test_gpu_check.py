@@ -86,3 +86,26 @@ def test_stage_budgets_fit_the_deadline() -> None:
     gpu_check = _load(SCRIPT, "gpu_check_budget")
     assert sum(gpu_check.BUDGET.values()) <= gpu_check.DEADLINE_S <= 8 * 60
     assert len(gpu_check.FILES) <= 8
+
+
+def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, monkeypatch) -> None:
+    gpu_check = _load(SCRIPT, "gpu_check_runner")
+    monkeypatch.setitem(gpu_check.BUDGET, "quick", 30)
+    monkeypatch.setitem(gpu_check.BUDGET, "hang", 1)
+    runner = gpu_check.Runner(tmp_path)
+    assert runner.run("quick", [sys.executable, "-c", "print('hello')"], "a.log").status == "ok"
+    marker = tmp_path / "child-survived"
+    grandchild = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
+    hang = tmp_path / "hang.py"
+    hang.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+        "time.sleep(60)\n"
+    )
+    began = time.monotonic()
+    stage = runner.run("hang", [sys.executable, str(hang)], "a.log")
+    assert stage.status == "timeout (1 s)" and time.monotonic() - began < 10
+    time.sleep(4)
+    assert not marker.exists()  # the grandchild was ended with the stage
+    log = (tmp_path / "a.log").read_text()
+    assert "hello" in log and "===== hang: timeout (1 s)" in log
