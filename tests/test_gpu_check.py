@@ -95,7 +95,7 @@ def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, mon
     runner = gpu_check.Runner(tmp_path)
     assert runner.run("quick", [sys.executable, "-c", "print('hello')"], "a.log").status == "ok"
     marker = tmp_path / "child-survived"
-    grandchild = f"import time; time.sleep(3); open({str(marker)!r}, 'w')"
+    grandchild = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
     hang = tmp_path / "hang.py"
     hang.write_text(
         "import subprocess, sys, time\n"
@@ -105,7 +105,7 @@ def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, mon
     began = time.monotonic()
     stage = runner.run("hang", [sys.executable, str(hang)], "a.log")
     assert stage.status == "timeout (1 s)" and time.monotonic() - began < 10
-    time.sleep(4)
+    time.sleep(3)
     assert not marker.exists()  # the grandchild was ended with the stage
     log = (tmp_path / "a.log").read_text()
     assert "hello" in log and "===== hang: timeout (1 s)" in log
