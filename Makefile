@@ -51,8 +51,25 @@ format: install
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
 
+# Op benchmarks through pytest-benchmark (small shapes on CPU, the GPU targets' on CUDA); the
+# JSON lands beside the JSONL records. `bench-records` appends the README's JSONL figures.
 bench: install
+	$(PYTHON) -m pytest -p no:cacheprovider -q benchmarks/test_bench_ops.py \
+	  --benchmark-json=benchmarks/results/ops-pytest-benchmark-$$($(PYTHON) -c \
+	  "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')").json
+
+bench-records: install
 	$(PYTHON) benchmarks/run_all.py
+
+# The GPU proof kit for a lent GPU machine: python3 there already has CUDA torch and Triton and
+# there is no network, so nothing is installed. Builds the CUDA extension in place, runs
+# `pytest -m cuda`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (8 minutes in
+# all), and writes at most 8 files to GPU_CHECK_OUT. Without a CUDA device it exits at once.
+GPU_CHECK_OUT ?= build/gpu-check
+GPU_PYTHON ?= python3
+.PHONY: gpu-check bench-records
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)"
 
 # Fashion-MNIST demo (README's first command): BYOL on all data vs BYOL + ReLA on 50%.
 # Installs Debian's dataset-fashion-mnist package when the IDX files are missing and we can.

@@ -50,6 +50,14 @@ def fused_loss(backend: str):
     return run
 
 
+def loss_backends(device: torch.device) -> list[str]:
+    """The reference and the compiled backends usable on the device (Triton on GPU only: the
+    interpreter's speed means nothing)."""
+    status = rk.backends.available()
+    compiled = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+    return ["reference"] + [name for name in compiled if status[name].usable]
+
+
 def forward_backward(loss_fn, z, p, t):
     def run():
         z.grad = None
@@ -83,14 +91,7 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
     env = environment(device)
     shape = {"B": b, "Dp": dp, "d": d, "dtype": str(dtype).replace("torch.", "")}
 
-    status = rk.backends.available()
-    chosen = [
-        name
-        for name in ("reference", "cpu", "triton", "cuda")
-        if status[name].usable
-        and rk.backends._runs_on(name, device)
-        and not (name == "triton" and device.type == "cpu")
-    ]
+    chosen = loss_backends(device)
     fns = {
         "eager_fwd": forward_only(eager_loss, z, p, t),
         "eager_fb": forward_backward(eager_loss, z, p, t),

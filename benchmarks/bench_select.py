@@ -136,6 +136,8 @@ def bench_score_and_select(args, device: torch.device, env: dict) -> None:
         with torch.no_grad():
             eager = partial(eager_score_and_select, z, p, t, k)
             eager_ms = milliseconds(eager, args, device)
+            # The floor of a one-pass op: reading p once (a sum reads every element, writes one).
+            read_p_ms = milliseconds(partial(torch.sum, p), args, device)
             eager_peak = peak_memory_bytes(eager, device)
             backends = [b for b in select_backends(device) if b != "reference"]
             if device.type == "cuda" and rk.backends.available()["triton"].usable:
@@ -156,6 +158,8 @@ def bench_score_and_select(args, device: torch.device, env: dict) -> None:
                     "baseline": "eager transport + cosine_similarity + topk + sort",
                     "baseline_ms": round(eager_ms, 4),
                     "ratio": round(eager_ms / ms, 3),
+                    "read_p_ms": round(read_p_ms, 4),
+                    "over_read_p": round(ms / read_p_ms, 3),
                     "peak_mb": round(peak / 2**20, 2),
                     "baseline_peak_mb": round(eager_peak / 2**20, 2),
                     "warmup": args.warmup,
@@ -166,6 +170,7 @@ def bench_score_and_select(args, device: torch.device, env: dict) -> None:
                 print(
                     f"score_and_select {backend:9s} N={n} Dp={dp} d={d} {dtype_name:8s} k={k} "
                     f"{ms:9.3f} ms | eager {eager_ms:9.3f} ms ({eager_ms / ms:5.2f}x) | "
+                    f"read p {read_p_ms:9.3f} ms ({ms / read_p_ms:5.2f}x) | "
                     f"peak {peak / 2**20:.1f} MiB vs {eager_peak / 2**20:.1f} MiB"
                 )
                 if not args.no_save:
@@ -182,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats, no save")
     parser.add_argument("--skip-score", action="store_true", help="only select_topk")
+    parser.add_argument("--skip-select", action="store_true", help="only score_and_select")
     parser.add_argument("--out", default="select.jsonl", help="file under benchmarks/results/")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -197,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         args.score_shape = [65536, 768, 256] if device.type == "cpu" else [1 << 20, 768, 256]
     env = environment(device)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}")
-    bench_select_topk(args, device, env)
+    if not args.skip_select:
+        bench_select_topk(args, device, env)
     if not args.skip_score:
         bench_score_and_select(args, device, env)
 

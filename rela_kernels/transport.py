@@ -316,6 +316,7 @@ def _chunks(
             f"2-D chunks, got {type(source).__name__}"
         )
     width = None
+    first_device: torch.device | None = None
     row = 0
     for index, value in enumerate(raw):
         chunk = _to_tensor(where, name, value, index)
@@ -330,6 +331,13 @@ def _chunks(
             )
         if device is not None:
             chunk = chunk.to(device, non_blocking=True)
+        if first_device is None:
+            first_device = chunk.device
+        elif chunk.device != first_device:
+            raise ValueError(
+                f"{where}: {name} chunk {index} is on {chunk.device} but chunk 0 is on "
+                f"{first_device}; pass device= to move every chunk to one device"
+            )
         finite = torch.isfinite(chunk).all(dim=1)
         if not bool(finite.all()):
             bad = row + int(torch.nonzero(~finite)[0, 0])
@@ -507,5 +515,10 @@ def _paired_chunks(
                 else f"a src chunk of {x.shape[0]} rows is paired with a dst chunk of {y.shape[0]}"
             )
             raise ValueError(f"{where}: src and dst must have the same rows; {detail}")
+        if x.device != y.device:
+            raise ValueError(
+                f"{where}: src is on {x.device} but dst is on {y.device}; pass device= to "
+                "accumulate both on one device"
+            )
         rows += x.shape[0]
         yield x, y

@@ -1,20 +1,18 @@
 """Triton kernels of rela_kernels.triton.cosine_loss against rela_kernels.reference.
 
-On a machine without a GPU the kernels run under the Triton interpreter on CPU tensors; the flag
-has to be set before triton is first imported, hence the setdefault above every import. With
-``TRITON_INTERPRET=0`` and a GPU, the same tests run on CUDA tensors.
+On a machine without a GPU the kernels run under the Triton interpreter on CPU tensors (conftest.py
+sets the flag before triton is first imported, and only there). With a GPU the same tests run on
+CUDA tensors with the compiled kernels, and are then marked ``cuda`` so that ``pytest -m cuda``
+(``make gpu-check``) runs them too.
 
 Every test draws fresh random inputs (a freshly seeded generator; the seed is in the failure
 message), so nothing here compares against stored numbers.
 """
 
 import itertools
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -27,6 +25,8 @@ elif torch.cuda.is_available():
     DEVICE = torch.device("cuda")
 else:  # pragma: no cover - triton imported before TRITON_INTERPRET was set, and no GPU
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+pytestmark = [pytest.mark.cuda] if DEVICE.type == "cuda" else []
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-8

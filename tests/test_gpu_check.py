@@ -1,0 +1,111 @@
+"""`make gpu-check` on a machine without CUDA exits at once with a one-line reason; the summary it
+writes reads real benchmark records (made here at tiny CPU sizes) and a JUnit file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_without_cuda_it_exits_at_once_with_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    began = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gpu-check: needs a CUDA")
+    assert not out.exists()  # nothing built, nothing written
+    assert time.monotonic() - began < 30
+
+
+def test_summary_reads_benchmark_records_and_junit(tmp_path: Path) -> None:
+    gpu_check = _load(SCRIPT, "gpu_check_under_test")
+    records = tmp_path / "bench.jsonl"
+    bench = ROOT / "benchmarks"
+    bench_select = _load(bench / "bench_select.py", "bench_select_under_test")
+    bench_select.main(
+        ["--device", "cpu", "--out", str(records), "--sizes", "3000", "--warmup", "0"]
+        + ["--repeat", "1", "--score-shape", "64", "16", "8"]
+    )
+    bench_embed = _load(bench / "bench_embed.py", "bench_embed_under_test")
+    bench_embed.main(
+        ["--device", "cpu", "--out", str(records), "--prior", "random:resnet10"]
+        + ["--input-size", "16", "--batch-size", "2", "--repeat", "1"]
+    )
+    bench_loss = _load(bench / "bench_loss.py", "bench_loss_under_test")
+    with records.open("a") as handle:
+        for record in bench_loss.bench(64, 16, 8, torch.float32, torch.device("cpu"), 1):
+            handle.write(json.dumps(record) + "\n")
+    written = [json.loads(line) for line in records.read_text().splitlines()]
+    assert all(r["git_sha"] and r["device"] and r["torch"] for r in written)
+
+    rows = gpu_check.bench_table(records)
+    assert len(rows) == 2 + len(written)  # header, rule, one row per record
+    assert sum("| select_topk |" in r for r in rows) == 3  # one per k/N
+    assert sum("| score_and_select |" in r and "x read p" in r for r in rows) == 1
+    assert sum("| embed |" in r for r in rows) == 1
+    assert sum("| loss fwd+bwd |" in r for r in rows) == len(written) - 5
+
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite tests="7" failures="1" errors="0" skipped="2">'
+        "</testsuite></testsuites>"
+    )
+    assert gpu_check.junit_counts(junit) == "7 tests, 1 failures, 0 errors, 2 skipped"
+    assert gpu_check.junit_counts(tmp_path / "missing.xml") == "no JUnit file"
+    log = tmp_path / "sanitizer.log"
+    log.write_text("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+    assert gpu_check.sanitizer_summary(log) == "========= ERROR SUMMARY: 0 errors"
+
+
+def test_stage_budgets_fit_the_deadline() -> None:
+    gpu_check = _load(SCRIPT, "gpu_check_budget")
+    assert sum(gpu_check.BUDGET.values()) <= gpu_check.DEADLINE_S <= 8 * 60
+    assert len(gpu_check.FILES) <= 8
+
+
+def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, monkeypatch) -> None:
+    gpu_check = _load(SCRIPT, "gpu_check_runner")
+    monkeypatch.setitem(gpu_check.BUDGET, "quick", 30)
+    monkeypatch.setitem(gpu_check.BUDGET, "hang", 1)
+    runner = gpu_check.Runner(tmp_path)
+    assert runner.run("quick", [sys.executable, "-c", "print('hello')"], "a.log").status == "ok"
+    marker = tmp_path / "child-survived"
+    grandchild = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"
+    hang = tmp_path / "hang.py"
+    hang.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])\n"
+        "time.sleep(60)\n"
+    )
+    began = time.monotonic()
+    stage = runner.run("hang", [sys.executable, str(hang)], "a.log")
+    assert stage.status == "timeout (1 s)" and time.monotonic() - began < 10
+    time.sleep(3)
+    assert not marker.exists()  # the grandchild was ended with the stage
+    log = (tmp_path / "a.log").read_text()
+    assert "hello" in log and "===== hang: timeout (1 s)" in log
