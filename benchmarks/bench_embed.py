@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_result, environment, median_time  # noqa: E402
-from rela_train.embed import resolve_device  # noqa: E402
-from rela_train.priors import load_prior  # noqa: E402
+from rela_train.prior.loaders import load_prior  # noqa: E402
+from rela_train.runtime import resolve_device  # noqa: E402
 
 
 def bench(prior_spec: str, size: int, batch: int, device: torch.device, repeat: int) -> dict:

@@ -53,9 +53,9 @@ from common import append_result, environment  # noqa: E402
 from rela_train.config import TrainConfig  # noqa: E402
 from rela_train.data.jpeg_folder import make_jpeg_folder  # noqa: E402
 from rela_train.data.sources import Batch  # noqa: E402
-from rela_train.embed import resolve_device  # noqa: E402
 from rela_train.engine import Hooks, Trainer  # noqa: E402
 from rela_train.presets import get_preset  # noqa: E402
+from rela_train.runtime import resolve_device  # noqa: E402
 
 RESULTS_FILE = "train.jsonl"
 # The switch rule of each variant (its prior: --prior, except byol).

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rela_kernels._io import atomic_write, fsync_dir
+from rela_kernels.atomic_io import atomic_write, fsync_dir
 
 try:
     import fcntl

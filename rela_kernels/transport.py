@@ -15,8 +15,8 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
-from rela_kernels._io import atomic_write
 from rela_kernels._validation import check_finite, check_same_device, check_tensor
+from rela_kernels.atomic_io import atomic_write
 from rela_kernels.store import EmbeddingStore
 
 __all__ = ["Transport", "fit_least_squares", "fit_pca_whitening"]

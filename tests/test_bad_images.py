@@ -14,16 +14,16 @@ import pytest
 import torch
 from image_folder import make_image_folder
 from PIL import Image
-from rela_train.augment import ViewSpec
 from rela_train.cli import main
+from rela_train.data.augment import ViewSpec
 from rela_train.data.folder import EvalTransform, ImageFolder, fingerprint, list_images
 from rela_train.data.images import UnreadableImage, read_rgb, to_rgb
 from rela_train.data.sources import FolderSource
 from rela_train.data.views import CropPlan, decode_views, load_rgb, simplejpeg
-from rela_train.embed import TRANSPORT_FILE, embed
 from rela_train.fit import evaluate_checkpoint, fit
 from rela_train.presets import get_preset
-from rela_train.prior_targets import prepare_prior
+from rela_train.prior.embedding import TRANSPORT_FILE, embed
+from rela_train.prior.targets import prepare_prior
 
 import rela_kernels as rk
 

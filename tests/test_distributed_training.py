@@ -250,7 +250,7 @@ def test_distributed_fit_needs_an_explicit_run_directory(monkeypatch, capsys) ->
 
 def test_collective_failures_exit_with_their_own_status(monkeypatch, capsys) -> None:
     from rela_train import cli, fit
-    from rela_train.distributed import DistributedError
+    from rela_train.runtime import DistributedError
 
     def failing(*args, **kwargs):
         raise DistributedError("rank 1 of 2: a collective failed")

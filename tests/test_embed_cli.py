@@ -12,8 +12,8 @@ import pytest
 import torch
 from image_folder import make_image_folder
 from rela_train.cli import main
-from rela_train.embed import TRANSPORT_FILE, embed
-from rela_train.priors import load_prior
+from rela_train.prior.embedding import TRANSPORT_FILE, embed
+from rela_train.prior.loaders import load_prior
 
 import rela_kernels as rk
 from rela_kernels import store as store_module

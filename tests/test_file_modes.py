@@ -13,7 +13,7 @@ from rela_train.fit import fit
 from rela_train.presets import get_preset
 
 import rela_kernels as rk
-from rela_kernels._io import atomic_write_text
+from rela_kernels.atomic_io import atomic_write_text
 
 
 @contextmanager

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
-from rela_train.augment import (
+from rela_train.config import TrainConfig
+from rela_train.data import views as views_module
+from rela_train.data.augment import (
     BYOL_VIEWS,
     RELA_VIEWS,
     Augmenter,
@@ -27,8 +29,6 @@ from rela_train.augment import (
     sample_photometric,
     sample_view,
 )
-from rela_train.config import TrainConfig
-from rela_train.data import views as views_module
 from rela_train.data.jpeg_folder import make_jpeg_folder, structured_image
 from rela_train.data.sources import FolderSource, TensorSource, build_sources
 from rela_train.data.views import CropPlan, decode_views, draft_scale, load_rgb, stable_seed

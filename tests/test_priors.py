@@ -12,7 +12,7 @@ from image_folder import make_image_folder
 from PIL import Image
 from rela_train.data.folder import EvalTransform, ImageFolder, fingerprint, list_images
 from rela_train.models import build_resnet
-from rela_train.priors import ModelPrior, PrecomputedPrior, load_prior
+from rela_train.prior.loaders import ModelPrior, PrecomputedPrior, load_prior
 from torch import nn
 
 # Scripting the test encoders is how users export theirs; its deprecation is not ours to report.

@@ -11,7 +11,7 @@ import pytest
 import torch
 from image_folder import make_image_folder
 from rela_train.cli import main
-from rela_train.embed import embed
+from rela_train.prior.embedding import embed
 
 import rela_kernels as rk
 from rela_kernels import store as store_module

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter, ViewSpec, sample_view
 from rela_train.byol import BYOL, byol_loss
 from rela_train.config import TrainConfig, parse_switch
+from rela_train.data.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter, ViewSpec, sample_view
 from rela_train.data.fashion_mnist import load_fashion_mnist
 from rela_train.evaluate import knn_accuracy, linear_probe_accuracy
 from rela_train.optim import LARS, cosine_ema_tau, lr_factor, parameter_groups
@@ -317,8 +317,8 @@ def test_prepare_prior_resumes_an_embedding_left_incomplete(tmp_path):
     """A run killed while embedding an in-memory dataset resumes it instead of failing."""
     import numpy as np
     from rela_train.data.sources import TensorSource
-    from rela_train.prior_targets import prepare_prior
-    from rela_train.priors import load_prior
+    from rela_train.prior.loaders import load_prior
+    from rela_train.prior.targets import prepare_prior
 
     import rela_kernels as rk
 

@@ -111,7 +111,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _embed_run(args: argparse.Namespace) -> int:
-    from rela_train.embed import embed, verify_store
+    from rela_train.prior.embedding import embed, verify_store
 
     if args.verify:
         report = verify_store(args.out)
@@ -186,7 +186,7 @@ def _transportability_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _transportability_run(args: argparse.Namespace) -> int:
-    from rela_train.transportability import transportability
+    from rela_train.prior.transportability import transportability
 
     result = transportability(
         args.a, args.b, ridge=args.ridge, holdout=args.holdout, seed=args.seed
@@ -213,7 +213,7 @@ register(
 
 
 # fit, eval, report, demo: the trainer's commands live in rela_train.train_commands.
-from rela_train.distributed import DistributedError  # noqa: E402
+from rela_train.runtime import DistributedError  # noqa: E402
 from rela_train.train_commands import register_train_commands  # noqa: E402
 
 register_train_commands(sys.modules[__name__])

@@ -51,23 +51,13 @@ from torch import nn
 from tqdm import tqdm
 
 import rela_kernels as rk
-from rela_kernels._io import atomic_write, atomic_write_text
+from rela_kernels.atomic_io import atomic_write, atomic_write_text
 from rela_kernels.selection import subset_size
-from rela_train.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
 from rela_train.byol import BYOL, byol_loss
 from rela_train.config import RESUME_SETTINGS, TrainConfig
+from rela_train.data.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
 from rela_train.data.sources import Batch, FolderSource, Source, build_sources
 from rela_train.data.views import CropPlan, stable_seed
-from rela_train.distributed import (
-    DistributedError,
-    agree_min,
-    check_shared_directory,
-    describe_failure,
-    is_collective_failure,
-    rank0_first,
-)
-from rela_train.distributed import setup as setup_distributed
-from rela_train.embed import resolve_device
 from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
 from rela_train.models import build_resnet
 from rela_train.optim import (
@@ -77,9 +67,19 @@ from rela_train.optim import (
     parameter_groups,
     set_learning_rates,
 )
-from rela_train.prior_targets import PriorTargets, prepare_prior
+from rela_train.prior.targets import PriorTargets, prepare_prior
 from rela_train.rela import ReLAHead, Switch, build_switch, rela_loss
 from rela_train.run_directory import RunDirectory
+from rela_train.runtime import (
+    DistributedError,
+    agree_min,
+    check_shared_directory,
+    describe_failure,
+    is_collective_failure,
+    rank0_first,
+    resolve_device,
+)
+from rela_train.runtime import setup as setup_distributed
 
 __all__ = ["CHECKPOINT", "Hooks", "RunResult", "Trainer", "load_checkpoint"]
 

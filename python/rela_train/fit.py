@@ -13,9 +13,9 @@ import torch
 
 from rela_train.config import TrainConfig
 from rela_train.data.sources import build_sources
-from rela_train.embed import resolve_device
 from rela_train.engine import Hooks, RunResult, Trainer, build_learner, load_checkpoint
 from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from rela_train.runtime import resolve_device
 
 __all__ = ["evaluate_checkpoint", "fit"]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rela_train.augment import normalize
+from rela_train.data.augment import normalize
 from rela_train.data.folder import IMAGE_EXTENSIONS, ImageFolder
 from rela_train.data.images import UnreadableImage, to_rgb
 from rela_train.data.views import CropPlan, decode_views, load_rgb, resolve_decoder

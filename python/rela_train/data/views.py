@@ -4,7 +4,7 @@ Decoding a whole ImageNet JPEG (about 500 x 375 pixels, often much more) only to
 224 px wastes most of the decode, and a fixed center crop before augmentation throws away the
 crop distribution over the full image. This module instead draws each view's crop box in the
 ORIGINAL image's pixel coordinates (torchvision's RandomResizedCrop distribution, from
-:func:`rela_train.augment.sample_crop_boxes`), then decodes only as much as those boxes need:
+:func:`rela_train.data.augment.sample_crop_boxes`), then decodes only as much as those boxes need:
 
 * **Draft mode** (shrink-on-load): a JPEG stores 8 x 8 DCT blocks, and libjpeg can reconstruct
   them at 1/2, 1/4 or 1/8 scale directly in the DCT domain, skipping most of the inverse transform
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rela_train.augment import ViewSpec, _bernoulli, sample_crop_boxes
+from rela_train.data.augment import ViewSpec, _bernoulli, sample_crop_boxes
 from rela_train.data.images import (
     UnreadableImage,
     check_pixel_count,

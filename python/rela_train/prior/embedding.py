@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import rela_kernels as rk
 from rela_train.data.folder import ImageFolder
-from rela_train.priors import ModelPrior, PrecomputedPrior, Prior, load_prior
+from rela_train.prior.loaders import ModelPrior, PrecomputedPrior, Prior, load_prior
+from rela_train.runtime import resolve_device
 
 __all__ = [
     "DEFAULT_MAX_DIM",
@@ -116,19 +117,6 @@ def verify_store(out: str | os.PathLike[str]) -> VerifyResult:
     )
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else must exist here."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {device!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available on this machine")
-    return device
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -153,7 +141,7 @@ def embed(
 
     Args:
         data: image folder (see :mod:`rela_train.data.folder`).
-        prior: a spec string (see :mod:`rela_train.priors`) or a loaded :class:`Prior`.
+        prior: a spec string (see :mod:`rela_train.prior.loaders`) or a loaded :class:`Prior`.
         out: store directory; created, or resumed when it holds an unfinished store of the same
             dataset and prior.
         batch_size: images per forward pass.

@@ -32,6 +32,7 @@ __all__ = [
     "describe_failure",
     "is_collective_failure",
     "rank0_first",
+    "resolve_device",
     "setup",
 ]
 
@@ -69,6 +70,19 @@ class DistContext:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else must exist here."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available on this machine")
+    return device
 
 
 def _env_int(name: str, default: int) -> int:

@@ -3,7 +3,7 @@
 Either an existing embedding store is used (``--prior-store DIR``, made by ``rela-train embed``;
 ``DIR/transport.pt`` is the transport), or the embeddings are computed once into ``RUN/prior``
 (``--prior SPEC``): in-memory datasets are embedded directly from their tensors, image folders
-through :func:`rela_train.embed.embed`. A store made for other data is refused by its fingerprint,
+through :func:`.embedding.embed`. A store made for other data is refused by its fingerprint,
 and a store whose rows fail their checksums is refused before any target is made from it. Rows the
 store marks skipped (unreadable images) make no target: their per-sample weight is 0
 (:meth:`PriorTargets.valid`).
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import rela_kernels as rk
 from rela_train.data.sources import FolderSource, Source, TensorSource
-from rela_train.embed import TRANSPORT_FILE
-from rela_train.priors import ModelPrior, load_prior
+from rela_train.prior.embedding import TRANSPORT_FILE
+from rela_train.prior.loaders import ModelPrior, load_prior
 
 __all__ = ["PriorTargets", "prepare_prior"]
 
@@ -131,7 +131,7 @@ def prepare_prior(
                     "--prior: embedding a subset of an image folder is not supported; embed the "
                     "folder with `rela-train embed` and train on the whole folder"
                 )
-            from rela_train.embed import embed
+            from rela_train.prior.embedding import embed
 
             done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
             if not done or not rk.EmbeddingStore.open(path).complete:
