@@ -91,5 +91,73 @@ demo: install
 	fi
 	$(PYTHON) -m rela_train demo --data-dir "$(FASHION_MNIST_DIR)" $(DEMO_ARGS)
 
+# ---------------------------------------------------------------------------------------------
+# `make cuda-compile`: the whole CUDA extension compiled on a machine with nvcc and no GPU.
+# It builds exactly what setup.py builds with CUDA (csrc/rela.cpp and csrc/cpu/*.cpp with
+# RELA_WITH_CUDA, csrc/cuda/*.cu including the torch glue bindings.cu) against a CUDA build of
+# torch installed into a side venv outside the repository (CUDA_VENV; made on first use with
+# CUDA_PY, reused afterwards). The CUDA headers ATen includes beyond the toolkit's (cuBLAS,
+# cuSPARSE, cuSOLVER) come from the nvidia-* wheels that torch pulls into that venv.
+# The sources are staged by content (`install -C` leaves unchanged files alone) into a build
+# directory outside the source tree (CUDA_BUILD_DIR), so ninja's cache survives a fresh clone in
+# another folder and only edited files recompile. The result is
+# $(CUDA_BUILD_DIR)/lib/rela_kernels/_C.*.so; the source tree's own _C.so is never touched.
+# Default: torch 2.11.0+cu130 on Python 3.12 from PyPI, what the lent GPU machines carry.
+# `CUDA_TORCH_SPEC=torch==2.14.1 CUDA_PY=python3.11` uses the build this VM's mirror holds.
+# The README ("Compiling the CUDA extension without a GPU") records what a first and a second
+# run cost; the first downloads ~3 GB of wheels and compiles for minutes, so the test suite
+# never starts it (tests/test_cuda_compile.py runs only where CUDA_VENV exists).
+CUDA_TORCH_SPEC ?= torch==2.11.0
+CUDA_PY ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+CUDA_CACHE ?= $(HOME)/.cache/rela-kernels
+CUDA_TAG := $(subst ==,-,$(subst /,_,$(CUDA_TORCH_SPEC)))
+CUDA_VENV ?= $(CUDA_CACHE)/cuda-venv-$(CUDA_TAG)
+CUDA_BUILD_DIR ?= $(CUDA_CACHE)/cuda-build-$(CUDA_TAG)
+CUDA_ARCH_LIST ?= 9.0
+CUDA_MAX_JOBS ?= 2
+CUDA_STAMP := $(CUDA_VENV)/.rela-installed-$(CUDA_TAG)
+CUDA_EXT_FILES := setup.py pyproject.toml README.md $(shell find csrc -type f)
+
+.PHONY: cuda-compile cuda-compile-locked cuda-compile-paths
+
+$(CUDA_STAMP):
+	[ -x "$(CUDA_VENV)/bin/python" ] || "$(CUDA_PY)" -m venv "$(CUDA_VENV)"
+	@# numpy only so that importing torch during the build does not warn.
+	"$(CUDA_VENV)/bin/python" -m pip install --disable-pip-version-check "$(CUDA_TORCH_SPEC)" \
+	  setuptools wheel ninja numpy
+	touch "$@"
+
+# One build at a time per build directory (the test suite may run this while a person does).
+cuda-compile: $(CUDA_STAMP)
+	@command -v nvcc >/dev/null || [ -n "$(CUDA_HOME)" ] || \
+	  { echo "cuda-compile: nvcc not found on PATH and CUDA_HOME not set" >&2; exit 1; }
+	@mkdir -p "$(CUDA_BUILD_DIR)"
+	flock "$(CUDA_BUILD_DIR)/.lock" $(MAKE) --no-print-directory cuda-compile-locked
+
+# CUDA_HOME defaults to the toolkit nvcc itself runs from (the `nvcc` on PATH may be a wrapper
+# script outside the toolkit, where torch's own guess would look).
+cuda-compile-locked:
+	@set -e; src="$(CUDA_BUILD_DIR)/src"; \
+	for f in $(sort $(CUDA_EXT_FILES)); do install -C -D -m 644 "$$f" "$$src/$$f"; done; \
+	cd "$$src" && find csrc -type f | while read -r f; do \
+	  [ -e "$(CURDIR)/$$f" ] || rm -f "$$f"; done
+	@set -e; \
+	cuda_home="$${CUDA_HOME:-$$(nvcc -dryrun -c -x cu /dev/null -o /dev/null 2>&1 | \
+	  sed -n 's/^#\$$ TOP=//p' | head -n 1)}"; \
+	cuda_home="$$(readlink -f "$$cuda_home")"; \
+	site="$$("$(CUDA_VENV)/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"; \
+	wheel_includes="$$(ls -d "$$site"/nvidia/*/include 2>/dev/null | tr '\n' ':')"; \
+	echo "cuda-compile: $(CUDA_TORCH_SPEC) CUDA_HOME=$$cuda_home TORCH_CUDA_ARCH_LIST=$(CUDA_ARCH_LIST) MAX_JOBS=$(CUDA_MAX_JOBS) -> $(CUDA_BUILD_DIR)/lib"; \
+	cd "$(CUDA_BUILD_DIR)/src" && CUDA_HOME="$$cuda_home" \
+	  TORCH_CUDA_ARCH_LIST="$(CUDA_ARCH_LIST)" MAX_JOBS="$(CUDA_MAX_JOBS)" RELA_BUILD_CUDA=1 \
+	  CPATH="$${wheel_includes}$${CPATH:-}" \
+	  "$(CUDA_VENV)/bin/python" setup.py -q build_ext --build-lib ../lib --build-temp ../obj
+	@ls "$(CUDA_BUILD_DIR)"/lib/rela_kernels/_C*.so
+
+# For tests/test_cuda_compile.py: where the side venv and the build directory are.
+cuda-compile-paths:
+	@echo "CUDA_VENV=$(CUDA_VENV)"
+	@echo "CUDA_BUILD_DIR=$(CUDA_BUILD_DIR)"
+
 clean:
 	rm -rf build *.egg-info rela_kernels/_C*.so $(STAMP)
