@@ -18,7 +18,18 @@ from torch import nn
 
 import rela_kernels as rk
 
-__all__ = ["BYOL", "MLP", "byol_loss"]
+__all__ = ["BYOL", "MLP", "byol_loss", "hidden_width"]
+
+
+def hidden_width(rule: str, proj_hidden: int, feature_dim: int) -> int:
+    """Projector/predictor hidden width for ``--proj-hidden-rule``: ``fixed`` is
+    ``--proj-hidden``; ``double`` is twice the backbone's feature width (the official ReLA code,
+    ``methods/byol.py``)."""
+    if rule == "fixed":
+        return proj_hidden
+    if rule == "double":
+        return 2 * feature_dim
+    raise ValueError(f"--proj-hidden-rule: expected fixed or double, got {rule!r}")
 
 
 class MLP(nn.Sequential):

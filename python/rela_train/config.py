@@ -20,8 +20,11 @@ from typing import Any
 __all__ = [
     "DATASETS",
     "SELECTIONS",
+    "LEGACY_VALUES",
+    "OFFICIAL_RECIPE",
     "TrainConfig",
     "add_config_arguments",
+    "apply_recipe",
     "config_from_args",
     "parse_switch",
 ]
@@ -29,7 +32,17 @@ __all__ = [
 DATASETS = ("fashion-mnist", "folder", "synthetic")
 SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
 OPTIMIZERS = ("lars", "adamw")
-RELA_HEADS = ("trainable", "frozen")
+RELA_HEADS = ("frozen", "trainable")
+RECIPES = ("default", "official")
+LR_SCHEDULES = ("cosine", "constant")
+LR_SCALINGS = ("linear", "none")
+TAU_SCHEDULES = ("cosine", "constant")
+PROJ_HIDDEN_RULES = ("fixed", "double")
+RELA_DIM_RULES = ("fixed", "min-width")
+CONST_SWITCHES = ("step", "epoch")
+ON_OFF = ("on", "off")
+PRIOR_PREPROCESSING = ("prior", "official")
+PROBES = ("lbfgs", "official", "none")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
 RESUME_SETTINGS = ("progress", "threads")
@@ -88,9 +101,32 @@ class TrainConfig:
     small_images: bool = field(
         default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
     )
+    byol_blur: str = field(
+        default="on",
+        metadata=_opt(
+            "Gaussian blur in the BYOL views (off: as the official code for CIFAR-size images)",
+            choices=ON_OFF,
+        ),
+    )
     proj_hidden: int = field(default=4096, metadata=_opt("hidden width of projector/predictor"))
+    proj_hidden_rule: str = field(
+        default="fixed",
+        metadata=_opt(
+            "projector/predictor hidden width: fixed (--proj-hidden) or double (2 x the "
+            "backbone's feature width, the official code)",
+            choices=PROJ_HIDDEN_RULES,
+        ),
+    )
     proj_dim: int = field(default=256, metadata=_opt("output width of projector and predictor"))
     # -- optimisation --------------------------------------------------------------------------
+    recipe: str = field(
+        default="default",
+        metadata=_opt(
+            "default (this project's BYOL recipe) or official (the official ReLA code's: see the "
+            "README); the recipe sets only the settings not given as flags",
+            choices=RECIPES,
+        ),
+    )
     epochs: int = field(default=100, metadata=_opt("training epochs"))
     batch_size: int = field(default=256, metadata=_opt("images per optimizer micro-batch"))
     accum_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
@@ -106,13 +142,33 @@ class TrainConfig:
         default=0.2,
         metadata=_opt("base learning rate per 256 images (scaled by the effective batch / 256)"),
     )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=_opt(
+            "cosine (linear warmup, then cosine decay to 0) or constant (--lr throughout)",
+            choices=LR_SCHEDULES,
+        ),
+    )
+    lr_scaling: str = field(
+        default="linear",
+        metadata=_opt(
+            "linear (--lr x effective batch / 256) or none (--lr as given)", choices=LR_SCALINGS
+        ),
+    )
     weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay"))
     momentum: float = field(default=0.9, metadata=_opt("LARS momentum"))
     lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient"))
     warmup_epochs: float = field(default=10.0, metadata=_opt("linear warmup, in epochs"))
     probe_lr: float = field(default=0.1, metadata=_opt("learning rate of the online linear probe"))
     ema_base: float = field(
-        default=0.99, metadata=_opt("target EMA tau at step 0 (cosine-scheduled to 1.0)")
+        default=0.99, metadata=_opt("target EMA tau at step 0 (see --tau-schedule)")
+    )
+    tau_schedule: str = field(
+        default="cosine",
+        metadata=_opt(
+            "target EMA tau: cosine (--ema-base -> 1.0) or constant (--ema-base throughout)",
+            choices=TAU_SCHEDULES,
+        ),
     )
     # -- ReLA ----------------------------------------------------------------------------------
     prior: str | None = field(
@@ -128,20 +184,52 @@ class TrainConfig:
         metadata=_opt("enable ReLA with an existing embedding store (with transport.pt)"),
     )
     rela_dim: int = field(default=256, metadata=_opt("transport width d when computing a prior"))
-    rela_head: str = field(
-        default="trainable",
+    rela_dim_rule: str = field(
+        default="fixed",
         metadata=_opt(
-            "ReLA linear head: trainable, or frozen (the official code: not optimised)",
+            "transport width when computing a prior: fixed (--rela-dim) or min-width (min of the "
+            "backbone's feature width and the prior's width, the official code)",
+            choices=RELA_DIM_RULES,
+        ),
+    )
+    rela_head: str = field(
+        default="frozen",
+        metadata=_opt(
+            "ReLA linear head: frozen (random, not optimised: the official code) or trainable "
+            "(this project's variant)",
             choices=RELA_HEADS,
+        ),
+    )
+    prior_preprocess: str = field(
+        default="prior",
+        metadata=_opt(
+            "--prior preprocessing: prior (each prior's own resize/crop/normalisation; bf16 on "
+            "CUDA) or official (Resize(S) + CenterCrop(S), ImageNet normalisation, float32)",
+            choices=PRIOR_PREPROCESSING,
         ),
     )
     switch: str = field(
         default="adaptive",
         metadata=_opt("ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never"),
     )
+    const_switch: str = field(
+        default="step",
+        metadata=_opt(
+            "const:F semantics: step (after round(F x total steps) steps) or epoch (at the start "
+            "of epoch floor(F x epochs), the official code)",
+            choices=CONST_SWITCHES,
+        ),
+    )
     # -- data selection ------------------------------------------------------------------------
     budget: float = field(default=1.0, metadata=_opt("fraction of the data per epoch, in (0, 1]"))
     selection: str = field(default="random", metadata=_opt("subset policy", choices=SELECTIONS))
+    anneal: float | None = field(
+        default=None,
+        metadata=_opt(
+            "annealing: the last floor(DELTA x epochs) epochs train on the full data with weight "
+            "1 (InfoBatch); DELTA in [0, 1); unset: 0.125 for infobatch, else 0"
+        ),
+    )
     # -- engine --------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_opt("seed of initialisation, subsets, augmentation"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N"))
@@ -176,13 +264,32 @@ class TrainConfig:
         default=None,
         metadata=_opt("per-epoch kNN: use at most this many training images as the bank"),
     )
+    probe: str = field(
+        default="lbfgs",
+        metadata=_opt(
+            "final linear probe: lbfgs (standardised features, full batch), official (the "
+            "official code's: Adam 3e-4, batch 128, raw features, mean of the last 3 epochs) "
+            "or none",
+            choices=PROBES,
+        ),
+    )
     probe_epochs: int = field(
         default=100,
-        metadata=_opt("final linear probe: L-BFGS iterations on frozen features (0: none)"),
+        metadata=_opt(
+            "final linear probe: L-BFGS iterations, or the official probe's epochs (0: none)"
+        ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
 
     # ------------------------------------------------------------------------------------------
+
+    @property
+    def anneal_fraction(self) -> float:
+        """The annealed fraction of the epochs: ``--anneal``, or when unset 0.125 for
+        ``infobatch`` (InfoBatch's default) and 0 for the other policies."""
+        if self.anneal is not None:
+            return self.anneal
+        return 0.125 if self.selection == "infobatch" else 0.0
 
     @property
     def rela(self) -> bool:
@@ -202,7 +309,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
-        return cls(**values).validate()
+        # A config.json written before a setting existed resumes with the behaviour it ran with.
+        return cls(**{**LEGACY_VALUES, **values}).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -292,7 +400,26 @@ class TrainConfig:
             "give either --prior or --prior-store, not both",
         )
         need(self.rela_dim >= 1, "rela_dim", f"must be >= 1, got {self.rela_dim}")
-        need(self.rela_head in RELA_HEADS, "rela_head", f"must be one of {', '.join(RELA_HEADS)}")
+        for name, allowed in (
+            ("recipe", RECIPES),
+            ("lr_schedule", LR_SCHEDULES),
+            ("lr_scaling", LR_SCALINGS),
+            ("tau_schedule", TAU_SCHEDULES),
+            ("proj_hidden_rule", PROJ_HIDDEN_RULES),
+            ("rela_head", RELA_HEADS),
+            ("rela_dim_rule", RELA_DIM_RULES),
+            ("const_switch", CONST_SWITCHES),
+            ("byol_blur", ON_OFF),
+            ("prior_preprocess", PRIOR_PREPROCESSING),
+            ("probe", PROBES),
+        ):
+            value = getattr(self, name)
+            need(value in allowed, name, f"must be one of {', '.join(allowed)}, got {value!r}")
+        need(
+            self.anneal is None or 0.0 <= self.anneal < 1.0,
+            "anneal",
+            f"must be in [0, 1), got {self.anneal}",
+        )
         parse_switch(self.switch)
         need(
             math.isfinite(self.budget) and 0 < self.budget <= 1,
@@ -307,6 +434,62 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
         return self
+
+
+# Settings added after config.json files were first written: a file without the key ran with
+# this value (the default may since have changed, as rela_head's did).
+LEGACY_VALUES: dict[str, Any] = {
+    "recipe": "default",
+    "proj_hidden_rule": "fixed",
+    "byol_blur": "on",
+    "lr_schedule": "cosine",
+    "lr_scaling": "linear",
+    "tau_schedule": "cosine",
+    "rela_dim_rule": "fixed",
+    "rela_head": "trainable",
+    "prior_preprocess": "prior",
+    "const_switch": "step",
+    "anneal": 0.0,
+    "probe": "lbfgs",
+}
+
+# The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
+# scheduler), main.py get_parser (lr 1e-3, weight decay 0.01), methods/byol.py (tau 0.99,
+# hidden width 2 x feature width; TransformBYOL: no blur for CIFAR), boostor/rela.py (head not
+# optimised, PCA to min(feature width, prior width), const switch by epoch, Resize + CenterCrop
+# + ImageNet normalisation), metrics/lineareval.py (the probe).
+OFFICIAL_RECIPE: dict[str, Any] = {
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    "lr_schedule": "constant",
+    "lr_scaling": "none",
+    "tau_schedule": "constant",
+    "ema_base": 0.99,
+    "proj_hidden_rule": "double",
+    "rela_head": "frozen",
+    "rela_dim_rule": "min-width",
+    "const_switch": "epoch",
+    "prior_preprocess": "official",
+    "probe": "official",
+    "probe_epochs": 100,
+}
+
+# The official code turns blur off for CIFAR (32 px) only.
+_OFFICIAL_BLUR_MAX_SIZE = 32
+
+
+def apply_recipe(
+    config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
+) -> TrainConfig:
+    """``config`` with its ``recipe``'s settings applied to every field not in ``explicit``
+    (the fields the user set: they win). ``default`` changes nothing."""
+    if config.recipe == "default":
+        return config.validate()
+    values = dict(OFFICIAL_RECIPE)
+    values["byol_blur"] = "off" if config.image_size <= _OFFICIAL_BLUR_MAX_SIZE else "on"
+    changes = {name: value for name, value in values.items() if name not in explicit}
+    return dataclasses.replace(config, **changes).validate()
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|[a-z]+(:\d+)?")
@@ -409,4 +592,4 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
     for f in dataclasses.fields(TrainConfig):
         if _optional_int(f) and changes.get(f.name) == 0:
             changes[f.name] = None
-    return dataclasses.replace(base, **changes).validate()
+    return apply_recipe(dataclasses.replace(base, **changes), explicit=set(changes))

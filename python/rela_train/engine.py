@@ -53,22 +53,23 @@ from tqdm import tqdm
 import rela_kernels as rk
 from rela_kernels.atomic_io import atomic_write, atomic_write_text
 from rela_kernels.selection import subset_size
-from rela_train.byol import BYOL, byol_loss
+from rela_train.byol import BYOL, byol_loss, hidden_width
 from rela_train.config import RESUME_SETTINGS, TrainConfig
-from rela_train.data.augment import BYOL_VIEWS, RELA_VIEWS, Augmenter
+from rela_train.data.augment import RELA_VIEWS, Augmenter, byol_views
 from rela_train.data.sources import Batch, FolderSource, Source, build_sources
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
-from rela_train.models import build_resnet
+from rela_train.models import build_resnet, resnet_feature_dim
 from rela_train.optim import (
     build_optimizer,
-    cosine_ema_tau,
-    lr_factor,
+    ema_tau,
+    lr_scale,
     parameter_groups,
+    scheduled_lr_factor,
     set_learning_rates,
 )
 from rela_train.prior.targets import PriorTargets, prepare_prior
-from rela_train.rela import ReLAHead, Switch, build_switch, rela_loss
+from rela_train.rela import ReLAHead, Switch, build_switch, rela_loss, transport_width
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import (
     DistributedError,
@@ -119,7 +120,8 @@ class Learner(nn.Module):
             config.arch, small_images=config.small_images, width=config.width, in_channels=channels
         )
         self.feature_dim = backbone.feature_dim
-        self.byol = BYOL(backbone, self.feature_dim, config.proj_hidden, config.proj_dim)
+        hidden = hidden_width(config.proj_hidden_rule, config.proj_hidden, self.feature_dim)
+        self.byol = BYOL(backbone, self.feature_dim, hidden, config.proj_dim)
         self.rela_head = (
             ReLAHead(self.feature_dim, rela_dim, frozen=config.rela_head == "frozen")
             if rela_dim is not None
@@ -396,9 +398,14 @@ class Trainer:
                     prior=config.prior,
                     prior_store=config.prior_store,
                     run_dir=self.run_dir,
-                    dim=config.rela_dim,
+                    dim=transport_width(
+                        config.rela_dim_rule,
+                        config.rela_dim,
+                        resnet_feature_dim(config.arch, config.width),
+                    ),
                     device=self.device,
                     log=self.log,
+                    preprocess=config.prior_preprocess,
                 ),
             )
         self.learner = build_learner(
@@ -461,7 +468,7 @@ class Trainer:
 
         # Optimizer: BYOL online network and the ReLA head follow the schedule; the probe keeps
         # its own fixed learning rate and no weight decay.
-        scale = config.batch_size * self.accum_steps * self.world / 256
+        scale = lr_scale(config.lr_scaling, config.batch_size * self.accum_steps * self.world)
         lr = config.lr * scale
         groups = []
         for module in byol.online_modules():
@@ -485,13 +492,15 @@ class Trainer:
             momentum=config.momentum,
             eta=config.lars_eta,
         )
-        self.switch: Switch = build_switch(config.switch, self.total_steps)
+        self.switch: Switch = build_switch(
+            config.switch, self.total_steps, const_switch=config.const_switch, epochs=config.epochs
+        )
         if not config.rela:
             self.switch.switched = True
         channels = train.channels
         mean, std = train.mean[:channels], train.std[:channels]
         self.augment = {
-            "byol": Augmenter(BYOL_VIEWS, config.image_size, mean, std),
+            "byol": Augmenter(byol_views(config.byol_blur == "on"), config.image_size, mean, std),
             "rela": Augmenter(RELA_VIEWS, config.image_size, mean, std),
         }
         # Counters (restored on resume).
@@ -765,7 +774,9 @@ class Trainer:
     def _optimizer_step(self, batches: list[Batch]) -> dict[str, Any]:
         config = self.config
         phase = self.phase
-        factor = lr_factor(self.global_step, self.total_steps, self.warmup_steps)
+        factor = scheduled_lr_factor(
+            config.lr_schedule, self.global_step, self.total_steps, self.warmup_steps
+        )
         set_learning_rates(self.optimizer, factor, fixed=("probe",))
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -781,7 +792,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(totals)
         self.optimizer.step()
-        tau = cosine_ema_tau(self.global_step, self.total_steps, config.ema_base)
+        tau = ema_tau(config.tau_schedule, self.global_step, self.total_steps, config.ema_base)
         self.learner.byol.update_target(tau)
         totals = totals.cpu()  # the step's one host sync: the switch needs the loss now
         self.global_step += 1

@@ -15,7 +15,10 @@ __all__ = [
     "LARS",
     "build_optimizer",
     "cosine_ema_tau",
+    "ema_tau",
     "lr_factor",
+    "lr_scale",
+    "scheduled_lr_factor",
     "parameter_groups",
     "set_learning_rates",
 ]
@@ -153,3 +156,33 @@ def cosine_ema_tau(step: int, total_steps: int, base: float = 0.99) -> float:
     """
     progress = min(1.0, step / max(1, total_steps))
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+def scheduled_lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning-rate multiplier of ``--lr-schedule``: ``cosine`` is :func:`lr_factor`
+    (warmup, then cosine decay); ``constant`` is 1 throughout (the official ReLA code)."""
+    if schedule == "cosine":
+        return lr_factor(step, total_steps, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"--lr-schedule: expected cosine or constant, got {schedule!r}")
+
+
+def lr_scale(scaling: str, images_per_step: int) -> float:
+    """The multiplier of ``--lr`` for ``--lr-scaling``: ``linear`` is the effective batch / 256
+    (Goyal et al.), ``none`` is 1 (the official ReLA code)."""
+    if scaling == "linear":
+        return images_per_step / 256
+    if scaling == "none":
+        return 1.0
+    raise ValueError(f"--lr-scaling: expected linear or none, got {scaling!r}")
+
+
+def ema_tau(schedule: str, step: int, total_steps: int, base: float) -> float:
+    """The target decay of ``--tau-schedule``: ``cosine`` is :func:`cosine_ema_tau`,
+    ``constant`` is ``base`` throughout (the official ReLA code's 0.99)."""
+    if schedule == "cosine":
+        return cosine_ema_tau(step, total_steps, base)
+    if schedule == "constant":
+        return base
+    raise ValueError(f"--tau-schedule: expected cosine or constant, got {schedule!r}")

@@ -12,7 +12,10 @@ A switch rule decides, after every optimizer step, whether to move to BYOL, once
   ``fast <- 0.999 fast + 0.001 L`` and ``slow <- 0.99 slow + 0.01 fast``; start ``slow = 2``,
   ``fast = 1``; switch when ``rho >= 0.995``. ``rho`` is therefore always computed from the EMAs
   *before* this step's update.
-* ``const:F`` -- switch after ``round(F * total_steps)`` optimizer steps (F of the run).
+* ``const:F`` -- with ``--const-switch step`` (this project's): switch after
+  ``round(F * total_steps)`` optimizer steps; with ``--const-switch epoch`` (the official code,
+  ``boostor/rela.py``: ``current_epoch < int(conlam * epochs)``): train ReLA for epochs
+  ``0 .. floor(F * epochs) - 1`` and switch when epoch ``floor(F * epochs)`` starts.
 * ``never`` -- ReLA for the whole run.
 """
 
@@ -30,11 +33,13 @@ from rela_train.config import parse_switch
 __all__ = [
     "AdaptiveSwitch",
     "ConstSwitch",
+    "EpochSwitch",
     "NeverSwitch",
     "ReLAHead",
     "Switch",
     "build_switch",
     "rela_loss",
+    "transport_width",
 ]
 
 
@@ -142,16 +147,51 @@ class ConstSwitch(Switch):
         return self.switched
 
 
+class EpochSwitch(Switch):
+    """Switch when epoch ``floor(fraction * epochs)`` starts (at once if that is 0): the
+    official code's ``const`` rule."""
+
+    def __init__(self, fraction: float, epochs: int) -> None:
+        # The float product, floored, exactly as the official int(conlam * epochs).
+        self.switch_epoch = math.floor(fraction * epochs)
+        self.switched = self.switch_epoch <= 0
+
+    def before_epoch(self, epoch: int) -> bool:
+        if epoch >= self.switch_epoch:
+            self.switched = True
+        return self.switched
+
+
 class NeverSwitch(Switch):
     """ReLA for the whole run."""
 
 
-def build_switch(text: str, total_steps: int) -> Switch:
-    """The rule for ``--switch`` (``adaptive``, ``const:F``, ``never``)."""
+def build_switch(
+    text: str, total_steps: int, *, const_switch: str = "step", epochs: int | None = None
+) -> Switch:
+    """The rule for ``--switch`` (``adaptive``, ``const:F``, ``never``); ``const_switch``
+    (``step`` or ``epoch``, which needs ``epochs``) chooses the semantics of ``const:F``."""
     kind, fraction = parse_switch(text)
     if kind == "adaptive":
         return AdaptiveSwitch()
     if kind == "const":
         assert fraction is not None
+        if const_switch == "epoch":
+            if epochs is None:
+                raise ValueError("--const-switch epoch: the number of epochs is needed")
+            return EpochSwitch(fraction, epochs)
+        if const_switch != "step":
+            raise ValueError(f"--const-switch: expected step or epoch, got {const_switch!r}")
         return ConstSwitch(fraction, total_steps)
     return NeverSwitch()
+
+
+def transport_width(rule: str, rela_dim: int, feature_dim: int) -> int:
+    """The width ``d`` a computed prior is transported to: ``fixed`` is ``--rela-dim``;
+    ``min-width`` is the backbone's feature width, capped later by the prior's width (the
+    official code: ``boostor/rela.py`` ``_pca_reduce(Y, min(feature_dim, Y.shape[-1]))``)."""
+    if rule == "fixed":
+        return rela_dim
+    if rule == "min-width":
+        return feature_dim
+    raise ValueError(f"--rela-dim-rule: expected fixed or min-width, got {rule!r}")

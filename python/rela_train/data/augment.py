@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "BYOL_VIEWS",
+    "byol_views",
     "RELA_VIEWS",
     "Augmenter",
     "PhotometricParams",
@@ -73,6 +74,14 @@ class ViewSpec:
 BYOL_VIEWS = (ViewSpec(blur_p=1.0, solarize_p=0.0), ViewSpec(blur_p=0.1, solarize_p=0.2))
 _RELA_VIEW = ViewSpec(crop_scale=(0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8)
 RELA_VIEWS = (_RELA_VIEW, _RELA_VIEW)
+
+
+def byol_views(blur: bool = True) -> tuple[ViewSpec, ViewSpec]:
+    """:data:`BYOL_VIEWS`, or without Gaussian blur (``--byol-blur off``: the official ReLA code
+    for CIFAR-size images, ``methods/byol.py`` ``TransformBYOL``)."""
+    if blur:
+        return BYOL_VIEWS
+    return tuple(replace(spec, blur_p=0.0) for spec in BYOL_VIEWS)  # type: ignore[return-value]
 
 
 @dataclass

@@ -19,7 +19,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["RESNET_ARCHS", "BasicBlock", "Bottleneck", "ResNet", "build_resnet"]
+__all__ = [
+    "RESNET_ARCHS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "build_resnet",
+    "resnet_feature_dim",
+]
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -205,3 +212,11 @@ def build_resnet(
         in_channels=in_channels,
         zero_init_residual=zero_init_residual,
     )
+
+
+def resnet_feature_dim(arch: str, width: int = 64) -> int:
+    """The width of :func:`build_resnet`'s features without building the network."""
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown ResNet architecture {arch!r}; known: {', '.join(RESNET_ARCHS)}")
+    block, _ = RESNET_ARCHS[arch]
+    return 8 * width * block.expansion

@@ -30,6 +30,11 @@ Each prior declares its evaluation preprocessing (resize the shorter side, cente
 normalise; no augmentation), its input size and its output width ``dim``. ``identity`` is a
 canonical description including a hash of any weight file and the preprocessing: embedding stores
 record it, so resuming with a different model or preprocessing is refused.
+
+``preprocess="official"`` (``--prior-preprocess official``) replaces every network prior's
+preprocessing by the official ReLA code's (``boostor/rela.py`` ``add_reladata._update``): resize the
+shorter side to the crop size S, center crop S, ImageNet normalisation, and the network runs in
+float32 (no bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from rela_train.models import RESNET_ARCHS, build_resnet
 
 __all__ = [
     "NORMALIZATIONS",
+    "PREPROCESSING",
     "ModelPrior",
     "PrecomputedPrior",
     "Prior",
@@ -63,6 +69,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+
+PREPROCESSING = ("prior", "official")
 
 _KINDS = "torchscript, checkpoint, random, pixels, embeddings, timm, open_clip"
 _NO_DOWNLOAD_HINT = (
@@ -109,6 +117,8 @@ class ModelPrior(Prior):
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
         self._encode = encode
+        # False: run in float32 on CUDA too (the official ReLA code's preprocessing).
+        self.autocast = True
         self.device = torch.device(device)
         self.module.to(self.device)
         if self.device.type == "cuda":
@@ -132,7 +142,7 @@ class ModelPrior(Prior):
             images = images.contiguous(memory_format=torch.channels_last)
         if self._input_dtype is not None:
             images, context = images.to(self._input_dtype), nullcontext()
-        elif self.device.type == "cuda":
+        elif self.device.type == "cuda" and self.autocast:
             context = torch.autocast("cuda", dtype=torch.bfloat16)
         else:
             context = nullcontext()
@@ -193,6 +203,7 @@ def load_prior(
     input_size: int | None = None,
     normalize: str | None = None,
     num_rows: int | None = None,
+    preprocess: str = "prior",
 ) -> Prior:
     """Build the prior described by ``spec`` (see the module docstring).
 
@@ -201,6 +212,8 @@ def load_prior(
         input_size: override the prior's crop size (the resize grows in proportion).
         normalize: override the normalisation (``imagenet``, ``clip`` or ``none``).
         num_rows: the dataset size; an ``embeddings:`` prior must have exactly this many rows.
+        preprocess: ``prior`` (the prior's own preprocessing) or ``official`` (see the module
+            docstring; replaces ``normalize`` and the prior's resize ratio).
 
     Raises:
         ValueError: unknown kind, malformed spec, a file that is not what the kind expects, a row
@@ -214,6 +227,10 @@ def load_prior(
     if normalize is not None and normalize not in NORMALIZATIONS:
         raise ValueError(
             f"normalisation must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}"
+        )
+    if preprocess not in PREPROCESSING:
+        raise ValueError(
+            f"--prior-preprocess: expected one of {', '.join(PREPROCESSING)}, got {preprocess!r}"
         )
     kind, _, rest = spec.partition(":")
     loaders: dict[str, Callable[..., Prior]] = {
@@ -231,8 +248,13 @@ def load_prior(
         if input_size is not None or normalize is not None:
             raise ValueError("input size and normalisation do not apply to an embeddings: prior")
         return _load_embeddings(spec, rest, num_rows)
-    transform_options = {"input_size": input_size, "normalize": normalize}
-    return loaders[kind](spec, rest, device, transform_options)
+    official = preprocess == "official"
+    transform_options = {"input_size": input_size, "normalize": normalize, "official": official}
+    prior = loaders[kind](spec, rest, device, transform_options)
+    if official and isinstance(prior, ModelPrior):
+        prior.autocast = False
+        prior.identity += " | float32"
+    return prior
 
 
 def _transform(
@@ -253,6 +275,8 @@ def _transform(
         size = int(new_size)
     if options.get("normalize") is not None:
         normalize, mean, std = str(options["normalize"]), None, None
+    if options.get("official"):
+        resize, normalize, mean, std = size, "imagenet", None, None
     if mean is None or std is None:
         mean, std = NORMALIZATIONS[normalize]
     return EvalTransform(

@@ -113,8 +113,10 @@ def prepare_prior(
     dim: int,
     device: torch.device,
     log: Callable[[str], None],
+    preprocess: str = "prior",
 ) -> PriorTargets:
-    """Open or compute the training set's prior embeddings and transport (see module doc)."""
+    """Open or compute the training set's prior embeddings and transport (see module doc).
+    ``preprocess`` is :func:`~rela_train.prior.loaders.load_prior`'s (``--prior-preprocess``)."""
     where = "--prior-store" if prior_store is not None else "--prior"
     if prior_store is not None:
         path = Path(prior_store)
@@ -135,7 +137,7 @@ def prepare_prior(
 
             done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
             if not done or not rk.EmbeddingStore.open(path).complete:
-                loaded = load_prior(prior, device=device, num_rows=source.n)
+                loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
                 width = max(1, min(dim, loaded.dim, source.n - 1))  # as for in-memory data
                 embed(
                     source.folder.root, loaded, path, device=device, workers=source.workers,
@@ -151,7 +153,7 @@ def prepare_prior(
             else:
                 # A store left incomplete by a killed run is resumed: create_or_resume checks
                 # that it belongs to this data and prior, then only the missing chunks run.
-                loaded = load_prior(prior, device=device, num_rows=source.n)
+                loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
                 if not isinstance(loaded, ModelPrior):
                     raise ValueError(f"--prior: {prior!r} is not a model prior; use --prior-store")
                 log(f"embedding {source.n} images with {loaded.identity} (D={loaded.dim})")
