@@ -58,7 +58,11 @@ from rela_train.config import RESUME_SETTINGS, TrainConfig
 from rela_train.data.augment import RELA_VIEWS, Augmenter, byol_views
 from rela_train.data.sources import Batch, FolderSource, Source, build_sources
 from rela_train.data.views import CropPlan, stable_seed
-from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from rela_train.evaluate import (
+    extract_features,
+    final_probe_results,
+    knn_accuracy,
+)
 from rela_train.models import build_resnet, resnet_feature_dim
 from rela_train.optim import (
     build_optimizer,
@@ -879,9 +883,11 @@ class Trainer:
                 bank_f, bank_y, val_f, val_y, k=config.knn_k, temperature=config.knn_t,
                 num_classes=classes,
             )  # fmt: skip
-        if final and config.probe_epochs > 0:
-            result["linear_acc"] = linear_probe_accuracy(
-                train_f, train_y, val_f, val_y, num_classes=classes, iterations=config.probe_epochs
+        if final:
+            result.update(
+                final_probe_results(
+                    config.probe, train_f, train_y, val_f, val_y, classes, config.probe_epochs
+                )
             )
         result["eval_time"] = time.perf_counter() - start
         return result
@@ -1123,6 +1129,9 @@ class Trainer:
                 "knn_acc_bank": result.get("knn_acc_bank"),
                 "eval_bank": config.eval_bank,
                 "linear_acc": result.get("linear_acc"),
+                "probe": config.probe,
+                "linear_acc_official": result.get("linear_acc_official"),
+                "linear_acc_official_std": result.get("linear_acc_official_std"),
                 "skipped_images": self.train_source.skipped,
                 "skipped_files": sorted(
                     {*self.train_source.unreadable(), *self.val_source.unreadable()}
@@ -1140,7 +1149,8 @@ class Trainer:
             self.save_checkpoint()
             self.log(
                 f"done: kNN {summary['knn_acc']:.4f}, linear probe "
-                f"{_fmt(summary['linear_acc'])}, {self.samples_seen} samples in "
+                f"{_fmt(result.get('linear_acc', result.get('linear_acc_official')))}, "
+                f"{self.samples_seen} samples in "
                 f"{self.train_time:.0f} s of training ({wall_time:.0f} s in all)"
             )
         if self.world > 1:

@@ -5,12 +5,20 @@
   (k = 200, T = 0.1 by default).
 * Linear probe: multinomial logistic regression on standardised frozen features, fitted
   full-batch with L-BFGS (deterministic, converges in ~100 iterations on these sizes).
+* The official ReLA linear probe (``metrics/lineareval.py`` ``linear_eval`` of LINs-lab/ReLA):
+  a linear layer on the raw frozen features (no standardisation), Adam at lr 3e-4, mini-batches
+  of 128 shuffled each epoch, 100 epochs; the reported figure is the mean (and sample standard
+  deviation) of the test accuracy after each of the last 3 epochs. The official code averages
+  per-batch accuracies (a short last batch weighs as much as a full one); here the accuracy is
+  exact (correct / images).
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +26,14 @@ from torch import nn
 
 from rela_train.data.sources import Source
 
-__all__ = ["extract_features", "knn_accuracy", "linear_probe_accuracy"]
+__all__ = [
+    "OfficialProbeResult",
+    "extract_features",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "final_probe_results",
+    "official_linear_probe",
+]
 
 
 @torch.no_grad()
@@ -114,3 +129,92 @@ def linear_probe_accuracy(
     with torch.no_grad():
         predictions = probe(x_test).argmax(dim=1)
     return float((predictions == test_labels).float().mean())
+
+
+@dataclass(frozen=True)
+class OfficialProbeResult:
+    """The official probe's figure (``mean``, ``std`` of the last epochs' test accuracy, as
+    fractions) and every epoch's test accuracy."""
+
+    mean: float
+    std: float
+    epoch_accuracies: tuple[float, ...]
+
+
+def official_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    batch_size: int = 128,
+    lr: float = 3e-4,
+    last: int = 3,
+    seed: int = 0,
+) -> OfficialProbeResult:
+    """The official ReLA linear probe on frozen features (see the module docstring).
+
+    Deterministic for a ``seed`` (initialisation and shuffles use their own generators; the
+    global RNG is untouched). ``last``: how many final epochs the figure averages (all of them
+    when fewer were run).
+    """
+    for name, value, least in (
+        ("epochs", epochs, 1),
+        ("batch_size", batch_size, 1),
+        ("last", last, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(
+                f"official_linear_probe: {name} must be an int >= {least}, got {value!r}"
+            )
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("official_linear_probe: need at least one training and one test feature")
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    x_train, x_test = train_features.float(), test_features.float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Linear(x_train.shape[1], num_classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    shuffle = torch.Generator().manual_seed(seed)
+    n = x_train.shape[0]
+    accuracies = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=shuffle)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(x_train[rows]), train_labels[rows]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            correct = (probe(x_test).argmax(dim=1) == test_labels).sum()
+        accuracies.append(int(correct) / x_test.shape[0])
+    tail = accuracies[-last:]
+    std = statistics.stdev(tail) if len(tail) > 1 else 0.0
+    return OfficialProbeResult(statistics.mean(tail), std, tuple(accuracies))
+
+
+def final_probe_results(
+    probe: str,
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+) -> dict[str, float]:
+    """The final evaluation's probe figures for ``--probe``: ``linear_acc`` (``lbfgs``,
+    ``epochs`` L-BFGS iterations), ``linear_acc_official`` and ``linear_acc_official_std``
+    (``official``, ``epochs`` epochs), nothing for ``none`` or ``epochs == 0``."""
+    if probe == "none" or epochs == 0:
+        return {}
+    args = (train_features, train_labels, test_features, test_labels)
+    if probe == "lbfgs":
+        return {
+            "linear_acc": linear_probe_accuracy(*args, num_classes=num_classes, iterations=epochs)
+        }
+    if probe == "official":
+        official = official_linear_probe(*args, num_classes=num_classes, epochs=epochs)
+        return {"linear_acc_official": official.mean, "linear_acc_official_std": official.std}
+    raise ValueError(f"--probe: expected lbfgs, official or none, got {probe!r}")

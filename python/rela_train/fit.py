@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from rela_train.config import TrainConfig
+from rela_train.config import PROBES, TrainConfig
 from rela_train.data.sources import build_sources
 from rela_train.engine import Hooks, RunResult, Trainer, build_learner, load_checkpoint
-from rela_train.evaluate import extract_features, knn_accuracy, linear_probe_accuracy
+from rela_train.evaluate import extract_features, final_probe_results, knn_accuracy
 from rela_train.runtime import resolve_device
 
 __all__ = ["evaluate_checkpoint", "fit"]
@@ -48,13 +48,18 @@ def evaluate_checkpoint(
     val_dir: str | None = None,
     probe_iterations: int | None = None,
     threads: int | None = None,
+    probe: str | None = None,
     log: Callable[[str], None] = _log,
 ) -> dict[str, Any]:
     """kNN and linear-probe accuracy of a checkpoint's backbone (a file or a run directory).
 
     The data come from the checkpoint's configuration; ``data_dir`` / ``val_dir`` point it at
-    another copy of the same data.
+    another copy of the same data. ``probe`` (``lbfgs``, ``official``, ``none``; default: the
+    run's ``--probe``) chooses the linear probe; ``probe_iterations`` its L-BFGS iterations or
+    official epochs (default: the run's ``--probe-epochs``).
     """
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
     for name, value, least in (("probe_iterations", probe_iterations, 0), ("threads", threads, 1)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
@@ -103,13 +108,8 @@ def evaluate_checkpoint(
         num_classes=classes,
     )  # fmt: skip
     iterations = config.probe_epochs if probe_iterations is None else probe_iterations
-    linear = (
-        linear_probe_accuracy(
-            train_f, train_y, val_f, val_y, num_classes=classes, iterations=iterations
-        )
-        if iterations > 0
-        else None
-    )
+    probe = config.probe if probe is None else probe
+    probes = final_probe_results(probe, train_f, train_y, val_f, val_y, classes, iterations)
     counters = state["counters"]
     return {
         "checkpoint": str(path),
@@ -117,7 +117,9 @@ def evaluate_checkpoint(
         "step": counters["global_step"],
         "samples_seen": counters["samples_seen"],
         "knn_acc": knn,
-        "linear_acc": linear,
+        "linear_acc": probes.get("linear_acc"),
+        "probe": probe,
+        **{k: v for k, v in probes.items() if k != "linear_acc"},
         "train_images": train.n,
         "val_images": val.n,
         "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),

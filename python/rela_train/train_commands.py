@@ -94,6 +94,7 @@ def _fit_run(args: argparse.Namespace) -> int:
                 k: summary[k]
                 for k in ("run_dir", "knn_acc", "linear_acc", "samples_seen", "train_time")
             }
+            | {k: summary[k] for k in ("linear_acc_official",) if summary.get(k) is not None}
         )
     )
     return 0
@@ -121,7 +122,16 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--probe-iterations",
         type=non_negative_int,
         default=None,
-        help="L-BFGS iterations (0: no probe)",
+        help="L-BFGS iterations, or the official probe's epochs (0: no probe; default: the "
+        "run's --probe-epochs)",
+    )
+    parser.add_argument(
+        "--probe",
+        choices=("lbfgs", "official", "none"),
+        default=None,
+        help="linear probe: lbfgs (standardised features), official (the official ReLA "
+        "protocol: Adam 3e-4, batch 128, raw features, mean of the last 3 epochs) or none "
+        "(default: the run's --probe)",
     )
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -137,11 +147,17 @@ def _eval_run(args: argparse.Namespace) -> int:
         val_dir=args.val_dir,
         probe_iterations=args.probe_iterations,
         threads=args.threads,
+        probe=args.probe,
     )
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         linear = "n/a" if result["linear_acc"] is None else f"{100 * result['linear_acc']:.2f}%"
+        if result.get("linear_acc_official") is not None:
+            linear = (
+                f"{100 * result['linear_acc_official']:.2f}% ± "
+                f"{100 * result['linear_acc_official_std']:.2f} (official protocol)"
+            )
         print(
             f"{result['checkpoint']}: epoch {result['epoch']}, step {result['step']}, "
             f"{result['samples_seen']} samples seen; kNN {100 * result['knn_acc']:.2f}%, "
