@@ -122,7 +122,8 @@ class ScoreTable:
             raise TypeError(f"{where}: init must be a float, got {type(init).__name__}")
         if math.isnan(init):
             raise ValueError(f"{where}: init must not be NaN, got {init}")
-        self._scores = torch.full((n,), float(init), dtype=torch.float32, device=device)
+        self.init = float(init)
+        self._scores = torch.full((n,), self.init, dtype=torch.float32, device=device)
         self.group = group
 
     @property
@@ -140,6 +141,11 @@ class ScoreTable:
     def scores(self) -> torch.Tensor:
         """The float32 ``[n]`` table itself (no copy): read it, write through :meth:`update`."""
         return self._scores
+
+    def reset(self) -> None:
+        """Every score back to ``init``, as when the table was made (a local operation: call it
+        at the same point on every rank, e.g. when the training objective changes)."""
+        self._scores.fill_(self.init)
 
     def _check_update(self, indices: object, scores: object) -> tuple[torch.Tensor, torch.Tensor]:
         where = "rk.ScoreTable.update"
@@ -292,6 +298,10 @@ class SubsetSampler(Sampler[int]):
             draws of the policy and then for the shuffle.
         num_replicas, rank: sharding; default to the world size and rank of the initialized
             default process group, else 1 and 0.
+        anneal: InfoBatch's annealing, a fraction in [0, 1): the last
+            ``floor(anneal * epochs)`` epochs (:attr:`annealed_epochs`) take every sample, in a
+            random order, with weight 1, whatever the policy and budget. 0 (the default): none.
+        epochs: the run's number of epochs; required when ``anneal > 0``.
 
     Per epoch (:meth:`set_epoch`): pick the subset (ascending indices), shuffle it, pad it by
     repeating from its start to a multiple of ``num_replicas``, and give rank ``r`` the positions
@@ -310,6 +320,11 @@ class SubsetSampler(Sampler[int]):
 
     ``hard``/``easy`` on a fresh table (all scores equal) take the lowest indices, by the
     tie rule; start with ``random`` until the table holds real scores.
+
+    Annealing (``anneal``; InfoBatch anneals the last 12.5% of the epochs): epoch ``e`` is
+    annealed when ``e >= epochs - floor(anneal * epochs)``; it yields all ``n`` samples, so
+    ``len(sampler)`` and :meth:`epoch_size` grow for that epoch. InfoBatch's own code anneals the
+    epochs ``e > (1 - anneal) * epochs``, one fewer when ``anneal * epochs`` is a whole number.
     """
 
     def __init__(
@@ -322,9 +337,24 @@ class SubsetSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        anneal: float = 0.0,
+        epochs: int | None = None,
     ) -> None:
         super().__init__()
         where = "rk.SubsetSampler"
+        if isinstance(anneal, bool) or not isinstance(anneal, numbers.Real):
+            raise TypeError(
+                f"{where}: anneal must be a float in [0, 1), got {type(anneal).__name__}"
+            )
+        if not 0.0 <= float(anneal) < 1.0:
+            raise ValueError(f"{where}: anneal must be in [0, 1), got {anneal}")
+        self.anneal = float(anneal)
+        if self.anneal > 0 and epochs is None:
+            raise ValueError(f"{where}: anneal > 0 needs epochs (the run's length), got None")
+        self.epochs = None if epochs is None else _check_int(where, "epochs", epochs, 1)
+        self.annealed_epochs = (
+            math.floor(round(self.anneal * self.epochs, 6)) if self.epochs is not None else 0
+        )
         self.n = _check_int(where, "n", n, 1)
         self.budget = _check_fraction(where, "budget", budget)
         if not isinstance(policy, str) or policy not in POLICIES:
@@ -387,14 +417,31 @@ class SubsetSampler(Sampler[int]):
         weights[kept_low] = low.shape[0] / extra
         return torch.cat([high, kept_low]).sort().values, weights
 
+    def is_annealed(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` takes the full data with weight 1 (see ``anneal``)."""
+        return self.annealed_epochs > 0 and epoch >= self.epochs - self.annealed_epochs
+
+    def epoch_size(self, epoch: int) -> int:
+        """Samples of epoch ``epoch`` over all ranks (before padding): ``n`` when annealed,
+        else :attr:`subset_size`."""
+        return self.n if self.is_annealed(epoch) else self.subset_size
+
+    def _set_length(self, size: int) -> None:
+        self.num_samples = math.ceil(size / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
     def set_epoch(self, epoch: int) -> None:
         """Pick, shuffle and shard epoch ``epoch``'s subset (reads the score table now)."""
         epoch = _check_int("rk.SubsetSampler.set_epoch", "epoch", epoch, 0, 2**62)
         g = torch.Generator().manual_seed(self.seed + epoch)
-        subset, weights = self._pick(g)
+        if self.is_annealed(epoch):
+            subset, weights = torch.arange(self.n), torch.ones(self.n, dtype=torch.float32)
+        else:
+            subset, weights = self._pick(g)
         self._order = subset[torch.randperm(subset.shape[0], generator=g)]
         self._weights = weights
         self._epoch = epoch
+        self._set_length(subset.shape[0])
 
     def _ensure_epoch(self) -> None:
         if self._epoch is None:
@@ -409,7 +456,7 @@ class SubsetSampler(Sampler[int]):
 
     @property
     def subset(self) -> torch.Tensor:
-        """The current epoch's subset, int64 ascending, ``[subset_size]`` (all ranks)."""
+        """The current epoch's subset, int64 ascending, ``[epoch_size(epoch)]`` (all ranks)."""
         self._ensure_epoch()
         return self._order.sort().values
 
@@ -435,7 +482,7 @@ class SubsetSampler(Sampler[int]):
 
     @property
     def order(self) -> torch.Tensor:
-        """int64 ``[subset_size]``: the current epoch's shuffled subset, before padding and
+        """int64 ``[epoch_size(epoch)]``: the current epoch's shuffled subset, before padding and
         sharding (the same on every rank)."""
         self._ensure_epoch()
         return self._order
@@ -488,7 +535,7 @@ class SubsetSampler(Sampler[int]):
         if set(state) != {"epoch", "order", "weights"}:
             raise ValueError(f"{where}: expected keys epoch, order, weights; got {sorted(state)}")
         epoch = _check_int(where, "epoch", state["epoch"], 0)
-        m = self.subset_size
+        m = self.epoch_size(epoch)
         order = check_tensor(where, "order", state["order"], ndim=1, dtypes=(torch.int64,))
         if order.shape[0] != m:
             raise ValueError(
@@ -502,6 +549,7 @@ class SubsetSampler(Sampler[int]):
         self._order = order.cpu().clone()
         self._weights = weights.cpu().clone()
         self._epoch = epoch
+        self._set_length(m)
 
     def __repr__(self) -> str:
         return (

@@ -420,6 +420,11 @@ class TrainConfig:
             "anneal",
             f"must be in [0, 1), got {self.anneal}",
         )
+        need(
+            self.selection != "inbatch" or not self.anneal,
+            "anneal",
+            f"does not apply to --selection inbatch (every batch is scored), got {self.anneal}",
+        )
         parse_switch(self.switch)
         need(
             math.isfinite(self.budget) and 0 < self.budget <= 1,

@@ -454,6 +454,8 @@ class Trainer:
                 seed=config.seed,
                 num_replicas=self.world,
                 rank=self.rank,
+                anneal=config.anneal_fraction,
+                epochs=config.epochs,
             )
             for name in {policy, "random"}
         }
@@ -466,8 +468,9 @@ class Trainer:
         # Each step consumes the next `step_images` positions of the epoch's global order, all
         # ranks together (see rk.SubsetSampler.local_indices); a world-size-free count of steps.
         self.step_images = self.micro_batch * self.accum_steps * self.world
-        self.steps_per_epoch = max(1, self.sampler.subset_size // self.step_images)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.steps_per_epoch = self._epoch_steps(0)
+        # Annealed epochs (--anneal) take the full data: more steps than the pruned ones.
+        self.total_steps = sum(self._epoch_steps(e) for e in range(config.epochs))
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
 
         # Optimizer: BYOL online network and the ReLA head follow the schedule; the probe keeps
@@ -520,6 +523,10 @@ class Trainer:
         self.switch_epoch: int | None = None
         self.metrics_lines = 0
         self.evaluations: list[dict[str, Any]] = []
+
+    def _epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps of epoch ``epoch`` (annealed epochs see every sample)."""
+        return max(1, self.sampler.epoch_size(epoch) // self.step_images)
 
     def _check_trainable(self, images: int) -> None:
         """Refuse a run in which some rank's micro-batch would hold fewer than two images
@@ -622,6 +629,7 @@ class Trainer:
         self.score_table.load_state_dict(state["score_table"])
         self.sampler = self._samplers[state["sampler_policy"]]
         self.sampler.load_state_dict(state["sampler"])
+        self.steps_per_epoch = self._epoch_steps(self.sampler.epoch)
         self.switch.load_state_dict(state["switch"])
         counters = state["counters"]
         for name in (
@@ -721,7 +729,8 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, g: torch.Generator, scale: float) -> torch.Tensor:
         """Forward and backward one micro-batch; returns float64 ``[loss sum, rows, probe loss
-        sum, probe hits]``."""
+        sum, probe hits, scored loss sum, scored rows]`` (the scored ones differ from the first
+        two with ``inbatch`` only)."""
         phase = self.phase
         indices = batch.indices
         views = self._views(batch, g)
@@ -752,12 +761,17 @@ class Trainer:
         rows = indices.shape[0]
         correct = (logits.argmax(dim=1) == labels).sum()
         # Sums of the step's statistics, kept on the device (one host sync per step, later).
+        # inbatch: the scored batch's loss sum and size (what the switch rule is fed).
+        scored = scores.double().sum() if self.inbatch else per_sample.detach().double().sum()
+        scored_rows = batch.indices.shape[0] if self.inbatch else rows
         return torch.stack(
             [
                 per_sample.detach().double().sum(),
                 torch.tensor(float(rows), dtype=torch.float64, device=correct.device),
                 probe_loss.detach().double() * rows,
                 correct.double(),
+                scored.to(correct.device),
+                torch.tensor(float(scored_rows), dtype=torch.float64, device=correct.device),
             ]
         )
 
@@ -765,9 +779,17 @@ class Trainer:
         """Record the switch to BYOL (it takes effect from the next step)."""
         if not self.config.rela:
             return
+        self._reset_scores()
         self.switch_step, self.switch_epoch = self.global_step, self.epoch
         rho = "" if math.isnan(self.switch.rho) else f" (rho={self.switch.rho:.5f})"
         self.log(f"switch to BYOL after step {self.global_step}, epoch {self.epoch + 1}{rho}")
+
+    def _reset_scores(self) -> None:
+        """At the switch, loss-based policies start over with BYOL losses: the ReLA-phase scores
+        (written and pending) are dropped and the table is back to its initial 2.0, so samples
+        are never ranked by losses of two objectives. The same point on every rank."""
+        self._pending_scores = []
+        self.score_table.reset()
 
     def _agree(self, loaded: int) -> tuple[bool, bool]:
         """``(skip this step, stop after it)``, the same on every rank: a step is skipped when
@@ -783,7 +805,7 @@ class Trainer:
         )
         set_learning_rates(self.optimizer, factor, fixed=("probe",))
         self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(4, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         scale = 1.0 / len(batches)
         ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
         for micro, batch in enumerate(batches):
@@ -803,7 +825,9 @@ class Trainer:
         rows = max(1.0, float(totals[1]))
         loss = float(totals[0]) / rows
         self.samples_seen += int(totals[1])
-        switched = phase == "rela" and self.switch.after_step(loss, self.global_step)
+        # inbatch back-propagates the hardest rows: the switch rule sees the scored batch.
+        switch_loss = float(totals[4]) / max(1.0, float(totals[5]))
+        switched = phase == "rela" and self.switch.after_step(switch_loss, self.global_step)
         if switched and self.switch_step is None:
             self._switched()
         lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "byol")
@@ -955,9 +979,13 @@ class Trainer:
                 if not mid_epoch:
                     if self.switch.before_epoch(self.epoch) and self.switch_step is None:
                         self._switched()
-                    warmup = self.epoch == 0 and self._policy in ("hard", "easy")
+                    # A table without scores of the current objective (the first epoch, or
+                    # right after the switch reset it) would rank by index: draw at random.
+                    fresh = self.epoch == 0 or self.switch_step == self.global_step
+                    warmup = fresh and self._policy in ("hard", "easy")
                     self.sampler = self._samplers["random" if warmup else self._policy]
                     self.sampler.set_epoch(self.epoch)
+                    self.steps_per_epoch = self._epoch_steps(self.epoch)
                     self.step_in_epoch = 0
                 mid_epoch = False
                 if self._run_epoch() == "stopped":
