@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from rela_train import cli
-from rela_train.config import TrainConfig
-from rela_train.engine import Hooks, Trainer
+from rela_train.config import TrainConfig, apply_recipe
+from rela_train.engine import TIME_FIELDS, Hooks, Trainer
+from rela_train.fit import fit
 from rela_train.presets import get_preset
 
 import rela_kernels as rk
@@ -209,3 +210,34 @@ def test_inbatch_feeds_the_switch_the_scored_batch_mean(tmp_path: Path) -> None:
     for value, scores, kept_mean in zip(fed, scored, kept, strict=True):
         assert value == pytest.approx(float(scores.mean()), rel=1e-9)
         assert value < kept_mean  # the kept rows are the hardest ones
+
+
+def test_an_official_annealed_run_resumes_exactly(tmp_path: Path) -> None:
+    # The official recipe (epoch switch, frozen head, constant schedules, official probe) with
+    # infobatch annealing; stopped in the middle of the annealed epoch (steps 9-24).
+    base = config(
+        prior="pixels:8", budget=0.5, selection="infobatch", anneal=0.5, switch="const:0.5",
+        recipe="official", eval_every=1,
+    )  # fmt: skip
+    cfg = apply_recipe(base, explicit={"probe_epochs"}).replace(probe_epochs=3)
+    assert cfg.const_switch == "epoch" and cfg.probe == "official"
+    full = fit(cfg, tmp_path / "full", log=lambda _: None)
+
+    def stop(trainer: Trainer) -> None:
+        if trainer.global_step == 13:
+            trainer.request_stop()
+
+    first = fit(cfg, tmp_path / "resumed", hooks=Hooks(on_step_end=stop), log=lambda _: None)
+    assert first.status == "interrupted"
+    second = fit(cfg, tmp_path / "resumed", resume=True, log=lambda _: None)
+    assert second.status == "finished" and second.summary["steps"] == full.summary["steps"] == 24
+
+    def lines(run: Path) -> list[dict]:
+        out = []
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            out.append({k: v for k, v in record.items() if k not in TIME_FIELDS + ("run_dir",)})
+        return out
+
+    assert lines(tmp_path / "resumed") == lines(tmp_path / "full")
+    assert second.summary["linear_acc_official"] == full.summary["linear_acc_official"]
