@@ -4,6 +4,7 @@
 """
 
 from rela_kernels import backends, reference
+from rela_kernels.fitting import fit_least_squares, fit_pca_whitening
 from rela_kernels.ops import (
     cosine_loss,
     score_and_select,
@@ -13,7 +14,7 @@ from rela_kernels.ops import (
 )
 from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
 from rela_kernels.store import EmbeddingStore
-from rela_kernels.transport import Transport, fit_least_squares, fit_pca_whitening
+from rela_kernels.transport import Transport
 
 __version__ = "0.1.0"
 
