@@ -14,6 +14,7 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
+from rela_kernels._validation import check_int
 from rela_kernels.store import EmbeddingStore
 from rela_kernels.transport import Transport
 
@@ -210,14 +211,6 @@ def _chunks(
         yield chunk
 
 
-def _check_int(where: str, name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{where}: {name} must be >= {low}, got {value}")
-    return int(value)
-
-
 def _check_dim(where: str, dim: int, width: int | None) -> None:
     if width is not None and dim > width:
         raise ValueError(
@@ -257,7 +250,7 @@ def fit_pca_whitening(
             an incomplete store, or a kept component with (near-)zero variance.
     """
     where = "rk.fit_pca_whitening"
-    dim = _check_int(where, "dim", dim, 1)
+    dim = check_int(where, "dim", dim, 1)
     if gemm_dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"{where}: gemm_dtype must be torch.float32 or torch.float64, got {gemm_dtype!r}"

@@ -1,7 +1,7 @@
 """The transport: a float32 affine map from prior embeddings to regression targets.
 
-``Transport`` is the value (mean, matrix, optional bias; save/load); fitting one from embeddings
-lives in :mod:`rela_kernels.fitting`.
+``Transport`` is the value (mean, matrix, optional bias; save/load) and ``transport(p, t)`` the op
+that applies it; fitting one from embeddings lives in :mod:`rela_kernels.fitting`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,19 @@ from collections.abc import Mapping
 
 import torch
 
-from rela_kernels._validation import check_finite, check_same_device, check_tensor
+from rela_kernels import backends, reference
+from rela_kernels._validation import (
+    check_finite,
+    check_p,
+    check_p_width,
+    check_same_device,
+    check_tensor,
+    raise_non_finite,
+)
 from rela_kernels.atomic_io import atomic_write
+from rela_kernels.registry import compiled_op
 
-__all__ = ["Transport"]
+__all__ = ["Transport", "check_transport", "transport"]
 
 _WHERE = "rk.Transport"
 
@@ -136,8 +145,6 @@ class Transport:
         return transport
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
-        from rela_kernels.ops import transport
-
         return transport(p, self)
 
     def __repr__(self) -> str:
@@ -145,3 +152,38 @@ class Transport:
         return (
             f"Transport(in_dim={self.in_dim}, out_dim={self.out_dim}, {bias}, device={self.device})"
         )
+
+
+def check_transport(where: str, t: object, device: torch.device) -> Transport:
+    """``t`` is a Transport on ``device``."""
+    if not isinstance(t, Transport):
+        raise TypeError(f"{where}: t must be an rk.Transport, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(
+            f"{where}: t is on {t.device} but the inputs are on {device}; use t.to({str(device)!r})"
+        )
+    return t
+
+
+def transport(
+    p: torch.Tensor, t: Transport, *, check_finite: bool = True, backend: str | None = None
+) -> torch.Tensor:
+    """``(p - t.mean) @ t.matrix (+ t.bias)`` as float32 ``[B, d]``; no gradient.
+
+    ``check_finite`` (as for the losses) raises on a non-finite ``p``: the output is checked
+    (one host sync on CUDA; skipped under torch.compile) and, when it is not finite, the input
+    that caused it is named.
+    """
+    where = "rk.transport"
+    p = check_p(where, p)
+    t = check_transport(where, t, p.device)
+    check_p_width(where, p, t)
+    chosen = backends.resolve("transport", p.device, backend)
+    with torch.no_grad():
+        if chosen == "reference":
+            out = reference.transport(p, t.mean, t.matrix, t.bias)
+        else:
+            out = compiled_op("transport", chosen)(p, t.mean, t.matrix, t.bias)
+    if check_finite:
+        raise_non_finite(where, out, p=p)
+    return out
