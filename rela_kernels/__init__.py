@@ -1,6 +1,8 @@
 """rela-kernels: fused kernels and data selection for ReLA pretraining.
 
-``import rela_kernels as rk``; see DESIGN.md section 3 for the op contract.
+``import rela_kernels as rk``; docs/ARCHITECTURE.md describes the layout and how an op goes from
+its schema (csrc/rela.cpp) to the kernels, their registration (``registry``) and the public ops
+(``ops``, ``transport``), with ``reference`` as the executable spec.
 """
 
 from rela_kernels import backends, reference
