@@ -1,5 +1,8 @@
 """The training loop: BYOL + ReLA-F with per-epoch subsets, checkpoints and exact resume.
 
+The run's parts are set up by :mod:`rela_train.build`, its checkpoints written and restored by
+:mod:`rela_train.checkpoint`; this module drives them.
+
 Per optimizer step (``accum_steps`` micro-batches): augment two views on the device; in the
 ReLA phase regress ``W h(x_v)`` onto the transported prior embeddings (fused kernel), in the BYOL
 phase use the symmetric BYOL loss; multiply per-sample losses by the sampler's infobatch weights;
