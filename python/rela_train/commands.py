@@ -273,6 +273,9 @@ def _fit_run(args: argparse.Namespace) -> int:
     return 0
 
 
+FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_arguments, _fit_run)
+
+
 # -------------------------------------------------------------------------------------------------
 # eval
 # -------------------------------------------------------------------------------------------------
@@ -325,6 +328,9 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
+
+
 # -------------------------------------------------------------------------------------------------
 # report
 # -------------------------------------------------------------------------------------------------
@@ -345,6 +351,9 @@ def _report_run(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {plot_runs(runs, args.plot)}")
     return 0
+
+
+REPORT = Command("report", "compare runs in a table and a plot", _report_arguments, _report_run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -399,9 +408,6 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
-FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_arguments, _fit_run)
-EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
-REPORT = Command("report", "compare runs in a table and a plot", _report_arguments, _report_run)
 DEMO = Command(
     "demo",
     "Fashion-MNIST: BYOL on all data vs BYOL + ReLA on 50%% of it, in minutes on a CPU",
@@ -409,4 +415,6 @@ DEMO = Command(
     _demo_run,
 )
 
+
+# Every subcommand, in `rela-train --help` order.
 COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, REPORT, DEMO)
