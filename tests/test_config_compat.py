@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-from rela_train.checkpoint import Counters, check_checkpoint_config
+import torch
+from rela_train.checkpoint import Counters, check_checkpoint_config, load_checkpoint
 from rela_train.cli import build_parser
 from rela_train.config import TrainConfig, config_from_args
+from rela_train.engine import TIME_FIELDS, Hooks
+from rela_train.evaluate import evaluate_checkpoint
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 
 def _old_dict(config: TrainConfig) -> dict:
@@ -67,3 +71,42 @@ def test_the_counters_keep_the_checkpoint_keys() -> None:
         "train_time", "wall_time", "switch_step", "switch_epoch", "metrics_lines",
         "skipped_images",
     ]  # fmt: skip
+
+
+@pytest.fixture
+def _keep_threads():
+    # The trainer sets torch's thread count from the config; leave other tests as they were.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _metrics(run: Path) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    ignore = {*TIME_FIELDS, "run_dir"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ignore} for line in lines]
+
+
+@pytest.mark.usefixtures("_keep_threads")
+def test_a_run_written_with_the_old_key_resumes_and_evaluates(tmp_path: Path) -> None:
+    config = get_preset("synthetic-test").replace(
+        prior="pixels:8", budget=0.5, policy="hard", switch="const:0.5"
+    )
+    full = fit(config, tmp_path / "full", log=lambda _: None)
+    stop = Hooks(on_step_end=lambda t: t.request_stop() if t.counters.global_step == 5 else None)
+    run = tmp_path / "old"
+    assert fit(config, run, hooks=stop, log=lambda _: None).status == "interrupted"
+    # Rewrite the run as the code before the rename wrote it: `selection` in both configs.
+    (run / "config.json").write_text(json.dumps(_old_dict(config), indent=2, sort_keys=True))
+    checkpoint = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(run)
+    state["config"] = _old_dict(config)
+    torch.save(state, checkpoint)
+    resumed = fit(config, run, resume=True, log=lambda _: None)
+    assert resumed.status == "finished" and resumed.summary["policy"] == "hard"
+    assert _metrics(run) == _metrics(tmp_path / "full")
+    assert resumed.summary["knn_acc"] == full.summary["knn_acc"]
+    state["config"] = _old_dict(config)
+    torch.save(state, checkpoint)  # `eval` of an old checkpoint
+    evaluated = evaluate_checkpoint(checkpoint, probe_iterations=0, log=lambda _: None)
+    assert evaluated["step"] == 5 and 0 <= evaluated["knn_acc"] <= 1
