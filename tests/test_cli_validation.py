@@ -74,7 +74,7 @@ STRINGS = {
     "optimizer": "sgd",
     "rela_head": "bogus",
     "amp": "fp8",
-    "selection": "bogus",
+    "policy": "bogus",
     "arch": "resnet7",
     "device": "cuda:x",
     "switch": "const:2",
@@ -246,7 +246,8 @@ def test_integer_values_are_accepted_for_float_settings() -> None:
 def test_evaluate_checkpoint_checks_its_arguments(
     tmp_path: Path, changes: dict, message: str
 ) -> None:
-    from rela_train.fit import evaluate_checkpoint, fit
+    from rela_train.evaluate import evaluate_checkpoint
+    from rela_train.runs import fit
 
     run = tmp_path / "run"
     config = get_preset("synthetic-test").replace(

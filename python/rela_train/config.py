@@ -19,7 +19,8 @@ from typing import Any
 
 __all__ = [
     "DATASETS",
-    "SELECTIONS",
+    "POLICIES",
+    "RENAMED_KEYS",
     "TrainConfig",
     "add_config_arguments",
     "config_from_args",
@@ -27,7 +28,9 @@ __all__ = [
 ]
 
 DATASETS = ("fashion-mnist", "folder", "synthetic")
-SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
+POLICIES = ("random", "hard", "easy", "infobatch", "inbatch")
+# Keys of config.json (and of checkpoints' configs) renamed since; old files still load.
+RENAMED_KEYS = {"selection": "policy"}
 OPTIMIZERS = ("lars", "adamw")
 RELA_HEADS = ("trainable", "frozen")
 AMP_MODES = ("auto", "bf16", "off")
@@ -141,7 +144,10 @@ class TrainConfig:
     )
     # -- data selection ------------------------------------------------------------------------
     budget: float = field(default=1.0, metadata=_opt("fraction of the data per epoch, in (0, 1]"))
-    selection: str = field(default="random", metadata=_opt("subset policy", choices=SELECTIONS))
+    policy: str = field(
+        default="random",
+        metadata=_opt("subset policy", choices=POLICIES, aliases=("--selection",)),
+    )
     # -- engine --------------------------------------------------------------------------------
     seed: int = field(default=0, metadata=_opt("seed of initialisation, subsets, augmentation"))
     device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N"))
@@ -194,10 +200,23 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    @staticmethod
+    def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` with the keys of :data:`RENAMED_KEYS` under their current names (a config
+        written before a rename); a file holding both the old and the new name is refused."""
+        upgraded = dict(values)
+        for old, new in RENAMED_KEYS.items():
+            if old in upgraded:
+                if new in upgraded:
+                    raise ValueError(f"config has both {old} and {new}; keep only {new}")
+                upgraded[new] = upgraded.pop(old)
+        return upgraded
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object of settings, got {type(values).__name__}")
+        values = cls.upgrade_keys(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -299,7 +318,7 @@ class TrainConfig:
             "budget",
             f"must be in (0, 1], got {self.budget}",
         )
-        need(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")
+        need(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
         need(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
@@ -387,14 +406,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if _optional_int(f):
             help_text += " (0: unset)"
         choices = f.metadata.get("choices")
+        flags = (flag, *f.metadata.get("aliases", ()))  # aliases: earlier names of the flag
         if kind is bool:
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                 help=help_text,
             )  # fmt: skip
         else:
             group.add_argument(
-                flag, dest=f.name, type=kind, choices=choices, default=None,
+                *flags, dest=f.name, type=kind, choices=choices, default=None,
                 metavar=f.name.upper() if choices is None else None, help=help_text,
             )  # fmt: skip
 

@@ -7,7 +7,7 @@ sample's transported prior embedding ``y = transport(p)``:
 
 A switch rule decides, after every optimizer step, whether to move to BYOL, once and for good:
 
-* ``adaptive`` -- the official EMA plateau test (DESIGN.md section 1). With the step's loss
+* ``adaptive`` -- the official EMA plateau test (docs/ARCHITECTURE.md). With the step's loss
   ``L`` (cross-rank mean): ``rho = exp(-max(slow - fast, 0))`` is computed *first*, then
   ``fast <- 0.999 fast + 0.001 L`` and ``slow <- 0.99 slow + 0.01 fast``; start ``slow = 2``,
   ``fast = 1``; switch when ``rho >= 0.995``. ``rho`` is therefore always computed from the EMAs
