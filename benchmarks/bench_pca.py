@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rela_kernels as rk  # noqa: E402
 from benchmarks.common import append_result, environment  # noqa: E402
-from rela_kernels.transport import _fit_pca_whitening  # noqa: E402
 
 RESULTS = "pca.jsonl"
 WRITE_CHUNK_ROWS = 65536
@@ -102,7 +101,7 @@ def _fit_in_child(path: str, dim: int, gemm: str, queue: multiprocessing.Queue) 
     sampler = RssSampler()
     sampler.start()
     start = time.perf_counter()
-    transport = _fit_pca_whitening(store, dim, gemm_dtype=getattr(torch, gemm))
+    transport = rk.fit_pca_whitening(store, dim, gemm_dtype=getattr(torch, gemm))
     seconds = time.perf_counter() - start
     during = sampler.stop()
     queue.put(

@@ -4,13 +4,13 @@ One step is everything ``Trainer`` does per optimizer step: the augmentation on 
 forward and backward of both views, the loss, the optimizer, the target EMA, the score table.
 
 * ``--data device``: synthetic uint8 batches already on the device, no loader; each variant's
-  ``Trainer._optimizer_step`` is timed step by step, the variants round-robin so that drifting
+  ``Trainer.step`` is timed step by step, the variants round-robin so that drifting
   machine load hits all of them alike (median seconds per step). ``--device-input views``
   (default) hands the engine loader-cut views ``[B, 2, 3, S, S]`` (what the folder pipeline
   gives it: only the photometric half runs on the device); ``images`` hands it whole images
   ``[B, 3, L, L]`` at the load size (the device crops too).
 * ``--data folder``: the real input pipeline. A folder of ImageNet-sized JPEGs is generated once
-  (cached, or ``--folder PATH``) and ``Trainer.fit()`` runs on it until warmup + N steps; the rate
+  (cached, or ``--folder PATH``) and ``Trainer.run()`` runs on it until warmup + N steps; the rate
   is images per step x N / the time between the end of the last warmup step and the end of the
   last step, so it includes waiting for data. The loader alone (``train_source.batches`` with the
   epoch's crop plan, no training) is timed too, to show which of the two limits the rate. Folder
@@ -101,7 +101,7 @@ def base_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainCo
         global_batch=None,
         accum_steps=1,
         budget=1.0,
-        selection="random",
+        policy="random",
     )
     if args.workers is not None:
         changes["workers"] = args.workers
@@ -210,7 +210,7 @@ def run_device(args, base: TrainConfig, work: Path, priors: dict[str, Path]) -> 
             case = Case("device", variant, compiled, images_per_step=config.batch_size)
             case.extra["input"] = args.device_input
             cases.append(case)
-            steps.append(lambda trainer=trainer, batch=batch: trainer._optimizer_step([batch]))
+            steps.append(lambda trainer=trainer, batch=batch: trainer.step([batch]))
     device = resolve_device(base.device)
     for case, step in zip(cases, steps, strict=True):
         case.first_step_s = _timed(step, device)
@@ -273,10 +273,10 @@ def _rate(stamps: list[float], rows: list[int], warmup: int) -> tuple[float, flo
 def measure_loader(trainer: Trainer, steps: int, warmup: int) -> dict:
     """The loader alone over the epoch's first batches (this phase's crop plan, no training)."""
     trainer.sampler.set_epoch(0)
-    flat = [b for group in trainer._pending_steps() for b in group][: warmup + steps]
+    flat = [b for group in trainer.pending_steps() for b in group][: warmup + steps]
     start = time.perf_counter()
     stamps, rows = [], []
-    for batch in trainer.train_source.batches(flat, trainer._crop_plan()):
+    for batch in trainer.train_source.batches(flat, trainer.crop_plan()):
         stamps.append(time.perf_counter())
         rows.append(int(batch.indices.shape[0]))
     rate, seconds, _ = _rate(stamps, rows, warmup)
@@ -318,7 +318,7 @@ def run_folder(args, base: TrainConfig, work: Path, priors: dict[str, Path]) -> 
                 loader.first_step_s = loaders[trainer.phase]["first_batch_s"]
                 cases.append(loader)
             start = time.perf_counter()
-            result = trainer.fit()
+            result = trainer.run()
             if result.status != "interrupted" or len(stamps) < warmup + args.steps:
                 raise RuntimeError(f"folder run {variant}: the epoch ended before the timed steps")
             rate, seconds, _ = _rate(stamps, rows, warmup)

@@ -69,7 +69,7 @@ def main() -> None:
         def step(trainer: Trainer, phase: str):
             def run() -> None:
                 trainer.switch.switched = phase == "byol"
-                trainer._optimizer_step([Batch(images, indices)])
+                trainer.step([Batch(images, indices)])
 
             return run
 

@@ -1,9 +1,12 @@
 """rela-kernels: fused kernels and data selection for ReLA pretraining.
 
-``import rela_kernels as rk``; see DESIGN.md section 3 for the op contract.
+``import rela_kernels as rk``; docs/ARCHITECTURE.md describes the layout and how an op goes from
+its schema (csrc/rela.cpp) to the kernels, their registration (``registry``) and the public ops
+(``ops``, ``transport``), with ``reference`` as the executable spec.
 """
 
 from rela_kernels import backends, reference
+from rela_kernels.fitting import fit_least_squares, fit_pca_whitening
 from rela_kernels.ops import (
     cosine_loss,
     score_and_select,
@@ -13,7 +16,7 @@ from rela_kernels.ops import (
 )
 from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
 from rela_kernels.store import EmbeddingStore
-from rela_kernels.transport import Transport, fit_least_squares, fit_pca_whitening
+from rela_kernels.transport import Transport
 
 __version__ = "0.1.0"
 

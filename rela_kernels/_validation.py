@@ -7,9 +7,14 @@ done, so a rejected call never modifies anything.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from rela_kernels.transport import Transport
 
 FLOAT_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORE_DTYPES = FLOAT_INPUT_DTYPES
@@ -109,3 +114,110 @@ def check_finite(where: str, name: str, tensor: torch.Tensor) -> None:
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{where}: {name} must be finite, got {bad} non-finite value(s)")
+
+
+def check_int(where: str, name: str, value: object, low: int, high: int | None = None) -> int:
+    """An int (numpy integers included, bool excluded) in ``[low, high]``; returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{where}: {name} must be {bounds}, got {value}")
+    return value
+
+
+def check_fraction(where: str, name: str, value: object) -> float:
+    """A real number in (0, 1]; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a float in (0, 1], got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{where}: {name} must be in (0, 1], got {value}")
+    return value
+
+
+def check_anneal(where: str, anneal: object, epochs: object) -> tuple[float, int | None]:
+    """InfoBatch annealing: ``anneal`` a real number in [0, 1) and ``epochs`` (the run's length,
+    an int >= 1, or None) given whenever ``anneal > 0``; returned as ``(float, int or None)``."""
+    if isinstance(anneal, bool) or not isinstance(anneal, numbers.Real):
+        raise TypeError(f"{where}: anneal must be a float in [0, 1), got {type(anneal).__name__}")
+    value = float(anneal)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(f"{where}: anneal must be in [0, 1), got {anneal}")
+    if value > 0 and epochs is None:
+        raise ValueError(f"{where}: anneal > 0 needs epochs (the run's length), got None")
+    return value, None if epochs is None else check_int(where, "epochs", epochs, 1)
+
+
+def check_text(where: str, name: str, value: object) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_largest(where: str, largest: object) -> bool:
+    if not isinstance(largest, bool):
+        raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
+    return largest
+
+
+def check_no_nan(where: str, name: str, values: torch.Tensor) -> None:
+    """No NaN in a floating-point tensor (skipped while compiling: it needs a host sync)."""
+    if torch.compiler.is_compiling() or not values.is_floating_point():
+        return
+    if bool(torch.isnan(values).any()):
+        raise ValueError(
+            f"{where}: {name} must not contain NaN, got {int(torch.isnan(values).sum())}"
+        )
+
+
+def check_p(where: str, p: object) -> torch.Tensor:
+    """Prior embeddings ``[B, Dp]``, a non-empty batch."""
+    p = check_tensor(where, "p", p, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, Dp]")
+    check_rows(where, "p", p)
+    return p
+
+
+def check_p_width(where: str, p: torch.Tensor, t: Transport) -> None:
+    if p.shape[1] != t.in_dim:
+        raise ValueError(
+            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
+            f"got shape {tuple(p.shape)}"
+        )
+
+
+def check_z(where: str, z: object, rows: int | None, width: int | None) -> torch.Tensor:
+    """Predictions ``[B, d]``: ``rows`` rows and ``width`` columns when given; never 0 columns."""
+    z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
+    check_rows(where, "z", z, rows)
+    if width is not None and z.shape[1] != width:
+        raise ValueError(
+            f"{where}: z must have {width} columns (the transport's output width), "
+            f"got shape {tuple(z.shape)}"
+        )
+    if z.shape[1] == 0:
+        raise ValueError(f"{where}: z must have at least one column, got shape {tuple(z.shape)}")
+    return z
+
+
+def raise_non_finite(
+    where: str, out: torch.Tensor, weight: torch.Tensor | None = None, **inputs: torch.Tensor
+) -> None:
+    """Outputs are finite whenever the inputs are; name the input that is not. ``weight`` does
+    not enter the rows, so it is checked too (in the same host sync). Skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    finite = torch.isfinite(out).all()
+    if weight is not None:
+        finite = finite & torch.isfinite(weight).all()
+    if bool(finite):
+        return
+    for name, tensor in (*inputs.items(), ("weight", weight)):
+        if tensor is None:
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ValueError(f"{where}: {name} must be finite, got {bad} non-finite value(s)")
+    raise ValueError(f"{where}: the result overflowed to a non-finite value")

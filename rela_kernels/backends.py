@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BACKENDS", "Availability", "available", "resolve", "interpreter_enabled"]
+__all__ = [
+    "BACKENDS",
+    "Availability",
+    "available",
+    "interpreter_enabled",
+    "resolve",
+    "runs_on",
+]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -95,7 +102,8 @@ def available() -> dict[str, Availability]:
     return result
 
 
-def _runs_on(backend: str, device: torch.device) -> bool:
+def runs_on(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on tensors of ``device`` (built or not: see ``available``)."""
     if backend == "reference":
         return True
     if backend == "cpu":
@@ -125,7 +133,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
         status = available()[requested]
         if not status.usable:
             raise ValueError(f"rk.{op}: backend {requested!r} is not usable here: {status.reason}")
-        if not _runs_on(requested, device):
+        if not runs_on(requested, device):
             raise ValueError(f"rk.{op}: backend {requested!r} cannot run on {device.type} tensors")
         return requested
     status = available()
@@ -136,7 +144,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     else:
         candidates = ()
     for name in candidates:
-        if status[name].usable and _runs_on(name, device):
+        if status[name].usable and runs_on(name, device):
             return name
     if op not in _warned_fallback:
         _warned_fallback.add(op)

@@ -1,15 +1,9 @@
-"""Public ops: argument checks, backend choice, autograd and fake kernels.
+"""Public loss and selection ops: argument checks, backend choice, then the kernel.
 
-Compiled kernels are ``torch.ops.rela.*`` (schemas in csrc/rela.cpp, kernels in csrc/cpu and
-csrc/cuda); the Triton kernels are registered here as ``torch.ops.rela.triton_*`` custom ops with
-the same signatures. Both get the same fake (shape) kernels and autograd formula, so
-``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` work on every backend.
-
-The loss ops return per-row losses plus, when ``z`` needs a gradient, ``d loss_i / d z_i``
-computed in the same pass; backward only scales those rows by the incoming gradient.
+The kernels are ``torch.ops.rela.*`` (registered, with their fake kernels and autograd formula, in
+:mod:`rela_kernels.registry`) or the pure-PyTorch spec in :mod:`rela_kernels.reference`. The
+``transport`` op lives next to the Transport value in :mod:`rela_kernels.transport`.
 """
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,13 +14,19 @@ from rela_kernels._validation import (
     SCORE_DTYPES,
     check_eps,
     check_k,
+    check_largest,
+    check_no_nan,
+    check_p,
+    check_p_width,
     check_reduction,
-    check_rows,
     check_same_device,
     check_tensor,
     check_weight,
+    check_z,
+    raise_non_finite,
 )
-from rela_kernels.transport import Transport
+from rela_kernels.registry import EXTENSION, compiled_op
+from rela_kernels.transport import Transport, check_transport, transport
 
 __all__ = [
     "transport",
@@ -36,237 +36,26 @@ __all__ = [
     "score_and_select",
 ]
 
-_EXTENSION, _ = backends._extension()
-
-
-# --------------------------------------------------------------------------------------------
-# Fake kernels and autograd, shared by the compiled and the Triton registrations.
-# --------------------------------------------------------------------------------------------
-
-
-def _fake_transport(p, mean, matrix, bias):
-    return p.new_empty((p.shape[0], matrix.shape[1]), dtype=torch.float32)
-
-
-def _fake_loss(z, compute_grad):
-    loss = z.new_empty((z.shape[0],), dtype=torch.float32)
-    grad = z.new_empty(z.shape) if compute_grad else z.new_empty((0,))
-    return loss, grad
-
-
-def _fake_cosine_loss_fwd(z, y, eps, compute_grad):
-    return _fake_loss(z, compute_grad)
-
-
-def _fake_transported_cosine_loss_fwd(z, p, mean, matrix, bias, eps, compute_grad):
-    return _fake_loss(z, compute_grad)
-
-
-def _fake_select_topk(scores, k, largest):
-    return scores.new_empty((k,), dtype=torch.int64)
-
-
-def _fake_score_and_select(z, p, mean, matrix, bias, eps, k, largest):
-    return z.new_empty((k,), dtype=torch.int64), z.new_empty((z.shape[0],), dtype=torch.float32)
-
-
-def _save_row_gradient(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    # The row-gradient output never receives a gradient; without this autograd would fill a
-    # [B, d] tensor of zeros for it on every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _scale_row_gradient(ctx, grad_loss, grad_of_grad, n_inputs):
-    (row_gradient,) = ctx.saved_tensors
-    if row_gradient.numel() == 0:
-        raise RuntimeError(
-            "rela: backward through a loss computed with compute_grad=False; call the public op "
-            "(rk.cosine_loss / rk.transported_cosine_loss) with a z that requires grad"
-        )
-    if grad_loss is None:
-        return (None,) * n_inputs
-    grad_z = (row_gradient.float() * grad_loss.unsqueeze(1)).to(row_gradient.dtype)
-    return (grad_z,) + (None,) * (n_inputs - 1)
-
-
-def _backward_cosine_loss(ctx, grad_loss, grad_of_grad):
-    return _scale_row_gradient(ctx, grad_loss, grad_of_grad, 4)
-
-
-def _backward_transported(ctx, grad_loss, grad_of_grad):
-    return _scale_row_gradient(ctx, grad_loss, grad_of_grad, 7)
-
-
-def _register(name, fake, backward=None):
-    torch.library.register_fake(name, fake)
-    if backward is not None:
-        torch.library.register_autograd(name, backward, setup_context=_save_row_gradient)
-
-
-if _EXTENSION is not None:
-    _register("rela::transport", _fake_transport)
-    _register("rela::cosine_loss_fwd", _fake_cosine_loss_fwd, _backward_cosine_loss)
-    _register(
-        "rela::transported_cosine_loss_fwd",
-        _fake_transported_cosine_loss_fwd,
-        _backward_transported,
-    )
-    _register("rela::select_topk", _fake_select_topk)
-    _register("rela::score_and_select", _fake_score_and_select)
-
-
-# Triton kernels as custom ops. The kernel module is imported on first call, so importing
-# rela_kernels never imports triton.
-@torch.library.custom_op("rela::triton_transport", mutates_args=())
-def _triton_transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Optional[Tensor]) -> Tensor:  # noqa: UP045
-    from rela_kernels.triton import cosine_loss as kernels
-
-    return kernels.transport(p, mean, matrix, bias)
-
-
-@torch.library.custom_op("rela::triton_cosine_loss_fwd", mutates_args=())
-def _triton_cosine_loss_fwd(
-    z: Tensor, y: Tensor, eps: float, compute_grad: bool
-) -> tuple[Tensor, Tensor]:
-    from rela_kernels.triton import cosine_loss as kernels
-
-    return kernels.cosine_loss_fwd(z, y, eps, compute_grad)
-
-
-@torch.library.custom_op("rela::triton_transported_cosine_loss_fwd", mutates_args=())
-def _triton_transported_cosine_loss_fwd(
-    z: Tensor,
-    p: Tensor,
-    mean: Tensor,
-    matrix: Tensor,
-    bias: Optional[Tensor],  # noqa: UP045
-    eps: float,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    from rela_kernels.triton import cosine_loss as kernels
-
-    return kernels.transported_cosine_loss_fwd(z, p, mean, matrix, bias, eps, compute_grad)
-
-
-_register("rela::triton_transport", _fake_transport)
-_register("rela::triton_cosine_loss_fwd", _fake_cosine_loss_fwd, _backward_cosine_loss)
-_register(
-    "rela::triton_transported_cosine_loss_fwd",
-    _fake_transported_cosine_loss_fwd,
-    _backward_transported,
-)
-
-
-def _compiled_op(name: str, backend: str):
-    """The torch.ops callable of ``name`` for a compiled backend."""
-    if backend == "triton":
-        return getattr(torch.ops.rela, f"triton_{name}")
-    return getattr(torch.ops.rela, name)
-
-
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-
-
-def _check_transport(where: str, t: object, device: torch.device) -> Transport:
-    if not isinstance(t, Transport):
-        raise TypeError(f"{where}: t must be an rk.Transport, got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(
-            f"{where}: t is on {t.device} but the inputs are on {device}; use t.to({str(device)!r})"
-        )
-    return t
-
-
-def _check_p(where: str, p: object) -> Tensor:
-    p = check_tensor(where, "p", p, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, Dp]")
-    check_rows(where, "p", p)
-    return p
-
-
-def _check_p_width(where: str, p: Tensor, t: Transport) -> None:
-    if p.shape[1] != t.in_dim:
-        raise ValueError(
-            f"{where}: p must have {t.in_dim} columns (the transport's input width), "
-            f"got shape {tuple(p.shape)}"
-        )
-
-
-def _check_z(where: str, z: object, rows: int | None, width: int | None) -> Tensor:
-    z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
-    check_rows(where, "z", z, rows)
-    if width is not None and z.shape[1] != width:
-        raise ValueError(
-            f"{where}: z must have {width} columns (the transport's output width), "
-            f"got shape {tuple(z.shape)}"
-        )
-    if z.shape[1] == 0:
-        raise ValueError(f"{where}: z must have at least one column, got shape {tuple(z.shape)}")
-    return z
 
 
 def _check_transported(
     where: str, z: object, p: object, t: object
 ) -> tuple[Tensor, Tensor, Transport, torch.device]:
     """z [B, d], p [B, Dp] and a transport that maps Dp to d, all on one device."""
-    p = _check_p(where, p)
+    p = check_p(where, p)
     z = check_tensor(where, "z", z, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
     device = check_same_device(where, z=z, p=p)
-    t = _check_transport(where, t, device)
-    _check_p_width(where, p, t)
-    return _check_z(where, z, p.shape[0], t.out_dim), p, t, device
-
-
-def _raise_non_finite(
-    where: str, out: Tensor, weight: Tensor | None = None, **inputs: Tensor
-) -> None:
-    """Outputs are finite whenever the inputs are; name the input that is not. ``weight`` does
-    not enter the rows, so it is checked too (in the same host sync)."""
-    if torch.compiler.is_compiling():
-        return
-    finite = torch.isfinite(out).all()
-    if weight is not None:
-        finite = finite & torch.isfinite(weight).all()
-    if bool(finite):
-        return
-    for name, tensor in (*inputs.items(), ("weight", weight)):
-        if tensor is None:
-            continue
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise ValueError(f"{where}: {name} must be finite, got {bad} non-finite value(s)")
-    raise ValueError(f"{where}: the result overflowed to a non-finite value")
+    t = check_transport(where, t, device)
+    check_p_width(where, p, t)
+    return check_z(where, z, p.shape[0], t.out_dim), p, t, device
 
 
 # --------------------------------------------------------------------------------------------
 # Public ops
 # --------------------------------------------------------------------------------------------
-
-
-def transport(
-    p: Tensor, t: Transport, *, check_finite: bool = True, backend: str | None = None
-) -> Tensor:
-    """``(p - t.mean) @ t.matrix (+ t.bias)`` as float32 ``[B, d]``; no gradient.
-
-    ``check_finite`` (as for the losses) raises on a non-finite ``p``: the output is checked
-    (one host sync on CUDA; skipped under torch.compile) and, when it is not finite, the input
-    that caused it is named.
-    """
-    where = "rk.transport"
-    p = _check_p(where, p)
-    t = _check_transport(where, t, p.device)
-    _check_p_width(where, p, t)
-    chosen = backends.resolve("transport", p.device, backend)
-    with torch.no_grad():
-        if chosen == "reference":
-            out = reference.transport(p, t.mean, t.matrix, t.bias)
-        else:
-            out = _compiled_op("transport", chosen)(p, t.mean, t.matrix, t.bias)
-    if check_finite:
-        _raise_non_finite(where, out, p=p)
-    return out
 
 
 def cosine_loss(
@@ -287,7 +76,7 @@ def cosine_loss(
     torch.compile).
     """
     where = "rk.cosine_loss"
-    z = _check_z(where, z, None, None)
+    z = check_z(where, z, None, None)
     y = check_tensor(where, "y", y, ndim=2, dtypes=FLOAT_INPUT_DTYPES, shape_hint="[B, d]")
     if y.shape != z.shape:
         raise ValueError(f"{where}: y must have z's shape {tuple(z.shape)}, got {tuple(y.shape)}")
@@ -300,9 +89,9 @@ def cosine_loss(
         loss = reference.cosine_loss(z, y, eps)
     else:
         compute_grad = torch.is_grad_enabled() and z.requires_grad
-        loss, _ = _compiled_op("cosine_loss_fwd", chosen)(z, y.detach(), eps, compute_grad)
+        loss, _ = compiled_op("cosine_loss_fwd", chosen)(z, y.detach(), eps, compute_grad)
     if check_finite:
-        _raise_non_finite(where, loss, weight, z=z, y=y)
+        raise_non_finite(where, loss, weight, z=z, y=y)
     return reference.reduce_loss(loss, None if weight is None else weight.detach(), reduction)
 
 
@@ -332,29 +121,16 @@ def transported_cosine_loss(
         loss = reference.transported_cosine_loss(z, p, t.mean, t.matrix, t.bias, eps)
     else:
         compute_grad = torch.is_grad_enabled() and z.requires_grad
-        loss, _ = _compiled_op("transported_cosine_loss_fwd", chosen)(
+        loss, _ = compiled_op("transported_cosine_loss_fwd", chosen)(
             z, p.detach(), t.mean, t.matrix, t.bias, eps, compute_grad
         )
     if check_finite:
-        _raise_non_finite(where, loss, weight, z=z, p=p)
+        raise_non_finite(where, loss, weight, z=z, p=p)
     return reference.reduce_loss(loss, None if weight is None else weight.detach(), reduction)
 
 
 def _check_scores(where: str, scores: object) -> Tensor:
     return check_tensor(where, "scores", scores, ndim=1, dtypes=SCORE_DTYPES, shape_hint="[N]")
-
-
-def _check_no_nan(where: str, scores: Tensor) -> None:
-    if not torch.compiler.is_compiling() and bool(torch.isnan(scores).any()):
-        raise ValueError(
-            f"{where}: scores must not contain NaN, got {int(torch.isnan(scores).sum())}"
-        )
-
-
-def _check_largest(where: str, largest: object) -> bool:
-    if not isinstance(largest, bool):
-        raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
-    return largest
 
 
 def _select_on_device(scores: Tensor, k: int, largest: bool) -> Tensor:
@@ -364,7 +140,7 @@ def _select_on_device(scores: Tensor, k: int, largest: bool) -> Tensor:
     Triton copy of it would not pay, so the ``triton`` backend selects with this.
     """
     key = "CUDA" if scores.is_cuda else "CPU"
-    if _EXTENSION is not None and backends._has_kernel("select_topk", key):
+    if EXTENSION is not None and backends._has_kernel("select_topk", key):
         return torch.ops.rela.select_topk(scores, k, largest)
     return reference.select_topk(scores, k, largest)
 
@@ -380,18 +156,18 @@ def select_topk(
     where = "rk.select_topk"
     scores = _check_scores(where, scores)
     k = check_k(where, k, scores.shape[0])
-    largest = _check_largest(where, largest)
+    largest = check_largest(where, largest)
     chosen = backends.resolve("select_topk", scores.device, backend)
     if chosen != "cpu":
         # The C++ CPU kernel counts NaN during its first pass and raises this same ValueError;
         # elsewhere a separate pass looks for NaN (on CPU it would cost as much as the select).
-        _check_no_nan(where, scores)
+        check_no_nan(where, "scores", scores)
     with torch.no_grad():
         if chosen == "reference":
             return reference.select_topk(scores, k, largest)
         if chosen == "triton":
             return _select_on_device(scores, k, largest)
-        return _compiled_op("select_topk", chosen)(scores, k, largest)
+        return compiled_op("select_topk", chosen)(scores, k, largest)
 
 
 def score_and_select(
@@ -411,22 +187,22 @@ def score_and_select(
     where = "rk.score_and_select"
     z, p, t, device = _check_transported(where, z, p, t)
     k = check_k(where, k, z.shape[0])
-    largest = _check_largest(where, largest)
+    largest = check_largest(where, largest)
     eps = check_eps(where, eps)
     chosen = backends.resolve("score_and_select", device, backend)
     with torch.no_grad():
         if chosen == "reference":
             losses = reference.transported_cosine_loss(z, p, t.mean, t.matrix, t.bias, eps)
-            _raise_non_finite(where, losses, z=z, p=p)
+            raise_non_finite(where, losses, z=z, p=p)
             return reference.select_topk(losses, k, largest), losses
         if chosen == "triton":
-            losses, _ = _compiled_op("transported_cosine_loss_fwd", "triton")(
+            losses, _ = compiled_op("transported_cosine_loss_fwd", "triton")(
                 z, p, t.mean, t.matrix, t.bias, eps, False
             )
-            _raise_non_finite(where, losses, z=z, p=p)
+            raise_non_finite(where, losses, z=z, p=p)
             return _select_on_device(losses, k, largest), losses
-        indices, losses = _compiled_op("score_and_select", chosen)(
+        indices, losses = compiled_op("score_and_select", chosen)(
             z, p, t.mean, t.matrix, t.bias, eps, k, largest
         )
-    _raise_non_finite(where, losses, z=z, p=p)
+    raise_non_finite(where, losses, z=z, p=p)
     return indices, losses

@@ -27,7 +27,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from rela_kernels._validation import SCORE_DTYPES, check_tensor
+from rela_kernels._validation import (
+    SCORE_DTYPES,
+    check_anneal,
+    check_fraction,
+    check_int,
+    check_largest,
+    check_no_nan,
+    check_tensor,
+)
 from rela_kernels.ops import select_topk
 
 __all__ = [
@@ -47,25 +55,6 @@ POLICIES = ("random", "hard", "easy", "infobatch")
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(where: str, name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{where}: {name} must be {bounds}, got {value}")
-    return value
-
-
-def _check_fraction(where: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: {name} must be a float in (0, 1], got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{where}: {name} must be in (0, 1], got {value}")
-    return value
-
-
 def subset_size(n: int, fraction: float) -> int:
     """``max(1, floor(fraction * n))``, the number of samples a budget (or keep fraction) keeps.
 
@@ -77,13 +66,6 @@ def subset_size(n: int, fraction: float) -> int:
 
 def _distributed(group: object | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-def _check_no_nan(where: str, name: str, values: torch.Tensor) -> None:
-    if values.is_floating_point():
-        bad = int(torch.isnan(values).sum())
-        if bad:
-            raise ValueError(f"{where}: {name} must not contain NaN, got {bad}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +99,7 @@ class ScoreTable:
         group: object | None = None,
     ) -> None:
         where = "rk.ScoreTable"
-        n = _check_int(where, "n", n, 1)
+        n = check_int(where, "n", n, 1)
         if isinstance(init, bool) or not isinstance(init, numbers.Real):
             raise TypeError(f"{where}: init must be a float, got {type(init).__name__}")
         if math.isnan(init):
@@ -167,7 +149,7 @@ class ScoreTable:
                 raise ValueError(
                     f"{where}: indices must be in [0, {self.n}) (the table size), got {bad}"
                 )
-        _check_no_nan(where, "scores", scores)
+        check_no_nan(where, "scores", scores)
         return indices.detach().to(torch.int64), scores.detach().to(torch.float32)
 
     def _gather(
@@ -259,7 +241,7 @@ class ScoreTable:
                 f"{where}: scores must have {self.n} entries (the table size), "
                 f"got {scores.shape[0]}"
             )
-        _check_no_nan(where, "scores", scores)
+        check_no_nan(where, "scores", scores)
         self._scores.copy_(scores)
 
     def __repr__(self) -> str:
@@ -342,21 +324,12 @@ class SubsetSampler(Sampler[int]):
     ) -> None:
         super().__init__()
         where = "rk.SubsetSampler"
-        if isinstance(anneal, bool) or not isinstance(anneal, numbers.Real):
-            raise TypeError(
-                f"{where}: anneal must be a float in [0, 1), got {type(anneal).__name__}"
-            )
-        if not 0.0 <= float(anneal) < 1.0:
-            raise ValueError(f"{where}: anneal must be in [0, 1), got {anneal}")
-        self.anneal = float(anneal)
-        if self.anneal > 0 and epochs is None:
-            raise ValueError(f"{where}: anneal > 0 needs epochs (the run's length), got None")
-        self.epochs = None if epochs is None else _check_int(where, "epochs", epochs, 1)
+        self.anneal, self.epochs = check_anneal(where, anneal, epochs)
         self.annealed_epochs = (
             math.floor(round(self.anneal * self.epochs, 6)) if self.epochs is not None else 0
         )
-        self.n = _check_int(where, "n", n, 1)
-        self.budget = _check_fraction(where, "budget", budget)
+        self.n = check_int(where, "n", n, 1)
+        self.budget = check_fraction(where, "budget", budget)
         if not isinstance(policy, str) or policy not in POLICIES:
             raise ValueError(
                 f"{where}: policy must be one of {', '.join(POLICIES)}; got {policy!r}"
@@ -374,14 +347,14 @@ class SubsetSampler(Sampler[int]):
                 f"got {score_table.n}"
             )
         self.score_table = score_table
-        self.seed = _check_int(where, "seed", seed, 0, 2**62)
+        self.seed = check_int(where, "seed", seed, 0, 2**62)
         group_up = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if group_up else 1
-        self.num_replicas = _check_int(where, "num_replicas", num_replicas, 1)
+        self.num_replicas = check_int(where, "num_replicas", num_replicas, 1)
         if rank is None:
             rank = dist.get_rank() if group_up else 0
-        self.rank = _check_int(where, "rank", rank, 0, self.num_replicas - 1)
+        self.rank = check_int(where, "rank", rank, 0, self.num_replicas - 1)
         self.subset_size = subset_size(self.n, self.budget)
         self.num_samples = math.ceil(self.subset_size / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
@@ -432,7 +405,7 @@ class SubsetSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Pick, shuffle and shard epoch ``epoch``'s subset (reads the score table now)."""
-        epoch = _check_int("rk.SubsetSampler.set_epoch", "epoch", epoch, 0, 2**62)
+        epoch = check_int("rk.SubsetSampler.set_epoch", "epoch", epoch, 0, 2**62)
         g = torch.Generator().manual_seed(self.seed + epoch)
         if self.is_annealed(epoch):
             subset, weights = torch.arange(self.n), torch.ones(self.n, dtype=torch.float32)
@@ -501,7 +474,7 @@ class SubsetSampler(Sampler[int]):
         """
         self._ensure_epoch()
         m = self._order.shape[0]
-        start = _check_int("rk.SubsetSampler.local_indices", "start", start, 0, m)
+        start = check_int("rk.SubsetSampler.local_indices", "start", start, 0, m)
         rest = self._order[start:]
         total = math.ceil(rest.shape[0] / self.num_replicas) * self.num_replicas
         if total > rest.shape[0]:
@@ -534,7 +507,7 @@ class SubsetSampler(Sampler[int]):
             raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
         if set(state) != {"epoch", "order", "weights"}:
             raise ValueError(f"{where}: expected keys epoch, order, weights; got {sorted(state)}")
-        epoch = _check_int(where, "epoch", state["epoch"], 0)
+        epoch = check_int(where, "epoch", state["epoch"], 0)
         m = self.epoch_size(epoch)
         order = check_tensor(where, "order", state["order"], ndim=1, dtypes=(torch.int64,))
         if order.shape[0] != m:
@@ -590,15 +563,14 @@ def select_in_batch(
             f"got {type(keep).__name__}"
         )
     if isinstance(keep, numbers.Integral):
-        count = _check_int(where, "keep", keep, 0, b)
+        count = check_int(where, "keep", keep, 0, b)
     else:
-        fraction = _check_fraction(where, "keep", keep)
+        fraction = check_fraction(where, "keep", keep)
         if b == 0:
             raise ValueError(f"{where}: scores must have at least one row to keep a fraction of")
         count = subset_size(b, fraction)
-    if not isinstance(largest, bool):
-        raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
-    _check_no_nan(where, "scores", scores)
+    largest = check_largest(where, largest)
+    check_no_nan(where, "scores", scores)
     return select_topk(scores.detach(), count, largest=largest)
 
 
@@ -629,10 +601,8 @@ class StreamingTopK:
 
     def __init__(self, k: int, *, largest: bool = True) -> None:
         where = "rk.StreamingTopK"
-        self.k = _check_int(where, "k", k, 0)
-        if not isinstance(largest, bool):
-            raise TypeError(f"{where}: largest must be a bool, got {type(largest).__name__}")
-        self.largest = largest
+        self.k = check_int(where, "k", k, 0)
+        self.largest = check_largest(where, largest)
         self._values: torch.Tensor | None = None  # float32 [<= k], by ascending global index
         self._indices: torch.Tensor | None = None  # int64, ascending
         # Fed index ranges [start, end), sorted, disjoint, touching ranges merged: O(gaps).
@@ -668,7 +638,7 @@ class StreamingTopK:
         )
         first = self._ranges[0][0] if self._ranges else 0
         end = self._ranges[-1][1] if self._ranges else 0
-        base = end if base_index is None else _check_int(where, "base_index", base_index, 0)
+        base = end if base_index is None else check_int(where, "base_index", base_index, 0)
         c = scores.shape[0]
         if self._values is not None and scores.device != self._values.device:
             raise ValueError(
@@ -681,7 +651,7 @@ class StreamingTopK:
                 f"{where}: indices [{base}, {base + c}) overlap the indices "
                 f"[{clash[0]}, {clash[1]}) already fed"
             )
-        _check_no_nan(where, "scores", scores)
+        check_no_nan(where, "scores", scores)
         if c == 0:
             return
         values = scores.detach().to(torch.float32)

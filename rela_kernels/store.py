@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rela_kernels._validation import check_int, check_text
 from rela_kernels.atomic_io import atomic_write, fsync_dir
 
 try:
@@ -80,24 +81,10 @@ def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{_WHERE}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{_WHERE}: {name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _check_input_size(value: object) -> int | None:
     if value is None:
         return None
-    return _check_positive_int("input_size", value)
-
-
-def _check_text(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"{_WHERE}: {name} must be a non-empty string, got {value!r}")
-    return value
+    return check_int(_WHERE, "input_size", value, 1)
 
 
 class EmbeddingStore:
@@ -154,15 +141,15 @@ class EmbeddingStore:
             BlockingIOError: another process is writing this store.
         """
         path = Path(path)
-        n = _check_positive_int("n", n)
-        dim = _check_positive_int("dim", dim)
+        n = check_int(_WHERE, "n", n, 1)
+        dim = check_int(_WHERE, "dim", dim, 1)
         if chunk_rows is not None:
-            chunk_rows = _check_positive_int("chunk_rows", chunk_rows)
+            chunk_rows = check_int(_WHERE, "chunk_rows", chunk_rows, 1)
         wanted = {
             "n": n,
             "dim": dim,
-            "fingerprint": _check_text("fingerprint", fingerprint),
-            "prior": _check_text("prior", prior),
+            "fingerprint": check_text(_WHERE, "fingerprint", fingerprint),
+            "prior": check_text(_WHERE, "prior", prior),
             "input_size": _check_input_size(input_size),
         }
         if path.exists() and not path.is_dir():
@@ -518,7 +505,7 @@ class EmbeddingStore:
         Each chunk is read into its own buffer (not a memmap view), so streaming over a store much
         larger than memory keeps the process's resident memory at about one chunk.
         """
-        chunk_rows = _check_positive_int("chunk_rows", chunk_rows)
+        chunk_rows = check_int(_WHERE, "chunk_rows", chunk_rows, 1)
         stop = self.rows_done if stop is None else stop
         if not 0 <= start <= stop <= self.rows_done:
             raise ValueError(

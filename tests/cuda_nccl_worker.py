@@ -13,8 +13,8 @@ import torch.distributed as dist
 
 def main() -> None:
     from rela_train.engine import Hooks
-    from rela_train.fit import fit
     from rela_train.presets import get_preset
+    from rela_train.runs import fit
 
     out = Path(sys.argv[1])
     store = dist.FileStore(str(out / "store"), 1)
@@ -25,7 +25,7 @@ def main() -> None:
     devices: list[str] = []
     config = get_preset("synthetic-test").replace(
         device="cuda", amp="bf16", channels_last=True, prior="pixels:8", budget=0.5,
-        selection="hard", switch="const:0.5", probe_epochs=0,
+        policy="hard", switch="const:0.5", probe_epochs=0,
     )  # fmt: skip
     hooks = Hooks(on_step_end=lambda trainer: devices.append(trainer.device.type))
     result = fit(config, out / "run", hooks=hooks, log=lambda _: None)

@@ -30,15 +30,19 @@ def main() -> None:
         record: dict = {"orders": {}, "steps": [], "losses": [], "phases": []}
 
         def on_step_end(trainer: Trainer, job: dict = job, record: dict = record) -> None:
-            record["orders"][str(trainer.epoch)] = trainer.sampler.order.tolist()
+            record["orders"][str(trainer.counters.epoch)] = trainer.sampler.order.tolist()
             stop = job.get("stop_at")  # [epoch, step_in_epoch, rank asking]
-            if stop and [trainer.epoch, trainer.step_in_epoch] == stop[:2] and rank == stop[2]:
+            if (
+                stop
+                and [trainer.counters.epoch, trainer.counters.step_in_epoch] == stop[:2]
+                and rank == stop[2]
+            ):
                 trainer.request_stop()
 
         trainer = Trainer(
             config, Path(spec["out"]) / job["name"], hooks=Hooks(on_step_end=on_step_end)
         )
-        step = trainer._optimizer_step
+        step = trainer.step
 
         def recorded(batches, step=step, record: dict = record):
             record["steps"].append(sorted(int(i) for b in batches for i in b.indices))
@@ -47,12 +51,12 @@ def main() -> None:
             record["phases"].append(result["phase"])
             return result
 
-        trainer._optimizer_step = recorded
-        result = trainer.fit()
+        trainer.step = recorded
+        result = trainer.run()
         record.update(
             status=result.status,
-            switch_step=trainer.switch_step,
-            global_step=trainer.global_step,
+            switch_step=trainer.counters.switch_step,
+            global_step=trainer.counters.global_step,
             steps_per_epoch=trainer.steps_per_epoch,
             accum_steps=trainer.accum_steps,
         )

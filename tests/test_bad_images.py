@@ -20,10 +20,11 @@ from rela_train.data.folder import EvalTransform, ImageFolder, fingerprint, list
 from rela_train.data.images import UnreadableImage, read_rgb, to_rgb
 from rela_train.data.sources import FolderSource
 from rela_train.data.views import CropPlan, decode_views, load_rgb, simplejpeg
-from rela_train.fit import evaluate_checkpoint, fit
+from rela_train.evaluate import evaluate_checkpoint
 from rela_train.presets import get_preset
 from rela_train.prior.embedding import TRANSPORT_FILE, embed
 from rela_train.prior.targets import prepare_prior
+from rela_train.runs import fit
 
 import rela_kernels as rk
 

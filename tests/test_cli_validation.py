@@ -84,8 +84,10 @@ STRINGS = {
     "byol_blur": "maybe",
     "prior_preprocess": "clip",
     "probe": "sgd",
+    "switch_scores": "drop",
+    "inbatch_switch_loss": "mean",
     "amp": "fp8",
-    "selection": "bogus",
+    "policy": "bogus",
     "arch": "resnet7",
     "device": "cuda:x",
     "switch": "const:2",
@@ -257,7 +259,8 @@ def test_integer_values_are_accepted_for_float_settings() -> None:
 def test_evaluate_checkpoint_checks_its_arguments(
     tmp_path: Path, changes: dict, message: str
 ) -> None:
-    from rela_train.fit import evaluate_checkpoint, fit
+    from rela_train.evaluate import evaluate_checkpoint
+    from rela_train.runs import fit
 
     run = tmp_path / "run"
     config = get_preset("synthetic-test").replace(

@@ -17,8 +17,8 @@ import torch
 from image_folder import make_image_folder
 from rela_train.cli import main
 from rela_train.engine import Hooks, Trainer
-from rela_train.fit import fit
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 import rela_kernels as rk
 
@@ -46,9 +46,9 @@ def _losses(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "event" not in r]
 
 
-@pytest.mark.parametrize("selection", [None, "random", "hard", "easy", "infobatch", "inbatch"])
-def test_fit_on_cuda_bf16_channels_last(tmp_path: Path, selection: str | None) -> None:
-    changes = dict(ON_CUDA) if selection is None else dict(ON_CUDA, selection=selection, **RELA)
+@pytest.mark.parametrize("policy", [None, "random", "hard", "easy", "infobatch", "inbatch"])
+def test_fit_on_cuda_bf16_channels_last(tmp_path: Path, policy: str | None) -> None:
+    changes = dict(ON_CUDA) if policy is None else dict(ON_CUDA, policy=policy, **RELA)
     cfg = get_preset("synthetic-test").replace(**changes)
     hooks, devices = _step_devices()
     result = fit(cfg, tmp_path / "run", hooks=hooks, log=lambda _: None)
@@ -57,7 +57,7 @@ def test_fit_on_cuda_bf16_channels_last(tmp_path: Path, selection: str | None) -
     assert set(devices) == {"cuda"} and len(devices) == summary["steps"]
     losses = _losses(tmp_path / "run")
     assert losses and all(math.isfinite(x) for x in losses)
-    if selection is not None:
+    if policy is not None:
         # 256 images, budget 0.5 -> 128 per epoch -> 8 steps of 16 back-propagated images.
         assert summary["steps"] == 16 and summary["switch_step"] == 8
     assert 0.0 <= summary["knn_acc"] <= 1.0
@@ -103,4 +103,4 @@ def test_trainer_places_the_model_on_cuda(tmp_path: Path) -> None:
     cfg = get_preset("synthetic-test").replace(epochs=1, probe_epochs=0, eval_every=0, **ON_CUDA)
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.device.type == "cuda"
-    assert trainer.fit().status == "finished"
+    assert trainer.run().status == "finished"

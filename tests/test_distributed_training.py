@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+from rela_train.checkpoint import adapt_to_world, load_checkpoint
 from rela_train.data.jpeg_folder import make_jpeg_folder
-from rela_train.engine import Hooks, Trainer, load_checkpoint
+from rela_train.engine import Hooks, Trainer
 from rela_train.presets import get_preset
 
 HERE = Path(__file__).resolve().parent
@@ -70,10 +71,10 @@ def _config(folders: tuple[Path, Path], **changes):
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, folders) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("runs")
-    jobs = [{"name": p, "config": {"selection": p}} for p in POLICIES]
-    jobs.append({"name": "adaptive", "config": {"selection": "random", "switch": "adaptive"}})
+    jobs = [{"name": p, "config": {"policy": p}} for p in POLICIES]
+    jobs.append({"name": "adaptive", "config": {"policy": "random", "switch": "adaptive"}})
     # Rank 1 alone asks to stop after step 1 of epoch 1: both ranks must stop there.
-    jobs.append({"name": "stopped", "config": {"selection": "random"}, "stop_at": [1, 1, 1]})
+    jobs.append({"name": "stopped", "config": {"policy": "random"}, "stop_at": [1, 1, 1]})
     # Most images unreadable: some micro-batches are empty on one rank only.
     corrupt = make_jpeg_folder(out / "corrupt", classes=4, per_class=6, seed=5, corrupt=40)
     jobs.append(
@@ -154,16 +155,16 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_runs, folders) -> None
     steps: list[list[int]] = []
     trainer = Trainer(get_preset("synthetic-test"), stopped, resume=True, hooks=Hooks())
     assert trainer.world == 1 and trainer.accum_steps == 2  # same global batch: 8 x 2 x 1
-    step = trainer._optimizer_step
+    step = trainer.step
 
     def recorded(batches):
         steps.append(sorted(int(i) for b in batches for i in b.indices))
         return step(batches)
 
-    trainer._optimizer_step = recorded
-    result = trainer.fit()
+    trainer.step = recorded
+    result = trainer.run()
     assert result.status == "finished"
-    assert trainer.global_step == full["global_step"]
+    assert trainer.counters.global_step == full["global_step"]
     # Each remaining step consumes what the two ranks together consumed in the full run.
     rank0, rank1 = (r["steps"] for r in two_rank_runs["random"])
     both = [sorted(a + b) for a, b in zip(rank0, rank1, strict=True)]
@@ -175,16 +176,13 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_runs, folders) -> None
 def test_a_world_size_that_cannot_keep_the_global_batch_is_refused(two_rank_runs) -> None:
     stopped = two_rank_runs["_out"] / "stopped"
     state = load_checkpoint(stopped)
-    trainer = Trainer.__new__(Trainer)
-    trainer.world, trainer.main, trainer.run_dir = 3, True, stopped
-    trainer._log = lambda message: None
     config = get_preset("synthetic-test").replace(
-        **_config(("x", "y")), selection="inbatch", accum_steps=1
+        **_config(("x", "y")), policy="inbatch", accum_steps=1
     )
     with pytest.raises(ValueError, match="on 3 ranks no whole per-rank batch"):
-        trainer._adapt_to_world(config, {**state, "world_size": 2})
-    same = config.replace(selection="random")
-    assert trainer._adapt_to_world(same, {**state, "world_size": 3}) == same  # same world
+        adapt_to_world(config, {**state, "world_size": 2}, 3, stopped, lambda message: None)
+    same = config.replace(policy="random")
+    assert adapt_to_world(same, {**state, "world_size": 3}, 3, stopped, print) == same  # same world
 
 
 def _free_port() -> int:
@@ -249,12 +247,12 @@ def test_distributed_fit_needs_an_explicit_run_directory(monkeypatch, capsys) ->
 
 
 def test_collective_failures_exit_with_their_own_status(monkeypatch, capsys) -> None:
-    from rela_train import cli, fit
+    from rela_train import cli, runs
     from rela_train.runtime import DistributedError
 
     def failing(*args, **kwargs):
         raise DistributedError("rank 1 of 2: a collective failed")
 
-    monkeypatch.setattr(fit, "fit", failing)
+    monkeypatch.setattr(runs, "fit", failing)
     assert cli.main(["fit", "--preset", "synthetic-test", "--out", "unused"]) == 3
     assert "rank 1 of 2: a collective failed" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from rela_train.fit import fit
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 import rela_kernels as rk
 from rela_kernels.atomic_io import atomic_write_text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rela_kernels as rk
-from rela_kernels.transport import _fit_pca_whitening, _gram
+from rela_kernels.fitting import _gram
 
 
 def anisotropic(
@@ -112,8 +112,8 @@ def test_float32_gemm_accumulation_stays_close_to_float64(generator: torch.Gener
     # The documented trade-off behind the float64 default: float32 per-chunk GEMMs are accurate
     # to ~1e-6 of the covariance's scale, visible in the smallest kept components.
     x = anisotropic(generator, 8000, 256, offset=2.0, spread=2.0).to(torch.float16)
-    exact = _fit_pca_whitening(x, 64)
-    fast = _fit_pca_whitening(x, 64, gemm_dtype=torch.float32)
+    exact = rk.fit_pca_whitening(x, 64)
+    fast = rk.fit_pca_whitening(x, 64, gemm_dtype=torch.float32)
     np.testing.assert_allclose(fast.mean.numpy(), exact.mean.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
         np.abs(fast.matrix.numpy()).sum(0), np.abs(exact.matrix.numpy()).sum(0), rtol=1e-3

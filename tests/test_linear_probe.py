@@ -16,8 +16,8 @@ from rela_train.evaluate import (
     linear_probe_accuracy,
     official_linear_probe,
 )
-from rela_train.fit import fit
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 

@@ -33,7 +33,7 @@ from rela_train.optim import (
 )
 from rela_train.presets import get_preset
 from rela_train.prior.loaders import NORMALIZATIONS, load_prior
-from rela_train.rela import ConstSwitch, EpochSwitch, build_switch, transport_width
+from rela_train.rela import ConstSwitch, EpochSwitch, build_switch, rela_dim_cap
 
 
 @pytest.fixture(autouse=True)
@@ -147,10 +147,10 @@ def test_old_config_without_the_new_keys_resumes_with_the_old_behaviour() -> Non
 
 
 def test_an_old_infobatch_run_does_not_start_annealing_on_resume() -> None:
-    old = TrainConfig(selection="infobatch").to_dict()
+    old = TrainConfig(policy="infobatch").to_dict()
     del old["anneal"]
     assert TrainConfig.from_dict(old).anneal_fraction == 0.0
-    assert TrainConfig(selection="infobatch").anneal_fraction == 0.125
+    assert TrainConfig(policy="infobatch").anneal_fraction == 0.125
 
 
 def test_a_config_with_the_new_fields_round_trips(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ def test_step_const_switch_keeps_the_project_semantics() -> None:
 
 def test_width_rules() -> None:
     assert hidden_width("fixed", 4096, 512) == 4096 and hidden_width("double", 4096, 512) == 1024
-    assert transport_width("fixed", 64, 512) == 64 and transport_width("min-width", 64, 512) == 512
+    assert rela_dim_cap("fixed", 64, 512) == 64 and rela_dim_cap("min-width", 64, 512) == 512
 
 
 def test_byol_views_without_blur() -> None:
@@ -252,7 +252,7 @@ def test_the_official_recipe_in_the_trainer(tmp_path: Path) -> None:
     assert all(id(p) not in optimized for p in learner.rela_head.parameters())
     assert isinstance(trainer.switch, EpochSwitch) and trainer.switch.switch_epoch == 1
     assert all(spec.blur_p == 0.0 for spec in trainer.augment["byol"].views)
-    result = trainer.fit()
+    result = trainer.run()
     assert result.status == "finished"
     steps = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()

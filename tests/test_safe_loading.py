@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from rela_train import cli
-from rela_train.engine import FORMAT, Hooks, load_checkpoint
-from rela_train.fit import fit
+from rela_train.checkpoint import FORMAT, load_checkpoint
+from rela_train.engine import Hooks
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,12 +120,12 @@ def test_a_checkpoint_of_the_current_format_loads_safely_and_resumes(
     """The trainer's checkpoints hold only tensors and plain values: they load with
     ``weights_only=True`` and a stopped run resumes to the end from one."""
     cfg = get_preset("synthetic-test").replace(
-        prior="pixels:8", budget=0.5, selection="infobatch", switch="adaptive", threads=1,
+        prior="pixels:8", budget=0.5, policy="infobatch", switch="adaptive", threads=1,
         optimizer="lars", epochs=2, eval_every=0, probe_epochs=0, progress=False,
     )  # fmt: skip
 
     def stop(trainer) -> None:
-        if trainer.global_step == 3:
+        if trainer.counters.global_step == 3:
             trainer.request_stop()
 
     run = tmp_path / "run"

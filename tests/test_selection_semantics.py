@@ -13,8 +13,8 @@ import torch
 from rela_train import cli
 from rela_train.config import TrainConfig, apply_recipe
 from rela_train.engine import TIME_FIELDS, Hooks, Trainer
-from rela_train.fit import fit
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 import rela_kernels as rk
 
@@ -55,8 +55,8 @@ def test_annealed_epochs_follow_the_rule(seed: int) -> None:
 
 def test_infobatch_default_anneals_the_last_eighth() -> None:
     assert reference_annealed(16, 0.125) == {14, 15}
-    assert TrainConfig(selection="infobatch").anneal_fraction == 0.125
-    assert TrainConfig(selection="hard").anneal_fraction == 0.0
+    assert TrainConfig(policy="infobatch").anneal_fraction == 0.125
+    assert TrainConfig(policy="hard").anneal_fraction == 0.0
 
 
 @pytest.mark.parametrize("policy", ["random", "hard", "easy", "infobatch"])
@@ -120,7 +120,7 @@ def test_score_table_reset() -> None:
 @pytest.mark.parametrize(
     ("argv", "shown"),
     [(["--anneal", "1"], "1.0"), (["--anneal=-0.5"], "-0.5"),
-     (["--anneal", "0.2", "--selection", "inbatch"], "inbatch")],
+     (["--anneal", "0.2", "--policy", "inbatch"], "inbatch")],
 )  # fmt: skip
 def test_fit_refuses_a_bad_anneal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], shown: str
@@ -138,17 +138,19 @@ def test_fit_refuses_a_bad_anneal(
 
 def test_annealing_in_the_trainer(tmp_path: Path) -> None:
     # 256 images, budget 0.5, batch 16: 8 pruned steps; the annealed last epoch takes 16.
-    cfg = config(budget=0.5, selection="infobatch", anneal=0.5, epochs=2, eval_every=0)
+    cfg = config(budget=0.5, policy="infobatch", anneal=0.5, epochs=2, eval_every=0)
     trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
     assert trainer.total_steps == 8 + 16
     seen = []
-    trainer.hooks = Hooks(on_epoch_end=lambda t: seen.append((t.global_step, t.samples_seen)))
-    assert trainer.fit().status == "finished"
+    trainer.hooks = Hooks(
+        on_epoch_end=lambda t: seen.append((t.counters.global_step, t.counters.samples_seen))
+    )
+    assert trainer.run().status == "finished"
     assert seen == [(8, 128), (24, 384)]
 
 
 def test_infobatch_anneals_by_default(tmp_path: Path) -> None:
-    cfg = config(budget=0.5, selection="infobatch", epochs=8, eval_every=0)
+    cfg = config(budget=0.5, policy="infobatch", epochs=8, eval_every=0)
     assert Trainer(cfg, tmp_path / "run", log=lambda _: None).total_steps == 7 * 8 + 16
     explicit = cfg.replace(anneal=0.0)
     assert Trainer(explicit, tmp_path / "run2", log=lambda _: None).total_steps == 8 * 8
@@ -157,7 +159,7 @@ def test_infobatch_anneals_by_default(tmp_path: Path) -> None:
 def test_the_score_table_starts_over_at_the_switch(tmp_path: Path) -> None:
     # const:0.5 of 16 steps: ReLA for epoch 0, BYOL for epoch 1; `hard` at budget 0.5.
     cfg = config(
-        prior="pixels:8", budget=0.5, selection="hard", switch="const:0.5", eval_every=0,
+        prior="pixels:8", budget=0.5, policy="hard", switch="const:0.5", eval_every=0,
         probe_epochs=0,
     )  # fmt: skip
     at_epoch_end = []
@@ -166,7 +168,7 @@ def test_the_score_table_starts_over_at_the_switch(tmp_path: Path) -> None:
         at_epoch_end.append(trainer.score_table.scores.clone())
 
     trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None, hooks=Hooks(on_epoch_end=record))
-    assert trainer.fit().status == "finished" and trainer.switch_step == 8
+    assert trainer.run().status == "finished" and trainer.counters.switch_step == 8
     after_rela, after_byol = at_epoch_end
     # The ReLA scores of epoch 0 were dropped at the switch.
     assert torch.equal(after_rela, torch.full((256,), 2.0))
@@ -182,7 +184,7 @@ def test_the_score_table_starts_over_at_the_switch(tmp_path: Path) -> None:
 
 def test_inbatch_feeds_the_switch_the_scored_batch_mean(tmp_path: Path) -> None:
     cfg = config(
-        prior="pixels:8", budget=0.25, selection="inbatch", switch="adaptive", epochs=1,
+        prior="pixels:8", budget=0.25, policy="inbatch", switch="adaptive", epochs=1,
         eval_every=0, probe_epochs=0,
     )  # fmt: skip
     trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
@@ -203,7 +205,7 @@ def test_inbatch_feeds_the_switch_the_scored_batch_mean(tmp_path: Path) -> None:
 
     trainer._inbatch_select = spy_select
     trainer.switch.after_step = spy_after_step
-    assert trainer.fit().status == "finished"
+    assert trainer.run().status == "finished"
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kept = [x["loss"] for x in lines if "loss" in x and x.get("phase") == "rela"]
     assert len(fed) == len(scored) == len(kept) > 0  # one micro-batch per step here
@@ -216,7 +218,7 @@ def test_an_official_annealed_run_resumes_exactly(tmp_path: Path) -> None:
     # The official recipe (epoch switch, frozen head, constant schedules, official probe) with
     # infobatch annealing; stopped in the middle of the annealed epoch (steps 9-24).
     base = config(
-        prior="pixels:8", budget=0.5, selection="infobatch", anneal=0.5, switch="const:0.5",
+        prior="pixels:8", budget=0.5, policy="infobatch", anneal=0.5, switch="const:0.5",
         recipe="official", eval_every=1,
     )  # fmt: skip
     cfg = apply_recipe(base, explicit={"probe_epochs"}).replace(probe_epochs=3)
@@ -224,7 +226,7 @@ def test_an_official_annealed_run_resumes_exactly(tmp_path: Path) -> None:
     full = fit(cfg, tmp_path / "full", log=lambda _: None)
 
     def stop(trainer: Trainer) -> None:
-        if trainer.global_step == 13:
+        if trainer.counters.global_step == 13:
             trainer.request_stop()
 
     first = fit(cfg, tmp_path / "resumed", hooks=Hooks(on_step_end=stop), log=lambda _: None)

@@ -16,10 +16,11 @@ import pytest
 import torch
 from image_folder import make_image_folder
 from rela_train import cli
+from rela_train.checkpoint import load_checkpoint
 from rela_train.demo import run_demo
-from rela_train.engine import TIME_FIELDS, Hooks, Trainer, load_checkpoint
-from rela_train.fit import fit
+from rela_train.engine import TIME_FIELDS, Hooks, Trainer
 from rela_train.presets import get_preset
+from rela_train.runs import fit
 
 import rela_kernels as rk
 
@@ -48,9 +49,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("selection", ["random", "hard", "easy", "infobatch", "inbatch"])
-def test_fit_each_selection_policy(tmp_path: Path, selection: str) -> None:
-    cfg = config(prior="pixels:8", budget=0.5, selection=selection, switch="const:0.5")
+@pytest.mark.parametrize("policy", ["random", "hard", "easy", "infobatch", "inbatch"])
+def test_fit_each_selection_policy(tmp_path: Path, policy: str) -> None:
+    cfg = config(prior="pixels:8", budget=0.5, policy=policy, switch="const:0.5")
     result = fit(cfg, tmp_path / "run", log=lambda _: None)
     assert result.status == "finished"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -61,7 +62,7 @@ def test_fit_each_selection_policy(tmp_path: Path, selection: str) -> None:
     records = metrics(tmp_path / "run")
     steps = [r for r in records if "event" not in r]
     assert [r["phase"] for r in steps] == ["rela"] * 8 + ["byol"] * 8
-    if selection == "inbatch":
+    if policy == "inbatch":
         assert summary["samples_scored"] == 512  # 8 steps x 32 scored per epoch
     for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
         assert (tmp_path / "run" / name).is_file()
@@ -80,14 +81,14 @@ def test_adaptive_rule_is_applied_to_every_step_loss(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stop", ["end-of-epoch", "mid-epoch"])
 def test_resume_equals_an_uninterrupted_run(tmp_path: Path, stop: str) -> None:
-    cfg = config(prior="pixels:8", budget=0.5, selection="infobatch", switch="const:0.5")
+    cfg = config(prior="pixels:8", budget=0.5, policy="infobatch", switch="const:0.5")
     full = fit(cfg, tmp_path / "full", log=lambda _: None)
     if stop == "end-of-epoch":
         hooks = Hooks(on_epoch_end=lambda trainer: trainer.request_stop())
     else:
         # A real SIGTERM mid-epoch: the handler lets the step finish, then checkpoints.
         def terminate(trainer: Trainer) -> None:
-            if trainer.global_step == 11:
+            if trainer.counters.global_step == 11:
                 os.kill(os.getpid(), signal.SIGTERM)
 
         hooks = Hooks(on_step_end=terminate)
@@ -261,7 +262,7 @@ def test_frozen_rela_head_is_not_trained(tmp_path: Path) -> None:
     initial = head.weight.detach().clone()
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert id(head.weight) not in optimized and id(head.bias) not in optimized
-    assert trainer.fit().status == "finished"
+    assert trainer.run().status == "finished"
     assert torch.equal(head.weight, initial)
 
 

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rela_train.build import accumulation_steps
+from rela_train.checkpoint import load_checkpoint
 from rela_train.config import TrainConfig, add_config_arguments, config_from_args
 from rela_train.data.jpeg_folder import make_jpeg_folder
-from rela_train.engine import TIME_FIELDS, Hooks, Trainer, _accumulation, load_checkpoint
-from rela_train.fit import fit
+from rela_train.engine import TIME_FIELDS, Hooks, Trainer
 from rela_train.presets import PRESETS, get_preset
+from rela_train.runs import fit
 
 
 @pytest.fixture(autouse=True)
@@ -64,10 +66,10 @@ def test_imagenet_preset_is_the_paper_recipe() -> None:
     assert (config.lr, config.weight_decay, config.warmup_epochs) == (0.45, 1e-6, 10.0)
     assert (config.ema_base, config.epochs, config.global_batch) == (0.99, 100, 4096)
     # 4096 images per step: accumulated on one node, not on two or on a single GPU's 16 passes.
-    assert [_accumulation(config, world) for world in (1, 8, 16)] == [16, 2, 1]
+    assert [accumulation_steps(config, world) for world in (1, 8, 16)] == [16, 2, 1]
     with pytest.raises(ValueError, match="--global-batch: 4096 .* 256 x 3"):
-        _accumulation(config, 3)
-    assert _accumulation(config.replace(global_batch=None, accum_steps=3), 5) == 3
+        accumulation_steps(config, 3)
+    assert accumulation_steps(config.replace(global_batch=None, accum_steps=3), 5) == 3
 
 
 def test_zero_unsets_an_optional_setting_of_the_preset() -> None:
@@ -109,7 +111,9 @@ def test_loader_crops_restart_at_a_mid_epoch_switch_and_resume_exactly(
             batches = trainer.train_source.batches
 
             def counted(index_batches, plan=None):
-                calls.append((trainer.epoch, trainer.step_in_epoch, len(index_batches)))
+                calls.append(
+                    (trainer.counters.epoch, trainer.counters.step_in_epoch, len(index_batches))
+                )
                 return batches(index_batches, plan)
 
             trainer.train_source.batches = counted
@@ -123,7 +127,7 @@ def test_loader_crops_restart_at_a_mid_epoch_switch_and_resume_exactly(
     assert (0, 3, 3) in calls and (1, 0, 6) in calls
 
     def stop_mid_epoch(trainer: Trainer) -> None:
-        if trainer.global_step == 2:
+        if trainer.counters.global_step == 2:
             trainer.request_stop()
 
     first = fit(

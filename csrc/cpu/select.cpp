@@ -161,8 +161,8 @@ void select_small(const Input<key_t>& in, int64_t k, bool check_nan, int64_t* ou
 }
 
 // Digit widths, most significant first. Wide digits mean fewer passes over the input but a fixed
-// cost per pass of zeroing, merging and scanning 2^bits counters per chunk (~0.1 ms for 16 bits):
-// 16-bit digits pay off for long chunks, 11- or 8-bit digits for short ones.
+// cost per pass of zeroing, merging and scanning 2^bits counters per chunk: 16-bit digits pay off
+// for long chunks, 11- or 8-bit digits for short ones.
 template <typename key_t>
 std::vector<int> digit_widths(int64_t chunk_length) {
   const bool wide = chunk_length >= kWideDigitsFrom;

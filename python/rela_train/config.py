@@ -19,9 +19,10 @@ from typing import Any
 
 __all__ = [
     "DATASETS",
-    "SELECTIONS",
     "LEGACY_VALUES",
     "OFFICIAL_RECIPE",
+    "POLICIES",
+    "RENAMED_KEYS",
     "TrainConfig",
     "add_config_arguments",
     "apply_recipe",
@@ -30,7 +31,9 @@ __all__ = [
 ]
 
 DATASETS = ("fashion-mnist", "folder", "synthetic")
-SELECTIONS = ("random", "hard", "easy", "infobatch", "inbatch")
+POLICIES = ("random", "hard", "easy", "infobatch", "inbatch")
+# Keys of config.json (and of checkpoints' configs) renamed since; old files still load.
+RENAMED_KEYS = {"selection": "policy"}
 OPTIMIZERS = ("lars", "adamw")
 RELA_HEADS = ("frozen", "trainable")
 RECIPES = ("default", "official")
@@ -43,6 +46,8 @@ CONST_SWITCHES = ("step", "epoch")
 ON_OFF = ("on", "off")
 PRIOR_PREPROCESSING = ("prior", "official")
 PROBES = ("lbfgs", "official", "none")
+SWITCH_SCORES = ("reset", "keep")
+INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
 RESUME_SETTINGS = ("progress", "threads")
@@ -222,12 +227,31 @@ class TrainConfig:
     )
     # -- data selection ------------------------------------------------------------------------
     budget: float = field(default=1.0, metadata=_opt("fraction of the data per epoch, in (0, 1]"))
-    selection: str = field(default="random", metadata=_opt("subset policy", choices=SELECTIONS))
+    policy: str = field(
+        default="random",
+        metadata=_opt("subset policy", choices=POLICIES, aliases=("--selection",)),
+    )
     anneal: float | None = field(
         default=None,
         metadata=_opt(
             "annealing: the last floor(DELTA x epochs) epochs train on the full data with weight "
             "1 (InfoBatch); DELTA in [0, 1); unset: 0.125 for infobatch, else 0"
+        ),
+    )
+    switch_scores: str = field(
+        default="reset",
+        metadata=_opt(
+            "scores at the ReLA -> BYOL switch: reset (the table starts over at 2.0 and the next "
+            "epoch draws hard/easy at random) or keep (ReLA losses rank the first BYOL epoch)",
+            choices=SWITCH_SCORES,
+        ),
+    )
+    inbatch_switch_loss: str = field(
+        default="scored",
+        metadata=_opt(
+            "inbatch: the loss the switch rule reads, the mean of the whole scored batch (scored) "
+            "or of the back-propagated hardest rows (kept)",
+            choices=INBATCH_SWITCH_LOSSES,
         ),
     )
     # -- engine --------------------------------------------------------------------------------
@@ -289,7 +313,7 @@ class TrainConfig:
         ``infobatch`` (InfoBatch's default) and 0 for the other policies."""
         if self.anneal is not None:
             return self.anneal
-        return 0.125 if self.selection == "infobatch" else 0.0
+        return 0.125 if self.policy == "infobatch" else 0.0
 
     @property
     def rela(self) -> bool:
@@ -301,16 +325,32 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    @staticmethod
+    def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` as a config written today would hold them: the keys of
+        :data:`RENAMED_KEYS` under their current names (a file holding both the old and the new
+        name is refused), and every setting of :data:`LEGACY_VALUES` the file lacks set to the
+        value it ran with (a config written before the setting existed)."""
+        upgraded = dict(values)
+        for old, new in RENAMED_KEYS.items():
+            if old in upgraded:
+                if new in upgraded:
+                    raise ValueError(f"config has both {old} and {new}; keep only {new}")
+                upgraded[new] = upgraded.pop(old)
+        return {**LEGACY_VALUES, **upgraded}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         if not isinstance(values, dict):
             raise ValueError(f"expected a JSON object of settings, got {type(values).__name__}")
+        # Renamed keys, and a config.json written before a setting existed resumes with the
+        # behaviour it ran with.
+        values = cls.upgrade_keys(values)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
-        # A config.json written before a setting existed resumes with the behaviour it ran with.
-        return cls(**{**LEGACY_VALUES, **values}).validate()
+        return cls(**values).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
@@ -412,6 +452,8 @@ class TrainConfig:
             ("byol_blur", ON_OFF),
             ("prior_preprocess", PRIOR_PREPROCESSING),
             ("probe", PROBES),
+            ("switch_scores", SWITCH_SCORES),
+            ("inbatch_switch_loss", INBATCH_SWITCH_LOSSES),
         ):
             value = getattr(self, name)
             need(value in allowed, name, f"must be one of {', '.join(allowed)}, got {value!r}")
@@ -421,9 +463,9 @@ class TrainConfig:
             f"must be in [0, 1), got {self.anneal}",
         )
         need(
-            self.selection != "inbatch" or not self.anneal,
+            self.policy != "inbatch" or not self.anneal,
             "anneal",
-            f"does not apply to --selection inbatch (every batch is scored), got {self.anneal}",
+            f"does not apply to --policy inbatch (every batch is scored), got {self.anneal}",
         )
         parse_switch(self.switch)
         need(
@@ -431,7 +473,7 @@ class TrainConfig:
             "budget",
             f"must be in (0, 1], got {self.budget}",
         )
-        need(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}")
+        need(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
         need(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
@@ -455,6 +497,8 @@ LEGACY_VALUES: dict[str, Any] = {
     "prior_preprocess": "prior",
     "const_switch": "step",
     "anneal": 0.0,
+    "switch_scores": "keep",
+    "inbatch_switch_loss": "kept",
     "probe": "lbfgs",
 }
 
@@ -575,14 +619,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if _optional_int(f):
             help_text += " (0: unset)"
         choices = f.metadata.get("choices")
+        flags = (flag, *f.metadata.get("aliases", ()))  # aliases: earlier names of the flag
         if kind is bool:
             group.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                 help=help_text,
             )  # fmt: skip
         else:
             group.add_argument(
-                flag, dest=f.name, type=kind, choices=choices, default=None,
+                *flags, dest=f.name, type=kind, choices=choices, default=None,
                 metavar=f.name.upper() if choices is None else None, help=help_text,
             )  # fmt: skip
 

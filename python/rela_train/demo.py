@@ -16,9 +16,9 @@ from typing import Any
 
 from rela_train.data.fashion_mnist import load_fashion_mnist
 from rela_train.engine import Hooks
-from rela_train.fit import fit
 from rela_train.presets import get_preset
 from rela_train.report import format_table, load_run, plot_runs
+from rela_train.runs import fit
 
 __all__ = ["run_demo"]
 
@@ -27,7 +27,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load() -> str:
+def _load_average() -> str:
     try:
         one, five, _ = os.getloadavg()
         return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -72,12 +72,12 @@ def run_demo(
     if threads is not None:
         changes["threads"] = threads
     base = get_preset("fashion-mnist-demo").replace(**changes)
-    rela = base.replace(prior=prior, budget=budget, selection="random")
+    rela = base.replace(prior=prior, budget=budget, policy="random")
     echo(
         f"rela-train demo: Fashion-MNIST, {base.train_subset or 60000} training images, "
         f"{base.val_subset or 10000} test images, {base.arch} width {base.width} at "
         f"{base.image_size} px, {base.epochs} epochs, batch {base.batch_size}; "
-        f"{_load()}; results in {out}"
+        f"{_load_average()}; results in {out}"
     )
     start = time.perf_counter()
     summaries = {}
@@ -109,6 +109,6 @@ def run_demo(
         if rela_s.get("switch_step") is not None
         else _no_switch(rela_s)
     )
-    echo(f"{switch}. Demo total {total:.0f} s (training + evaluation); {_load()}.")
+    echo(f"{switch}. Demo total {total:.0f} s (training + evaluation); {_load_average()}.")
     echo(f"Plot: {plot}")
     return {"byol": byol, "rela": rela_s, "plot": str(plot), "total_time": total, "out": str(out)}

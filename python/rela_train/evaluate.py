@@ -4,34 +4,48 @@
   of training features; the ``k`` nearest vote for their class with weight ``exp(sim / T)``
   (k = 200, T = 0.1 by default).
 * Linear probe: multinomial logistic regression on standardised frozen features, fitted
-  full-batch with L-BFGS (deterministic, converges in ~100 iterations on these sizes).
+  full-batch with L-BFGS (deterministic; it converges within the default 100 iterations on
+  these sizes).
 * The official ReLA linear probe (``metrics/lineareval.py`` ``linear_eval`` of LINs-lab/ReLA):
   a linear layer on the raw frozen features (no standardisation), Adam at lr 3e-4, mini-batches
   of 128 shuffled each epoch, 100 epochs; the reported figure is the mean (and sample standard
   deviation) of the test accuracy after each of the last 3 epochs. The official code averages
   per-batch accuracies (a short last batch weighs as much as a full one); here the accuracy is
-  exact (correct / images).
+  exact (correct / images). ``--probe`` chooses the final probe (:func:`final_probe_results`).
+
+:func:`evaluate_backbone` is the one evaluation flow: the trainer calls it per epoch and at the
+end of a run, :func:`evaluate_checkpoint` (the ``eval`` command) on a saved backbone.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rela_train.data.sources import Source
+from rela_train.checkpoint import load_checkpoint
+from rela_train.config import PROBES, TrainConfig
+from rela_train.data.sources import Source, build_sources
+from rela_train.learner import build_learner
+from rela_train.runtime import resolve_device
 
 __all__ = [
     "OfficialProbeResult",
+    "evaluate_backbone",
+    "evaluate_checkpoint",
     "extract_features",
+    "final_probe_results",
     "knn_accuracy",
     "linear_probe_accuracy",
-    "final_probe_results",
     "official_linear_probe",
 ]
 
@@ -218,3 +232,145 @@ def final_probe_results(
         official = official_linear_probe(*args, num_classes=num_classes, epochs=epochs)
         return {"linear_acc_official": official.mean, "linear_acc_official_std": official.std}
     raise ValueError(f"--probe: expected lbfgs, official or none, got {probe!r}")
+
+
+def evaluate_backbone(
+    backbone: nn.Module,
+    bank: Source,
+    val: Source,
+    *,
+    config: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    channels_last: bool,
+    autocast: bool,
+    probe_iterations: int,
+    probe: str = "lbfgs",
+    extra_bank: Source | None = None,
+) -> dict[str, Any]:
+    """``knn_acc`` of ``val`` against the features of ``bank``; ``knn_acc_bank`` against
+    ``extra_bank`` too when one is given; the figures of the linear probe ``probe`` fitted on
+    ``bank``'s features (:func:`final_probe_results`: ``linear_acc`` for ``lbfgs``) when
+    ``probe_iterations > 0``. The backbone runs in eval mode (BatchNorm running statistics)
+    and is left in the mode it came in."""
+    was_training = backbone.training
+    backbone.eval()
+
+    def features(source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(
+            backbone,
+            source,
+            size=config.image_size,
+            device=device,
+            channels_last=channels_last,
+            autocast=autocast,
+        )
+
+    def knn(bank_features: torch.Tensor, bank_labels: torch.Tensor) -> float:
+        return knn_accuracy(
+            bank_features, bank_labels, val_f, val_y, k=config.knn_k,
+            temperature=config.knn_t, num_classes=num_classes,
+        )  # fmt: skip
+
+    try:
+        train_f, train_y = features(bank)
+        val_f, val_y = features(val)
+        result: dict[str, Any] = {"knn_acc": knn(train_f, train_y)}
+        if extra_bank is not None:
+            result["knn_acc_bank"] = knn(*features(extra_bank))
+    finally:
+        backbone.train(was_training)
+    result.update(
+        final_probe_results(probe, train_f, train_y, val_f, val_y, num_classes, probe_iterations)
+    )
+    return result
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    val_dir: str | None = None,
+    probe_iterations: int | None = None,
+    threads: int | None = None,
+    probe: str | None = None,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """kNN and linear-probe accuracy of a checkpoint's backbone (a file or a run directory).
+
+    The data come from the checkpoint's configuration; ``data_dir`` / ``val_dir`` point it at
+    another copy of the same data. Unlike the evaluations during training, the whole training
+    set is the bank and channels_last is off. ``probe`` (``lbfgs``, ``official``, ``none``;
+    default: the run's ``--probe``) chooses the linear probe; ``probe_iterations`` its L-BFGS
+    iterations or official epochs (default: the run's ``--probe-epochs``).
+    """
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
+    for name, value, least in (("probe_iterations", probe_iterations, 0), ("threads", threads, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer, got {value!r}")
+        if value is not None and value < least:
+            raise ValueError(
+                f"--{name.replace('_', '-')}: expected an integer >= {least}, got {value}"
+            )
+    state = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: the checkpoint's configuration is not valid: {error}") from error
+    changes: dict[str, Any] = {}
+    if data_dir is not None:
+        changes["data_dir"] = data_dir
+    if val_dir is not None:
+        changes["val_dir"] = val_dir
+    if changes:
+        config = config.replace(**changes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        dev = resolve_device(device)
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from error
+    start = time.perf_counter()
+    train, val = build_sources(config, warn=log)
+    head = state["learner"].get("rela_head.weight")
+    learner = build_learner(
+        config, state["channels"], len(state["classes"]), None if head is None else head.shape[0]
+    )
+    learner.load_state_dict(state["learner"])
+    backbone = learner.byol.backbone.to(dev)
+    probe = config.probe if probe is None else probe
+    result = evaluate_backbone(
+        backbone,
+        train,
+        val,
+        config=config,
+        num_classes=len(state["classes"]),
+        device=dev,
+        channels_last=False,
+        autocast=dev.type == "cuda" and config.amp != "off",
+        probe_iterations=config.probe_epochs if probe_iterations is None else probe_iterations,
+        probe=probe,
+    )
+    counters = state["counters"]
+    return {
+        "checkpoint": str(path),
+        "epoch": counters["epoch"],
+        "step": counters["global_step"],
+        "samples_seen": counters["samples_seen"],
+        "knn_acc": result["knn_acc"],
+        "linear_acc": result.get("linear_acc"),
+        "probe": probe,
+        **{k: v for k, v in result.items() if k.startswith("linear_acc_official")},
+        "train_images": train.n,
+        "val_images": val.n,
+        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
+        "eval_time": time.perf_counter() - start,
+    }

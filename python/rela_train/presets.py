@@ -27,6 +27,24 @@ _SMALL_IMAGES_R18: dict[str, Any] = dict(
     rela_dim=128,
 )
 
+# Fashion-MNIST (28 px, 1 channel) with the small-image stem and a 128-d projector.
+_FASHION_MNIST: dict[str, Any] = dict(
+    dataset="fashion-mnist",
+    small_images=True,
+    proj_dim=128,
+    lr=1.0,
+    weight_decay=1e-5,
+    rela_dim=64,
+)
+
+# A ResNet-10 with the small-image stem and a short warmup, for runs on a CPU.
+_SMALL_CPU: dict[str, Any] = dict(
+    arch="resnet10",
+    small_images=True,
+    weight_decay=1e-5,
+    warmup_epochs=0.5,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's job: ResNet-50 BYOL on ImageNet-1K at 224 px (Grill et al. 2020; ReLA's
     # ImageNet runs): LARS at 0.45 x global batch / 256, weight decay 1e-6, 10 warmup epochs,
@@ -63,57 +81,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-imagenet-r18": dict(_SMALL_IMAGES_R18, image_size=64, load_size=64, workers=6),
     # Fashion-MNIST at full size on a CPU or a small GPU.
     "fashion-mnist": dict(
-        dataset="fashion-mnist",
+        _FASHION_MNIST,
         image_size=28,
         arch="resnet18",
         width=32,
-        small_images=True,
         proj_hidden=1024,
-        proj_dim=128,
         epochs=50,
         batch_size=256,
-        lr=1.0,
-        weight_decay=1e-5,
         warmup_epochs=5.0,
-        rela_dim=64,
         eval_bank=20000,
     ),
-    # `rela-train demo`: sized to train two runs plus evaluation in well under 10 minutes on two
-    # CPU cores (see README, "make demo", for the measured figures).
+    # `rela-train demo`: sized to train two runs plus evaluation on a CPU (README, "make demo",
+    # has the measured figures).
     "fashion-mnist-demo": dict(
-        dataset="fashion-mnist",
+        _FASHION_MNIST,
+        **_SMALL_CPU,
         image_size=16,
-        arch="resnet10",
         width=16,
-        small_images=True,
         proj_hidden=512,
-        proj_dim=128,
         epochs=3,
         batch_size=128,
-        lr=1.0,
-        weight_decay=1e-5,
-        warmup_epochs=0.5,
         ema_base=0.99,
-        rela_dim=64,
         eval_bank=10000,
         probe_epochs=100,
         channels_last=True,
         threads=2,
     ),
-    # Tests: tiny synthetic data, a few seconds on one core.
+    # Tests: tiny synthetic data on one core.
     "synthetic-test": dict(
+        _SMALL_CPU,
         dataset="synthetic",
         image_size=12,
-        arch="resnet10",
         width=4,
-        small_images=True,
         proj_hidden=32,
         proj_dim=16,
         epochs=2,
         batch_size=16,
         lr=0.5,
-        weight_decay=1e-5,
-        warmup_epochs=0.5,
         rela_dim=8,
         knn_k=10,
         probe_epochs=20,

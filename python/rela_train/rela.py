@@ -7,7 +7,7 @@ sample's transported prior embedding ``y = transport(p)``:
 
 A switch rule decides, after every optimizer step, whether to move to BYOL, once and for good:
 
-* ``adaptive`` -- the official EMA plateau test (DESIGN.md section 1). With the step's loss
+* ``adaptive`` -- the official EMA plateau test (docs/ARCHITECTURE.md). With the step's loss
   ``L`` (cross-rank mean): ``rho = exp(-max(slow - fast, 0))`` is computed *first*, then
   ``fast <- 0.999 fast + 0.001 L`` and ``slow <- 0.99 slow + 0.01 fast``; start ``slow = 2``,
   ``fast = 1``; switch when ``rho >= 0.995``. ``rho`` is therefore always computed from the EMAs
@@ -39,7 +39,7 @@ __all__ = [
     "Switch",
     "build_switch",
     "rela_loss",
-    "transport_width",
+    "rela_dim_cap",
 ]
 
 
@@ -186,10 +186,12 @@ def build_switch(
     return NeverSwitch()
 
 
-def transport_width(rule: str, rela_dim: int, feature_dim: int) -> int:
-    """The width ``d`` a computed prior is transported to: ``fixed`` is ``--rela-dim``;
-    ``min-width`` is the backbone's feature width, capped later by the prior's width (the
-    official code: ``boostor/rela.py`` ``_pca_reduce(Y, min(feature_dim, Y.shape[-1]))``)."""
+def rela_dim_cap(rule: str, rela_dim: int, feature_dim: int) -> int:
+    """The cap on the width a computed prior is transported to (``--rela-dim-rule``): ``fixed``
+    is ``--rela-dim``; ``min-width`` is the backbone's feature width. The prior's width and row
+    count cap it further (:func:`rela_train.prior.embedding.transport_width`), so ``min-width``
+    gives the official code's ``boostor/rela.py`` ``_pca_reduce(Y, min(feature_dim,
+    Y.shape[-1]))``."""
     if rule == "fixed":
         return rela_dim
     if rule == "min-width":

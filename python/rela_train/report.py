@@ -31,7 +31,7 @@ def _label(config: dict[str, Any]) -> str:
     method = "BYOL + ReLA" if rela else "BYOL"
     budget = config.get("budget", 1.0)
     if budget < 1.0:
-        method += f" @{budget:.0%} ({config.get('selection', 'random')})"
+        method += f" @{budget:.0%} ({config.get('policy', config.get('selection', 'random'))})"
     return method
 
 

@@ -1,5 +1,7 @@
-"""Process-group plumbing for ``torchrun``: setup with collective timeouts, rank-0-first work
-that may take longer than any timeout, and collective failures turned into one clear message.
+"""Where a run executes: :func:`resolve_device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, checked
+against what this machine has) and the process-group plumbing for ``torchrun``: setup with
+collective timeouts, rank-0-first work that may take longer than any timeout, and collective
+failures turned into one clear message.
 
 ``torchrun`` (single node or several) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads them and joins the default group with

@@ -44,6 +44,7 @@ __all__ = [
     "ViewSpec",
     "apply_photometric",
     "apply_view",
+    "bernoulli",
     "crop_resize_flip",
     "normalize",
     "sample_crop_boxes",
@@ -110,7 +111,8 @@ def _uniform(g: torch.Generator, shape: Sequence[int], low: float, high: float) 
     return torch.rand(*shape, generator=g, dtype=torch.float64) * (high - low) + low
 
 
-def _bernoulli(g: torch.Generator, n: int, p: float) -> torch.Tensor:
+def bernoulli(g: torch.Generator, n: int, p: float) -> torch.Tensor:
+    """``n`` bool coin flips from ``g`` (float64 uniforms), each True with probability ``p``."""
     return torch.rand(n, generator=g, dtype=torch.float64) < p
 
 
@@ -163,7 +165,7 @@ def sample_view(spec: ViewSpec, g: torch.Generator, n: int, height: int, width: 
     :func:`sample_photometric`.
     """
     box = sample_crop_boxes(g, n, height, width, spec.crop_scale, spec.crop_ratio)
-    flip = _bernoulli(g, n, spec.flip_p)
+    flip = bernoulli(g, n, spec.flip_p)
     photometric = sample_photometric(spec, g, n)
     values = {f.name: getattr(photometric, f.name) for f in fields(PhotometricParams)}
     return ViewParams(box=box, flip=flip, **values)
@@ -173,17 +175,17 @@ def sample_photometric(spec: ViewSpec, g: torch.Generator, n: int) -> Photometri
     """Draw one view's photometric parameters (jitter, grayscale, blur, solarize) for ``n``
     images."""
     b, c, s, h = spec.jitter
-    jitter = _bernoulli(g, n, spec.jitter_p)
+    jitter = bernoulli(g, n, spec.jitter_p)
     brightness = _uniform(g, (n,), max(0.0, 1 - b), 1 + b)
     contrast = _uniform(g, (n,), max(0.0, 1 - c), 1 + c)
     saturation = _uniform(g, (n,), max(0.0, 1 - s), 1 + s)
     hue = _uniform(g, (n,), -h, h)
     order = tuple(int(i) for i in torch.randperm(4, generator=g))
     ones = torch.ones(n, dtype=torch.float64)
-    gray = _bernoulli(g, n, spec.gray_p)
-    blur = _bernoulli(g, n, spec.blur_p)
+    gray = bernoulli(g, n, spec.gray_p)
+    blur = bernoulli(g, n, spec.blur_p)
     sigma = _uniform(g, (n,), spec.blur_sigma[0], spec.blur_sigma[1])
-    solarize = _bernoulli(g, n, spec.solarize_p)
+    solarize = bernoulli(g, n, spec.solarize_p)
     return PhotometricParams(
         brightness=torch.where(jitter, brightness, ones),
         contrast=torch.where(jitter, contrast, ones),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rela_train.data.augment import ViewSpec, _bernoulli, sample_crop_boxes
+from rela_train.data.augment import ViewSpec, bernoulli, sample_crop_boxes
 from rela_train.data.images import (
     UnreadableImage,
     check_pixel_count,
@@ -111,7 +111,7 @@ class CropPlan:
         boxes, flips = [], []
         for spec in self.specs:
             boxes.append(sample_crop_boxes(g, 1, height, width, spec.crop_scale, spec.crop_ratio))
-            flips.append(_bernoulli(g, 1, spec.flip_p))
+            flips.append(bernoulli(g, 1, spec.flip_p))
         return torch.cat(boxes), torch.cat(flips)
 
 

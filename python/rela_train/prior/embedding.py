@@ -1,8 +1,12 @@
-"""The embed job: run a prior over an image folder once, store the embeddings, fit the transport.
+"""Embedding a dataset into a store and fitting its transport: the one place that does both.
 
-``embed(data, prior, out)`` fills the EmbeddingStore at ``out`` chunk by chunk (resuming where a
-previous run stopped) and then writes ``out/transport.pt``, the PCA-whitening transport whose
-outputs are ReLA-D's regression targets.
+``embed(data, prior, out)`` (the ``embed`` command) fills the EmbeddingStore at ``out`` from an
+image folder chunk by chunk (resuming where a previous run stopped) and then writes
+``out/transport.pt``, the PCA-whitening transport whose outputs are ReLA-D's regression targets.
+``embed_tensors(source, prior, out)`` fills a store from an in-memory dataset (Fashion-MNIST,
+synthetic) for the trainer. Both feed the same chunk loop (:func:`write_embeddings`) from their own
+batch producer (:func:`folder_batches`, :func:`tensor_batches`); the transport width of both
+follows :func:`transport_width`, and :func:`fit_transport` fits and saves the transport.
 
 Unreadable images (decode errors, truncated files, decompression bombs; see
 :mod:`rela_train.data.images`) do not stop the job: each is logged, its row is stored as zeros and
@@ -25,32 +29,44 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import rela_kernels as rk
 from rela_train.data.folder import ImageFolder
+from rela_train.data.sources import TensorSource
 from rela_train.prior.loaders import ModelPrior, PrecomputedPrior, Prior, load_prior
 from rela_train.runtime import resolve_device
 
 __all__ = [
     "DEFAULT_MAX_DIM",
     "TRANSPORT_FILE",
+    "EmbedBatch",
     "EmbedResult",
     "VerifyResult",
     "embed",
+    "embed_tensors",
+    "fit_transport",
+    "folder_batches",
     "resolve_device",
+    "tensor_batches",
+    "transport_width",
     "verify_store",
+    "write_embeddings",
 ]
 
 TRANSPORT_FILE = "transport.pt"
 DEFAULT_MAX_DIM = 256
 _TARGET_CHUNK_ROWS = 4096
+_TENSOR_BATCH_ROWS = 512  # in-memory images per forward pass
+_TENSOR_CHUNK_BATCHES = 8  # forward passes per durable chunk of an in-memory dataset's store
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -102,6 +118,31 @@ class VerifyResult:
         else:
             notes.insert(0, "checksums OK")
         return f"{head}; " + "; ".join(notes)
+
+
+def transport_width(cap: int, prior_dim: int, rows: int) -> int:
+    """The transport width: ``min(cap, D, N - 1)``, at least 1.
+
+    ``N`` rows span at most ``N - 1`` centred directions, so tiny datasets get fewer components.
+    ``fit`` caps with ``--rela-dim``; ``embed`` with ``--dim`` (checked, never clamped) or
+    :data:`DEFAULT_MAX_DIM`.
+    """
+    return max(1, min(cap, prior_dim, rows - 1))
+
+
+def fit_transport(
+    store: rk.EmbeddingStore, width: int, *, device: torch.device | None = None
+) -> Path:
+    """Fit the PCA-whitening transport of ``store``'s valid rows to ``width`` dimensions and save
+    it next to the store (``TRANSPORT_FILE``); returns its path.
+
+    ``device`` is where the float64 covariance is accumulated: ``embed`` passes its device (on a
+    GPU that is much faster than the host), the trainer passes None for in-memory datasets (the
+    CPU). On CUDA the two can differ in the last bits, so each caller keeps its choice.
+    """
+    path = store.path / TRANSPORT_FILE
+    rk.fit_pca_whitening(store, width, device=device).save(path)
+    return path
 
 
 def verify_store(out: str | os.PathLike[str]) -> VerifyResult:
@@ -177,7 +218,7 @@ def embed(
     elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
         raise ValueError(f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images")
     wanted_dim = dim
-    dim = _check_dim(dim, prior.dim, n)
+    dim = _check_width(dim, prior.dim, n)
     out = Path(out)
     _check_same_folder(out, dataset, data)
     if chunk_rows is None and not rk.EmbeddingStore.exists(out):
@@ -239,11 +280,9 @@ def embed(
                 f"{out / 'manifest.json'} and make no targets"
             )
     if wanted_dim is None and skipped:
-        dim = _check_dim(None, prior.dim, n - skipped)  # the fit sees only the valid rows
+        dim = _check_width(None, prior.dim, n - skipped)  # the fit sees only the valid rows
     log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
-    # On a GPU the float64 covariance accumulation is far faster there than on the host.
-    transport = rk.fit_pca_whitening(rk.EmbeddingStore.open(out), dim, device=device)
-    transport.save(out / TRANSPORT_FILE)
+    fit_transport(rk.EmbeddingStore.open(out), dim, device=device)
     log(f"{out}: wrote {out / TRANSPORT_FILE}")
     return EmbedResult(out, out / TRANSPORT_FILE, n, prior.dim, dim, computed, skipped, repaired)
 
@@ -280,10 +319,11 @@ def _check_same_folder(out: Path, dataset: ImageFolder, data: str | os.PathLike[
     )
 
 
-def _check_dim(dim: int | None, width: int, n: int) -> int:
+def _check_width(dim: int | None, width: int, n: int) -> int:
+    """``embed``'s transport width: ``transport_width(DEFAULT_MAX_DIM, D, N)`` by default; an
+    explicit ``dim`` must fit ``[1, min(D, N - 1)]`` (an argument error, never clamped)."""
     if dim is None:
-        # N rows span at most N - 1 centred dimensions: tiny datasets get fewer components.
-        dim = max(1, min(DEFAULT_MAX_DIM, width, n - 1))
+        dim = transport_width(DEFAULT_MAX_DIM, width, n)
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be a positive int, got {dim!r}")
     if dim > width:
@@ -317,7 +357,58 @@ def _compute(
                 bar.update(stop - start)
         return
     assert isinstance(prior, ModelPrior)
-    _run_model(store, chunks, write, dataset, prior, batch_size, workers, device, bar, log)
+    batches = folder_batches(dataset, prior, chunks, batch_size, workers, device)
+    write_embeddings(
+        store, chunks, write, prior, batches, lambda row: str(dataset.samples[row].path), bar, log
+    )
+
+
+class EmbedBatch(NamedTuple):
+    """One forward pass: the store rows it covers, the images that could be read and their rows,
+    and ``(row, reason)`` for those that could not."""
+
+    rows: Sequence[int]
+    images: torch.Tensor | None
+    indices: np.ndarray
+    skipped: list[tuple[int, str]]
+
+
+def write_embeddings(
+    store: rk.EmbeddingStore,
+    chunks: list[tuple[int, int]],
+    write: Callable[..., None],
+    prior: ModelPrior,
+    batches: Iterator[EmbedBatch],
+    describe: Callable[[int], str],
+    bar: tqdm | None = None,
+    log: Callable[[str], None] = _log,
+) -> None:
+    """The chunk loop: encode each batch, collect whole chunks, hand each to ``write``.
+
+    ``batches`` cover ``chunks`` in order and never straddle a chunk boundary (so a resumed store
+    is computed by the same batches as an uninterrupted one). Every output row is checked before
+    it is stored; ``describe(row)`` names the input in the error. Unreadable inputs are logged
+    and handed to ``write`` as skipped rows.
+    """
+    chunk_iter = iter(chunks)
+    start, stop = next(chunk_iter)
+    buffer = np.zeros((store.chunk_rows, store.dim), dtype=np.float32)
+    skipped: dict[int, str] = {}
+    for batch in batches:
+        for index, reason in batch.skipped:
+            log(f"warning: skipping unreadable image ({reason})")
+            skipped[index] = reason
+            buffer[index - start] = 0.0
+        if batch.images is not None:
+            out = prior.encode(batch.images).cpu().numpy()
+            _check_outputs(out, batch.indices, prior, describe)
+            buffer[batch.indices - start] = out
+        if bar is not None:
+            bar.update(len(batch.rows))
+        if batch.rows[-1] + 1 == stop:
+            write(start, buffer[: stop - start], skipped=skipped)
+            skipped = {}
+            start, stop = next(chunk_iter, (None, None))
 
 
 class _Readable(torch.utils.data.Dataset):
@@ -341,18 +432,16 @@ def _collate(items):
     return images, indices, bad
 
 
-def _run_model(
-    store: rk.EmbeddingStore,
-    chunks: list[tuple[int, int]],
-    write: Callable[..., None],
+def folder_batches(
     dataset: ImageFolder,
     prior: ModelPrior,
+    chunks: list[tuple[int, int]],
     batch_size: int,
     workers: int,
     device: torch.device,
-    bar: tqdm | None,
-    log: Callable[[str], None],
-) -> None:
+) -> Iterator[EmbedBatch]:
+    """Batches of ``batch_size`` images of ``chunks``, decoded with the prior's evaluation
+    preprocessing by ``workers`` DataLoader processes; unreadable files become skipped rows."""
     dataset.transform = prior.transform
     batches = [
         list(range(first, min(first + batch_size, stop)))
@@ -367,34 +456,75 @@ def _run_model(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )
-    chunk_iter = iter(chunks)
-    start, stop = next(chunk_iter)
-    buffer = np.zeros((store.chunk_rows, store.dim), dtype=np.float32)
-    skipped: dict[int, str] = {}
     for (images, indices, bad), rows in zip(loader, batches, strict=True):
-        for index, reason in bad:
-            log(f"warning: skipping unreadable image ({reason})")
-            skipped[index] = reason
-            buffer[index - start] = 0.0
-        if images is not None:
-            out = prior.encode(images).cpu().numpy()
-            _check_outputs(out, indices, dataset, prior)
-            buffer[indices.numpy() - start] = out
-        if bar is not None:
-            bar.update(len(rows))
-        if rows[-1] + 1 == stop:
-            write(start, buffer[: stop - start], skipped=skipped)
-            skipped = {}
-            start, stop = next(chunk_iter, (None, None))
+        yield EmbedBatch(rows, images, indices.numpy(), bad)
+
+
+def tensor_batches(
+    source: TensorSource,
+    prior: ModelPrior,
+    chunks: list[tuple[int, int]],
+    batch_size: int = _TENSOR_BATCH_ROWS,
+) -> Iterator[EmbedBatch]:
+    """Batches of ``batch_size`` in-memory images of ``chunks``, preprocessed a chunk at a time:
+    uint8 to [0, 1], gray to RGB, resized (bilinear, antialiased; no crop) to the prior's input
+    size, normalised with the prior's mean and std."""
+    size = prior.input_size
+    mean = torch.tensor(prior.transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(prior.transform.std).view(1, 3, 1, 1)
+    for start, stop in chunks:
+        x = source.images[start:stop].to(torch.float32) / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # gray -> RGB, as PIL's convert("RGB") does
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        x = (x - mean) / std
+        for first in range(0, len(x), batch_size):
+            rows = range(start + first, start + min(first + batch_size, len(x)))
+            indices = np.arange(rows.start, rows.stop)
+            yield EmbedBatch(rows, x[first : first + batch_size], indices, [])
+
+
+def embed_tensors(
+    source: TensorSource,
+    prior: ModelPrior,
+    out: str | os.PathLike[str],
+    *,
+    batch_size: int = _TENSOR_BATCH_ROWS,
+    log: Callable[[str], None] = _log,
+) -> rk.EmbeddingStore:
+    """Embed an in-memory dataset with ``prior`` into the store ``out`` (created, or resumed
+    when a killed run left it incomplete); returns the finished store, opened read-only.
+
+    Chunks hold ``batch_size * 8`` rows; the store's metadata names the source and the prior spec.
+    """
+    log(f"embedding {source.n} images with {prior.identity} (D={prior.dim})")
+    with rk.EmbeddingStore.create_or_resume(
+        out,
+        source.n,
+        prior.dim,
+        fingerprint=source.fingerprint,
+        prior=prior.identity,
+        input_size=prior.input_size,
+        chunk_rows=batch_size * _TENSOR_CHUNK_BATCHES,
+        metadata={"data": source.name, "prior_spec": prior.spec},
+    ) as store:
+        chunks = store.pending_chunks()
+        if chunks:
+            batches = tensor_batches(source, prior, chunks, batch_size)
+            write_embeddings(
+                store, chunks, store.write_chunk, prior, batches, lambda row: source.name, log=log
+            )
+    return rk.EmbeddingStore.open(out)
 
 
 def _check_outputs(
-    out: np.ndarray, indices: torch.Tensor, dataset: ImageFolder, prior: ModelPrior
+    out: np.ndarray, indices: np.ndarray, prior: ModelPrior, describe: Callable[[int], str]
 ) -> None:
     bad = ~(np.isfinite(out) & (np.abs(out) <= _FLOAT16_MAX)).all(axis=1)
     if bad.any():
         row = int(indices[int(np.flatnonzero(bad)[0])])
         raise ValueError(
             f"prior {prior.spec} produced non-finite values or values beyond float16's range "
-            f"for image {row} ({dataset.samples[row].path})"
+            f"for image {row} ({describe(row)})"
         )

@@ -2,11 +2,12 @@
 
 Either an existing embedding store is used (``--prior-store DIR``, made by ``rela-train embed``;
 ``DIR/transport.pt`` is the transport), or the embeddings are computed once into ``RUN/prior``
-(``--prior SPEC``): in-memory datasets are embedded directly from their tensors, image folders
-through :func:`.embedding.embed`. A store made for other data is refused by its fingerprint,
-and a store whose rows fail their checksums is refused before any target is made from it. Rows the
-store marks skipped (unreadable images) make no target: their per-sample weight is 0
-(:meth:`PriorTargets.valid`).
+(``--prior SPEC``) by :mod:`.embedding`: in-memory datasets directly from their tensors
+(:func:`.embedding.embed_tensors`), image folders through :func:`.embedding.embed`; the transport
+width is :func:`.embedding.transport_width` capped by ``--rela-dim``. A store made for other
+data is refused by its fingerprint, and a store whose rows fail their checksums is refused before
+any target is made from it. Rows the store marks skipped (unreadable images) make no target: their
+per-sample weight is 0 (:meth:`PriorTargets.valid`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import rela_kernels as rk
 from rela_train.data.sources import FolderSource, Source, TensorSource
-from rela_train.prior.embedding import TRANSPORT_FILE
+from rela_train.prior.embedding import (
+    TRANSPORT_FILE,
+    embed,
+    embed_tensors,
+    fit_transport,
+    transport_width,
+)
 from rela_train.prior.loaders import ModelPrior, load_prior
 
 __all__ = ["PriorTargets", "prepare_prior"]
@@ -74,36 +80,6 @@ def _check_store(store: rk.EmbeddingStore, source: Source, where: str) -> None:
         )
 
 
-def _embed_tensors(
-    source: TensorSource, prior: ModelPrior, out: Path, batch_size: int = 512
-) -> rk.EmbeddingStore:
-    size = prior.input_size
-    mean = torch.tensor(prior.transform.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prior.transform.std).view(1, 3, 1, 1)
-    with rk.EmbeddingStore.create_or_resume(
-        out,
-        source.n,
-        prior.dim,
-        fingerprint=source.fingerprint,
-        prior=prior.identity,
-        input_size=size,
-        chunk_rows=batch_size * 8,
-        metadata={"data": source.name, "prior_spec": prior.spec},
-    ) as store:
-        for start, stop in store.pending_chunks():
-            x = source.images[start:stop].to(torch.float32) / 255.0
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)  # gray -> RGB, as PIL's convert("RGB") does
-            if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-            x = (x - mean) / std
-            rows = torch.cat(
-                [prior.encode(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)]
-            )
-            store.write_chunk(start, rows)
-    return rk.EmbeddingStore.open(out)
-
-
 def prepare_prior(
     *,
     source: Source,
@@ -133,12 +109,10 @@ def prepare_prior(
                     "--prior: embedding a subset of an image folder is not supported; embed the "
                     "folder with `rela-train embed` and train on the whole folder"
                 )
-            from rela_train.prior.embedding import embed
-
             done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
             if not done or not rk.EmbeddingStore.open(path).complete:
                 loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
-                width = max(1, min(dim, loaded.dim, source.n - 1))  # as for in-memory data
+                width = transport_width(dim, loaded.dim, source.n)
                 embed(
                     source.folder.root, loaded, path, device=device, workers=source.workers,
                     dim=width, log=log,
@@ -156,12 +130,11 @@ def prepare_prior(
                 loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
                 if not isinstance(loaded, ModelPrior):
                     raise ValueError(f"--prior: {prior!r} is not a model prior; use --prior-store")
-                log(f"embedding {source.n} images with {loaded.identity} (D={loaded.dim})")
-                store = _embed_tensors(source, loaded, path)
+                store = embed_tensors(source, loaded, path, log=log)
         if not transport_path.is_file():
-            width = max(1, min(dim, store.dim, store.n - 1))
+            width = transport_width(dim, store.dim, store.n)
             log(f"fitting PCA whitening: {store.dim} -> {width} dimensions")
-            rk.fit_pca_whitening(store, width).save(transport_path)
+            fit_transport(store, width)  # on the CPU, as always for in-memory data
         transport = rk.Transport.load(transport_path)
     if transport.in_dim != store.dim:
         raise ValueError(

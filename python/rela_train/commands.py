@@ -1,7 +1,9 @@
-"""The trainer's subcommands: ``fit``, ``eval``, ``report``, ``demo``.
+"""Every ``rela-train`` subcommand, as a :class:`Command` in the plain list :data:`COMMANDS`
+(in ``--help`` order) that :mod:`rela_train.cli` reads.
 
-:func:`register_train_commands` adds them to :mod:`rela_train.cli`'s registry. Heavy imports
-(the engine, matplotlib) happen inside the ``run`` functions, so ``rela-train --help`` stays fast.
+Adding a subcommand means writing its ``add_arguments`` and ``run`` functions and one entry in
+:data:`COMMANDS`. Heavy imports (the engine, the prior models, matplotlib) happen inside the
+``run`` functions, so ``rela-train --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 
 from rela_train.arg_types import (
     device,
@@ -24,10 +27,181 @@ from rela_train.arg_types import (
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
 
-__all__ = ["register_train_commands"]
+__all__ = ["COMMANDS", "INTERRUPTED", "Command"]
 
 # Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
 INTERRUPTED = 128 + signal.SIGINT
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``add_arguments`` fills its parser, ``run`` returns the exit status."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -------------------------------------------------------------------------------------------------
+# embed
+# -------------------------------------------------------------------------------------------------
+
+
+def _embed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", help="image folder (class subfolders of images); required unless --verify"
+    )
+    parser.add_argument(
+        "--prior",
+        help="required unless --verify; prior spec: torchscript:PATH, checkpoint:ARCH:PATH, "
+        "random:ARCH[:SEED], pixels[:SIZE], embeddings:PATH, timm:NAME[:WEIGHTS], "
+        "open_clip:ARCH:PRETRAINED (a torchscript:PATH prior runs the archive's code: use only "
+        "archives you trust)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="embedding store directory (resumed if it exists)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="image decoding processes (default min(8, CPUs))",
+    )
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--dim",
+        type=positive_int,
+        default=None,
+        help="transport width d (default min(256, D, N - 1))",
+    )
+    parser.add_argument(
+        "--chunk-rows",
+        type=positive_int,
+        default=None,
+        help="rows per durable chunk of a new store",
+    )
+    parser.add_argument(
+        "--input-size", type=positive_int, default=None, help="override the crop size"
+    )
+    parser.add_argument(
+        "--normalize",
+        choices=("imagenet", "clip", "none"),
+        default=None,
+        help="override the normalisation",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    check = parser.add_mutually_exclusive_group()
+    check.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check the store's chunk checksums: print a one-line summary, exit 1 if any "
+        "rows are damaged",
+    )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="recompute the chunks that fail their checksum (then finish the store as usual)",
+    )
+
+
+def _embed_run(args: argparse.Namespace) -> int:
+    from rela_train.prior.embedding import embed, verify_store
+
+    if args.verify:
+        report = verify_store(args.out)
+        print(report.summary())
+        return 0 if report.ok else 1
+    given = (("--data", args.data), ("--prior", args.prior))
+    missing = [flag for flag, value in given if not value]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
+    result = embed(
+        args.data,
+        args.prior,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        dim=args.dim,
+        chunk_rows=args.chunk_rows,
+        input_size=args.input_size,
+        normalize=args.normalize,
+        progress=not args.no_progress,
+        repair=args.repair,
+    )
+    extra = "".join(
+        [
+            f", {result.repaired_rows} repaired" if result.repaired_rows else "",
+            f", {result.skipped_rows} unreadable images skipped" if result.skipped_rows else "",
+        ]
+    )
+    print(
+        f"{result.store}: {result.rows} x {result.prior_dim} embeddings "
+        f"({result.computed_rows} computed now{extra}); transport {result.prior_dim} -> "
+        f"{result.dim} in {result.transport}"
+    )
+    return 0
+
+
+EMBED = Command(
+    "embed",
+    "embed an image folder with a prior model and fit the PCA-whitening transport",
+    _embed_arguments,
+    _embed_run,
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# transportability
+# -------------------------------------------------------------------------------------------------
+
+
+def _transportability_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--a", required=True, type=non_empty, help="embedding store of the source prior"
+    )
+    parser.add_argument(
+        "--b", required=True, type=non_empty, help="embedding store of the target prior (same data)"
+    )
+    # --ridge and --holdout are checked by transportability() itself, with the same message for
+    # the library and the command line.
+    parser.add_argument(
+        "--ridge", type=float, default=1e-3, help="ridge penalty, relative to A's mean variance"
+    )
+    parser.add_argument(
+        "--holdout", type=float, default=0.2, help="held-out fraction of the rows, in (0, 1)"
+    )
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the train/held-out split"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _transportability_run(args: argparse.Namespace) -> int:
+    from rela_train.prior.transportability import transportability
+
+    result = transportability(
+        args.a, args.b, ridge=args.ridge, holdout=args.holdout, seed=args.seed
+    )
+    if args.json:
+        print(json.dumps({"a": args.a, "b": args.b, **asdict(result)}, sort_keys=True))
+    else:
+        print(
+            f"held-out R^2 of the linear map A -> B: {result.r2:.4f}  (A: D={result.a_dim}, "
+            f"B: D={result.b_dim}; {result.train_rows} training / {result.test_rows} held-out "
+            f"rows; ridge {result.ridge:g}, seed {result.seed})"
+        )
+    return 0
+
+
+TRANSPORTABILITY = Command(
+    "transportability",
+    "held-out R^2 of a linear map from one prior's embeddings to another's (same data)",
+    _transportability_arguments,
+    _transportability_run,
+)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -56,8 +230,8 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fit_run(args: argparse.Namespace) -> int:
     from rela_train.config import config_from_args
-    from rela_train.fit import default_run_dir, fit
     from rela_train.presets import get_preset
+    from rela_train.runs import default_run_dir, fit
 
     if args.resume is not None:
         given = [
@@ -100,6 +274,9 @@ def _fit_run(args: argparse.Namespace) -> int:
     return 0
 
 
+FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_arguments, _fit_run)
+
+
 # -------------------------------------------------------------------------------------------------
 # eval
 # -------------------------------------------------------------------------------------------------
@@ -138,7 +315,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(args: argparse.Namespace) -> int:
-    from rela_train.fit import evaluate_checkpoint
+    from rela_train.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -167,6 +344,9 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
+
+
 # -------------------------------------------------------------------------------------------------
 # report
 # -------------------------------------------------------------------------------------------------
@@ -187,6 +367,9 @@ def _report_run(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {plot_runs(runs, args.plot)}")
     return 0
+
+
+REPORT = Command("report", "compare runs in a table and a plot", _report_arguments, _report_run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -241,26 +424,13 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_train_commands(cli: ModuleType | None = None) -> None:
-    """Add ``fit``, ``eval``, ``report`` and ``demo`` to the registry of ``cli`` (default
-    :mod:`rela_train.cli`); idempotent: commands already registered are left alone.
+DEMO = Command(
+    "demo",
+    "Fashion-MNIST: BYOL on all data vs BYOL + ReLA on 50%% of it, in minutes on a CPU",
+    _demo_arguments,
+    _demo_run,
+)
 
-    cli.py passes itself, so the commands land in the right registry even when it runs as
-    ``__main__``.
-    """
-    if cli is None:
-        from rela_train import cli
 
-    for name, help_text, arguments, run in (
-        ("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_arguments, _fit_run),
-        ("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run),
-        ("report", "compare runs in a table and a plot", _report_arguments, _report_run),
-        (
-            "demo",
-            "Fashion-MNIST: BYOL on all data vs BYOL + ReLA on 50%% of it, in minutes on a CPU",
-            _demo_arguments,
-            _demo_run,
-        ),
-    ):
-        if name not in cli.COMMANDS:
-            cli.register(cli.Command(name, help_text, arguments, run))
+# Every subcommand, in `rela-train --help` order.
+COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, REPORT, DEMO)

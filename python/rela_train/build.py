@@ -1,0 +1,318 @@
+"""Setting up a run from its config: data, prior, model (DDP-wrapped when distributed), samplers,
+optimizer groups, the switch and the augmentations, returned as one :class:`RunParts`.
+
+Nothing here draws from the global random generators (the learner is initialised under its own
+fork of them), and the construction order is part of a run's identity: keep it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import rela_kernels as rk
+from rela_kernels.selection import subset_size
+from rela_train.config import TrainConfig
+from rela_train.data.augment import RELA_VIEWS, Augmenter, byol_views
+from rela_train.data.sources import Source, build_sources
+from rela_train.learner import Learner, Objective, build_learner
+from rela_train.models import resnet_feature_dim
+from rela_train.optim import build_optimizer, lr_scale, parameter_groups
+from rela_train.prior.targets import PriorTargets, prepare_prior
+from rela_train.rela import Switch, build_switch, rela_dim_cap
+from rela_train.run_directory import RunDirectory
+from rela_train.runtime import DistContext, agree_min, check_shared_directory, rank0_first
+
+__all__ = [
+    "RunParts",
+    "accumulation_steps",
+    "build_optimizer_groups",
+    "build_run",
+    "epoch_steps",
+    "micro_batch_size",
+]
+
+
+def micro_batch_size(config: TrainConfig) -> int:
+    """Images per micro-batch: ``inbatch`` scores batch_size / budget and keeps batch_size."""
+    if config.policy == "inbatch":
+        return max(config.batch_size, round(config.batch_size / config.budget))
+    return config.batch_size
+
+
+def accumulation_steps(config: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each rank (from --global-batch when it is set)."""
+    if config.global_batch is None:
+        return config.accum_steps
+    per_pass = config.batch_size * world
+    if config.global_batch % per_pass:
+        raise ValueError(
+            f"--global-batch: {config.global_batch} images per step is not a multiple of "
+            f"--batch-size x world size = {config.batch_size} x {world} = {per_pass}"
+        )
+    return config.global_batch // per_pass
+
+
+def epoch_steps(sampler: rk.SubsetSampler, epoch: int, step_images: int) -> int:
+    """Optimizer steps of epoch ``epoch`` when each step takes ``step_images`` positions of the
+    epoch's order (annealed epochs, ``--anneal``, see every sample: more steps)."""
+    return max(1, sampler.epoch_size(epoch) // step_images)
+
+
+@dataclass
+class RunParts:
+    """What :func:`build_run` sets up; the trainer keeps each part under the same name."""
+
+    train_source: Source
+    val_source: Source
+    run_directory: RunDirectory | None  # the lock rank 0 holds; None on the other ranks
+    prior: PriorTargets | None
+    learner: Learner
+    objective: nn.Module  # an Objective, wrapped in DistributedDataParallel when distributed
+    inbatch: bool
+    micro_batch: int
+    score_table: rk.ScoreTable
+    samplers: dict[str, rk.SubsetSampler]  # by policy: the run's and "random"
+    policy: str  # the sampler policy of the run (inbatch and random sample at random)
+    step_images: int
+    steps_per_epoch: int  # of the first epoch (annealed epochs take more)
+    total_steps: int
+    warmup_steps: int
+    optimizer: torch.optim.Optimizer
+    switch: Switch
+    augment: dict[str, Augmenter]  # by phase
+
+
+def build_run(
+    config: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    dist: DistContext,
+    *,
+    accum_steps: int,
+    sync_bn: bool,
+    channels_last: bool,
+    new: bool,
+    log: Callable[[str], None],
+) -> RunParts:
+    """Set up the run in ``run_dir`` (``new``: create it; else it is resumed). A failure leaves
+    nothing behind: sources are closed and a directory created here is removed."""
+    train = val = None
+    run_directory = None
+    try:
+        # Everything that can be checked without the run directory is checked before it is
+        # created or locked.
+        train, val = build_sources(config, warn=log, pin_memory=device.type == "cuda")
+        _check_trainable(config, train.n, dist.world)
+        run_directory = _open_run_directory(run_dir, dist, new=new)
+        check_shared_directory(dist, run_dir)
+        return _build_parts(
+            config, run_dir, device, dist, train, val, run_directory,
+            accum_steps=accum_steps, sync_bn=sync_bn, channels_last=channels_last, log=log,
+        )  # fmt: skip
+    except BaseException:
+        if run_directory is not None:
+            run_directory.abandon()  # a failed start leaves nothing behind
+        for source in (train, val):
+            if source is not None:
+                source.close()
+        raise
+
+
+def _build_parts(
+    config: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    dist: DistContext,
+    train: Source,
+    val: Source,
+    run_directory: RunDirectory | None,
+    *,
+    accum_steps: int,
+    sync_bn: bool,
+    channels_last: bool,
+    log: Callable[[str], None],
+) -> RunParts:
+    world = dist.world
+    prior: PriorTargets | None = None
+    if config.rela:
+        # Rank 0 computes the embeddings (no time limit); the others then open the store.
+        prior = rank0_first(
+            dist,
+            f"prior of {run_dir.resolve()}",
+            lambda: prepare_prior(
+                source=train,
+                prior=config.prior,
+                prior_store=config.prior_store,
+                run_dir=run_dir,
+                dim=rela_dim_cap(
+                    config.rela_dim_rule,
+                    config.rela_dim,
+                    resnet_feature_dim(config.arch, config.width),
+                ),
+                device=device,
+                log=log,
+                preprocess=config.prior_preprocess,
+            ),
+        )
+    learner = build_learner(
+        config, train.channels, len(train.classes), prior.dim if prior else None
+    ).to(device)
+    if sync_bn:
+        learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+    if channels_last:
+        learner.to(memory_format=torch.channels_last)
+    byol = learner.byol
+    if config.compile:
+        byol.backbone.compile()
+        byol.target_backbone.compile()
+    target_map = prior.transport if prior is not None else None
+    objective: nn.Module = Objective(learner, target_map)
+    if world > 1:
+        cuda = device.type == "cuda"
+        objective = nn.parallel.DistributedDataParallel(
+            objective,
+            device_ids=[device.index] if cuda else None,
+            find_unused_parameters=True,  # each phase leaves some heads unused
+            broadcast_buffers=not sync_bn,
+        )
+
+    # Epoch geometry: `inbatch` scores large batches of batch_size / budget images and
+    # back-propagates batch_size of them, so every policy takes the same optimizer steps.
+    inbatch = config.policy == "inbatch"
+    sampler_budget = 1.0 if inbatch else config.budget
+    micro_batch = micro_batch_size(config)
+    # On the training device. The sampler reads the table only when an epoch starts, so the
+    # epoch's scores are kept on the device and written (all-gathered) once, when the epoch
+    # ends or a checkpoint is due: no per-step host sync or collective.
+    score_table = rk.ScoreTable(train.n, device)
+    policy = "random" if config.policy in ("random", "inbatch") else config.policy
+    # hard/easy on a table that holds no losses yet would pick the lowest indices (the tie
+    # rule), so epoch 0 draws at random; later epochs rank real losses (samples never seen
+    # keep the initial 2.0, the largest possible score).
+    samplers = {
+        name: rk.SubsetSampler(
+            train.n,
+            sampler_budget,
+            name,
+            score_table=score_table,
+            seed=config.seed,
+            num_replicas=world,
+            rank=dist.rank,
+            anneal=config.anneal_fraction,
+            epochs=config.epochs,
+        )
+        for name in {policy, "random"}
+    }
+    # Each step consumes the next `step_images` positions of the epoch's global order, all
+    # ranks together (see rk.SubsetSampler.local_indices); a world-size-free count of steps.
+    step_images = micro_batch * accum_steps * world
+    steps_per_epoch = epoch_steps(samplers[policy], 0, step_images)
+    # Annealed epochs (--anneal) take the full data: more steps than the pruned ones.
+    total_steps = sum(epoch_steps(samplers[policy], e, step_images) for e in range(config.epochs))
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+
+    scale = lr_scale(config.lr_scaling, config.batch_size * accum_steps * world)
+    lr = config.lr * scale
+    optimizer = build_optimizer(
+        config.optimizer,
+        build_optimizer_groups(learner, config, lr),
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        eta=config.lars_eta,
+    )
+    switch = build_switch(
+        config.switch, total_steps, const_switch=config.const_switch, epochs=config.epochs
+    )
+    if not config.rela:
+        switch.switched = True
+    channels = train.channels
+    mean, std = train.mean[:channels], train.std[:channels]
+    augment = {
+        "byol": Augmenter(byol_views(config.byol_blur == "on"), config.image_size, mean, std),
+        "rela": Augmenter(RELA_VIEWS, config.image_size, mean, std),
+    }
+    return RunParts(
+        train_source=train,
+        val_source=val,
+        run_directory=run_directory,
+        prior=prior,
+        learner=learner,
+        objective=objective,
+        inbatch=inbatch,
+        micro_batch=micro_batch,
+        score_table=score_table,
+        samplers=samplers,
+        policy=policy,
+        step_images=step_images,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        optimizer=optimizer,
+        switch=switch,
+        augment=augment,
+    )
+
+
+def build_optimizer_groups(
+    learner: Learner, config: TrainConfig, lr: float
+) -> list[dict[str, Any]]:
+    """Parameter groups: BYOL's online network and the ReLA head follow the schedule from
+    ``lr``; the probe keeps its own fixed learning rate, no weight decay and no LARS."""
+    groups = []
+    for module in learner.byol.online_modules():
+        groups += parameter_groups(module, base_lr=lr, weight_decay=config.weight_decay, tag="byol")
+    if learner.rela_head is not None and not learner.rela_head.frozen:
+        groups += parameter_groups(
+            learner.rela_head, base_lr=lr, weight_decay=config.weight_decay, tag="rela"
+        )
+    groups += parameter_groups(
+        learner.probe, base_lr=config.probe_lr, weight_decay=0.0, tag="probe"
+    )
+    for group in groups:
+        if group["name"].startswith("probe"):
+            group["lars_exclude"] = True
+    return groups
+
+
+def _check_trainable(config: TrainConfig, images: int, world: int) -> None:
+    """Refuse a run in which some rank's micro-batch would hold fewer than two images
+    (BatchNorm needs two): it could not train a single step."""
+    subset = subset_size(images, 1.0 if config.policy == "inbatch" else config.budget)
+    per_rank = min(micro_batch_size(config), math.ceil(subset / world))
+    if per_rank < 2:
+        raise ValueError(
+            f"--train-subset/--budget: an epoch takes {subset} of the {images} training "
+            f"images, {per_rank} per rank and micro-batch on {world} rank(s); BatchNorm "
+            "needs at least 2 images per micro-batch, so no step could be trained: use more "
+            "images or a larger --budget"
+        )
+
+
+def _open_run_directory(run_dir: Path, dist: DistContext, *, new: bool) -> RunDirectory | None:
+    """Rank 0 creates (new runs) and locks the run directory; every rank learns whether it
+    could, so that a refusal stops all ranks at once."""
+    error: BaseException | None = None
+    run_directory = None
+    if dist.main:
+        try:
+            run_directory = RunDirectory.open(run_dir, new=new)
+        except (ValueError, OSError) as caught:
+            error = caught
+    try:
+        (ok,) = agree_min(dist, [int(error is None)])
+    except BaseException:
+        if run_directory is not None:
+            run_directory.abandon()
+        raise
+    if error is not None:
+        raise error
+    if not ok:
+        raise ValueError(f"--out: rank 0 could not open the run directory {run_dir}")
+    return run_directory
