@@ -1,0 +1,103 @@
+"""``score_and_select`` on the Triton backend: the losses and a radix select's first pass in one
+read of ``p``, then an exact finish on the ``B`` losses alone.
+
+Pass 1 (``cosine_loss.transported_cosine_loss_hist``, one kernel): every program computes the
+transported cosine loss of its rows, stores them, and, while they are still in registers, maps
+each loss to the order-preserving uint32 key of the radix selects (``-0.0`` folded onto
+``+0.0``, negatives bit-inverted, positives with the sign bit set; inverted for
+``largest=False``, so the task is always "the k largest keys") and adds its top ``HIST_BITS``
+(16) bits to one global histogram of ``2**16`` int32 bins with relaxed atomics.
+
+Pass 2 (torch, on ``B`` floats and the ``2**16`` bins): the suffix sums of the histogram give the
+bin ``b`` holding the k-th largest key and the number of keys in higher bins. Every row in a
+higher bin is selected; of the rows in bin ``b`` (the candidates, in index order) the
+``k - above`` with the largest full keys are taken by a stable descending sort of their keys,
+so equal keys go to the lower index. The selected rows are read back in index order. This is
+exactly ``reference.select_topk(losses, k, largest)``: keys order like the floats, ``-0.0`` ties
+``0.0``, ``±inf`` are ordinary keys. NaN losses (only from non-finite inputs, which
+``rk.score_and_select`` then rejects) get keys beyond ``±inf`` instead of raising here.
+
+Bytes of ``p`` read: ``B * Dp * p.element_size()``, once, in pass 1 (plus ``z``: ``B * d *
+z.element_size()``). ``p`` is by far the largest input (``Dp`` is the prior's width, 768 and up),
+so reading it once is the floor; the selection touches only the losses (``4 * B`` bytes, a few
+times) and the histogram, never ``p`` or ``z`` again. Before this kernel the losses were written
+and then selected by a separate radix select whose first histogram pass re-read them; that pass
+now rides along with the loss kernel, and the finish sorts only one bin's candidates.
+``k = 0`` and ``k = B`` need no histogram: the plain fused loss runs and the answer is known.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rela_kernels.triton import cosine_loss as kernels
+
+__all__ = ["order_keys", "score_and_select", "select_from_histogram"]
+
+_KEY_MASK = 0xFFFFFFFF
+_SIGN = 0x80000000
+
+
+def order_keys(scores: Tensor, largest: bool) -> Tensor:
+    """int64 keys in ``[0, 2**32)`` of float32 ``scores``: the kernel's ``_order_key``."""
+    bits = scores.contiguous().view(torch.int32).to(torch.int64) & _KEY_MASK
+    bits = torch.where(bits == _SIGN, 0, bits)  # -0.0 -> +0.0
+    keys = torch.where(bits >= _SIGN, _KEY_MASK - bits, bits | _SIGN)
+    return keys if largest else _KEY_MASK - keys
+
+
+def select_from_histogram(
+    scores: Tensor, hist: Tensor, k: int, largest: bool, hist_bits: int = kernels.HIST_BITS
+) -> Tensor:
+    """int64 ``[k]``: ``reference.select_topk(scores, k, largest)`` for float32 ``scores``, given
+    ``hist``, the counts of their keys' top ``hist_bits`` bits (``order_keys(...) >> (32 -
+    hist_bits)``). Reads only ``scores`` and ``hist``."""
+    n = scores.shape[0]
+    assert scores.dtype == torch.float32 and scores.dim() == 1 and 0 <= k <= n
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    if k == n:
+        return torch.arange(n, dtype=torch.int64, device=scores.device)
+    counts = hist.to(torch.int64)
+    at_or_above = counts.flip(0).cumsum(0).flip(0)  # keys in bins >= b
+    above = at_or_above - counts  # keys in bins > b
+    # Exactly one bin satisfies above < k <= at_or_above, as 1 <= k <= n = sum of the counts.
+    winner = ((above < k) & (k <= at_or_above)).to(torch.int32).argmax()
+    bin_index, above_bin = torch.stack((winner, above[winner])).tolist()
+    keys = order_keys(scores, largest)
+    digits = keys >> (32 - hist_bits)
+    chosen = digits > bin_index
+    candidates = (digits == bin_index).nonzero().squeeze(1)
+    need = k - above_bin
+    if not 0 < need <= candidates.numel():
+        raise RuntimeError(
+            f"rela triton: the histogram does not match the scores (bin {bin_index} holds "
+            f"{candidates.numel()} keys, {need} needed)"
+        )
+    if need < candidates.numel():
+        # Stable: among equal keys the earlier candidate, i.e. the lower index, comes first.
+        order = torch.sort(keys[candidates], descending=True, stable=True).indices
+        candidates = candidates[order[:need]]
+    chosen[candidates] = True
+    return chosen.nonzero().squeeze(1)
+
+
+def score_and_select(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    k: int,
+    largest: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(indices[k], losses[B])``, ``p`` read once; same contract as ``rk.score_and_select``."""
+    batch = z.shape[0]
+    assert 0 <= k <= batch
+    if k in (0, batch):
+        losses, _ = kernels.transported_cosine_loss_fwd(z, p, mean, matrix, bias, eps, False)
+        return select_from_histogram(losses, losses.new_empty(0), k, largest), losses
+    losses, hist = kernels.transported_cosine_loss_hist(z, p, mean, matrix, bias, eps, largest)
+    return select_from_histogram(losses, hist, k, largest), losses
