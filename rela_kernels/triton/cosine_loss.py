@@ -1,4 +1,4 @@
-"""Triton kernels for ``transport``, ``cosine_loss_fwd`` and ``transported_cosine_loss_fwd``.
+"""Triton kernels of ``transport`` and the (transported) cosine loss, optionally counting loss keys.
 
 Same semantics as ``csrc/cpu/cosine_loss.cpp`` and ``rela_kernels.reference``:
 
@@ -9,6 +9,10 @@ Same semantics as ``csrc/cpu/cosine_loss.cpp`` and ``rela_kernels.reference``:
   small GEMM ``(p - mean) @ matrix`` over ``Dp`` in ``BLOCK_K`` chunks into a float32 register
   tile, then takes norms, the dot with ``z``, the loss and the gradient from registers. The
   targets ``y`` are never written to memory.
+
+``transported_cosine_loss_hist`` is the fused kernel with ``HIST``: as each program stores its
+losses it also adds the top ``HIST_BITS`` bits of their order keys to a global histogram (the
+first pass of a radix select, see ``rela_kernels.triton.score_select``).
 
 Rows wider than one register tile (``d > 256`` for the fused kernel) are tiled along ``d`` too:
 pass 1 accumulates ``<z, y>``, ``|z|^2`` and ``|y|^2`` over the tiles, pass 2 (only when the
