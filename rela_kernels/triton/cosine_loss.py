@@ -229,7 +229,8 @@ def _order_key(x, LARGEST: tl.constexpr):
 @triton.jit
 def _count_keys(hist_ptr, loss, row_mask, LARGEST: tl.constexpr, HIST_BITS: tl.constexpr):
     """Add the rows' top-HIST_BITS key digits to the global int32 histogram."""
-    digit = _order_key(loss, LARGEST) >> (32 - HIST_BITS)
+    # Digits are below 2**16: int32 pointer offsets, as everywhere else.
+    digit = (_order_key(loss, LARGEST) >> (32 - HIST_BITS)).to(tl.int32)
     # Relaxed: the counts are only read after the kernel has finished.
     tl.atomic_add(hist_ptr + digit, row_mask.to(tl.int32), mask=row_mask, sem="relaxed")
 
