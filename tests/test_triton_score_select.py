@@ -221,3 +221,19 @@ def test_select_from_histogram_rejects_a_foreign_histogram(gen):
     hist[0] = 50  # as if every key were below -inf's
     with pytest.raises(RuntimeError, match="histogram does not match"):
         score_select.select_from_histogram(scores, hist, 10, True, 16)
+
+
+@pytest.mark.parametrize("largest", (True, False))
+def test_select_from_histogram_orders_nan_by_key(gen, largest):
+    # NaN losses only come from non-finite inputs, which rk.score_and_select rejects after the
+    # kernel: until then the finish must not fail, and answers in key order (NaN beyond ±inf).
+    n = 41
+    scores = make_scores("infinities", n, gen)
+    scores[torch.rand(n, generator=gen) < 0.2] = float("nan")
+    scores[3] = -float("nan")
+    keys = numpy_keys(scores, largest)
+    hist = numpy_hist(scores, largest, 16).to(torch.int32)
+    for k in k_values(n):
+        order = np.lexsort((np.arange(n), -keys.astype(np.float64)))  # key desc, then index
+        want = torch.from_numpy(np.sort(order[:k]))
+        assert torch.equal(score_select.select_from_histogram(scores, hist, k, largest), want)

@@ -28,6 +28,9 @@ now rides along with the loss kernel, and the finish sorts only one bin's candid
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 from torch import Tensor
 
@@ -37,6 +40,9 @@ __all__ = ["order_keys", "score_and_select", "select_from_histogram"]
 
 _KEY_MASK = 0xFFFFFFFF
 _SIGN = 0x80000000
+# Ascending keys of -inf and +inf: NaN keys lie below the first and above the second.
+_NEG_INF_KEY = 0x007FFFFF
+_POS_INF_KEY = 0xFF800000
 
 
 def order_keys(scores: Tensor, largest: bool) -> Tensor:
@@ -47,12 +53,42 @@ def order_keys(scores: Tensor, largest: bool) -> Tensor:
     return keys if largest else _KEY_MASK - keys
 
 
+def _key_value(key: int) -> float:
+    """The float32 value of an ascending (``largest``) order key, NaN patterns clamped to ±inf."""
+    if key == _SIGN - 1:  # the slot of -0.0, which is keyed as +0.0: the next key down
+        key -= 1
+    bits = key & ~_SIGN if key >= _SIGN else _KEY_MASK - key
+    value = struct.unpack("<f", struct.pack("<I", bits))[0]
+    if math.isnan(value):
+        return math.inf if key >= _SIGN else -math.inf
+    return value
+
+
+def _has_nan(scores: Tensor) -> bool:
+    return bool(torch.isnan(scores).any())
+
+
+def _bin_range(bin_index: int, largest: bool, hist_bits: int) -> tuple[float, float, bool]:
+    """The closed float interval whose non-NaN scores have keys in bin ``bin_index``, and
+    whether the bin also holds NaN keys (then an edge was clamped to ±inf)."""
+    if not largest:  # keys were inverted: the same bin counted on ascending keys
+        bin_index = 2**hist_bits - 1 - bin_index
+    shift = 32 - hist_bits
+    low_key, high_key = bin_index << shift, ((bin_index + 1) << shift) - 1
+    holds_nan = low_key < _NEG_INF_KEY or high_key > _POS_INF_KEY
+    return _key_value(low_key), _key_value(high_key), holds_nan
+
+
 def select_from_histogram(
     scores: Tensor, hist: Tensor, k: int, largest: bool, hist_bits: int = kernels.HIST_BITS
 ) -> Tensor:
     """int64 ``[k]``: ``reference.select_topk(scores, k, largest)`` for float32 ``scores``, given
     ``hist``, the counts of their keys' top ``hist_bits`` bits (``order_keys(...) >> (32 -
-    hist_bits)``). Reads only ``scores`` and ``hist``."""
+    hist_bits)``). Reads only ``scores`` and ``hist``.
+
+    Rows beyond the winning bin are found by one float comparison with the bin's edge (key
+    order is float order), the bin's rows by a range test; only those candidates get keys.
+    """
     n = scores.shape[0]
     assert scores.dtype == torch.float32 and scores.dim() == 1 and 0 <= k <= n
     if k == 0:
@@ -64,23 +100,31 @@ def select_from_histogram(
     above = at_or_above - counts  # keys in bins > b
     # Exactly one bin satisfies above < k <= at_or_above, as 1 <= k <= n = sum of the counts.
     winner = ((above < k) & (k <= at_or_above)).to(torch.int32).argmax()
-    bin_index, above_bin = torch.stack((winner, above[winner])).tolist()
-    keys = order_keys(scores, largest)
-    digits = keys >> (32 - hist_bits)
-    chosen = digits > bin_index
-    candidates = (digits == bin_index).nonzero().squeeze(1)
-    need = k - above_bin
-    if not 0 < need <= candidates.numel():
-        raise RuntimeError(
-            f"rela triton: the histogram does not match the scores (bin {bin_index} holds "
-            f"{candidates.numel()} keys, {need} needed)"
-        )
-    if need < candidates.numel():
+    bin_index, above_bin, in_bin = torch.stack((winner, above[winner], counts[winner])).tolist()
+    low, high, holds_nan = _bin_range(bin_index, largest, hist_bits)
+    chosen = scores > high if largest else scores < low
+    candidates = ((scores >= low) & (scores <= high)).nonzero().squeeze(1)
+    in_range, need = candidates.numel(), k - above_bin
+    if in_range == in_bin and need < in_bin:
         # Stable: among equal keys the earlier candidate, i.e. the lower index, comes first.
-        order = torch.sort(keys[candidates], descending=True, stable=True).indices
-        candidates = candidates[order[:need]]
+        keys = order_keys(scores[candidates], largest)
+        candidates = candidates[torch.sort(keys, descending=True, stable=True).indices[:need]]
     chosen[candidates] = True
-    return chosen.nonzero().squeeze(1)
+    indices = chosen.nonzero().squeeze(1)
+    # NaN has a key but fails every comparison. A non-NaN score is beyond the bin, in it or
+    # short of it; when both counts are right, no NaN is beyond the bin, and none is in it
+    # unless the bin holds NaN keys (the ±inf bins only: then look).
+    if in_range == in_bin and indices.numel() == k and not (holds_nan and _has_nan(scores)):
+        return indices
+    # Only non-finite inputs give NaN losses, and rk.score_and_select rejects those after this
+    # returns: answer in key order meanwhile.
+    if _has_nan(scores):
+        order = torch.sort(order_keys(scores, largest), descending=True, stable=True).indices
+        return torch.sort(order[:k]).values
+    raise RuntimeError(
+        f"rela triton: the histogram does not match the scores (bin {bin_index} counts "
+        f"{in_bin} keys, {in_range} scores lie in its range)"
+    )
 
 
 def score_and_select(
