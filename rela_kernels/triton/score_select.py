@@ -9,21 +9,27 @@ each loss to the order-preserving uint32 key of the radix selects (``-0.0`` fold
 (16) bits to one global histogram of ``2**16`` int32 bins with relaxed atomics.
 
 Pass 2 (torch, on ``B`` floats and the ``2**16`` bins): the suffix sums of the histogram give the
-bin ``b`` holding the k-th largest key and the number of keys in higher bins. Every row in a
-higher bin is selected; of the rows in bin ``b`` (the candidates, in index order) the
+bin ``b`` holding the k-th largest key and the number of keys in higher bins. Bin ``b`` is a
+closed float interval, so one comparison with its edge selects every row of a higher bin and a
+range test finds the rows of bin ``b`` (the candidates, in index order); of those, the
 ``k - above`` with the largest full keys are taken by a stable descending sort of their keys,
-so equal keys go to the lower index. The selected rows are read back in index order. This is
-exactly ``reference.select_topk(losses, k, largest)``: keys order like the floats, ``-0.0`` ties
+so equal keys go to the lower index. The selected rows are read back in index order (three
+host syncs: the bin, the candidates, the result). This is exactly
+``reference.select_topk(losses, k, largest)``: keys order like the floats, ``-0.0`` ties
 ``0.0``, ``±inf`` are ordinary keys. NaN losses (only from non-finite inputs, which
 ``rk.score_and_select`` then rejects) get keys beyond ``±inf`` instead of raising here.
 
 Bytes of ``p`` read: ``B * Dp * p.element_size()``, once, in pass 1 (plus ``z``: ``B * d *
 z.element_size()``). ``p`` is by far the largest input (``Dp`` is the prior's width, 768 and up),
 so reading it once is the floor; the selection touches only the losses (``4 * B`` bytes, a few
-times) and the histogram, never ``p`` or ``z`` again. Before this kernel the losses were written
-and then selected by a separate radix select whose first histogram pass re-read them; that pass
-now rides along with the loss kernel, and the finish sorts only one bin's candidates.
+times) and the histogram, never ``p`` or ``z`` again. The earlier two-kernel path read ``p``
+once as well, then ran the device's full radix select over the losses (a histogram pass per key
+byte, a count and a write pass); now the first histogram rides along with the loss kernel, one
+16-bit digit resolves what two byte passes did, and only one bin's candidates are sorted.
 ``k = 0`` and ``k = B`` need no histogram: the plain fused loss runs and the answer is known.
+
+Not yet measured on a GPU: losses that all fall into one bin (e.g. all equal) make every row's
+atomic hit one address, and the finish's syncs and small launches may matter at small ``B``.
 """
 
 from __future__ import annotations
