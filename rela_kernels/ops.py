@@ -195,12 +195,6 @@ def score_and_select(
             losses = reference.transported_cosine_loss(z, p, t.mean, t.matrix, t.bias, eps)
             raise_non_finite(where, losses, z=z, p=p)
             return reference.select_topk(losses, k, largest), losses
-        if chosen == "triton":
-            losses, _ = compiled_op("transported_cosine_loss_fwd", "triton")(
-                z, p, t.mean, t.matrix, t.bias, eps, False
-            )
-            raise_non_finite(where, losses, z=z, p=p)
-            return _select_on_device(losses, k, largest), losses
         indices, losses = compiled_op("score_and_select", chosen)(
             z, p, t.mean, t.matrix, t.bias, eps, k, largest
         )

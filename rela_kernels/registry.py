@@ -134,6 +134,22 @@ def _triton_transported_cosine_loss_fwd(
     return kernels.transported_cosine_loss_fwd(z, p, mean, matrix, bias, eps, compute_grad)
 
 
+@torch.library.custom_op("rela::triton_score_and_select", mutates_args=())
+def _triton_score_and_select(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Optional[Tensor],  # noqa: UP045
+    eps: float,
+    k: int,
+    largest: bool,
+) -> tuple[Tensor, Tensor]:
+    from rela_kernels.triton import score_select
+
+    return score_select.score_and_select(z, p, mean, matrix, bias, eps, k, largest)
+
+
 _register("rela::triton_transport", _fake_transport)
 _register("rela::triton_cosine_loss_fwd", _fake_cosine_loss_fwd, _backward_cosine_loss)
 _register(
@@ -141,6 +157,7 @@ _register(
     _fake_transported_cosine_loss_fwd,
     _backward_transported,
 )
+_register("rela::triton_score_and_select", _fake_score_and_select)
 
 
 def compiled_op(name: str, backend: str):

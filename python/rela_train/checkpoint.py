@@ -180,7 +180,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's message suggests weights_only=False, which would run the file's code.
+        # torch's own message suggests turning the weights-only guard off, which would run the
+        # file's code: it is not passed on.
         raise ValueError(
             f"{path} is not a safe, valid rela-train checkpoint (damaged, or holding objects "
             "other than tensors and plain values); refused without running any of it"

@@ -1,4 +1,4 @@
-"""Triton kernels for ``transport``, ``cosine_loss_fwd`` and ``transported_cosine_loss_fwd``.
+"""Triton kernels of ``transport`` and the (transported) cosine loss, optionally counting loss keys.
 
 Same semantics as ``csrc/cpu/cosine_loss.cpp`` and ``rela_kernels.reference``:
 
@@ -9,6 +9,10 @@ Same semantics as ``csrc/cpu/cosine_loss.cpp`` and ``rela_kernels.reference``:
   small GEMM ``(p - mean) @ matrix`` over ``Dp`` in ``BLOCK_K`` chunks into a float32 register
   tile, then takes norms, the dot with ``z``, the loss and the gradient from registers. The
   targets ``y`` are never written to memory.
+
+``transported_cosine_loss_hist`` is the fused kernel with ``HIST``: as each program stores its
+losses it also adds the top ``HIST_BITS`` bits of their order keys to a global histogram (the
+first pass of a radix select, see ``rela_kernels.triton.score_select``).
 
 Rows wider than one register tile (``d > 256`` for the fused kernel) are tiled along ``d`` too:
 pass 1 accumulates ``<z, y>``, ``|z|^2`` and ``|y|^2`` over the tiles, pass 2 (only when the
@@ -37,7 +41,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["cosine_loss_fwd", "is_interpreted", "transport", "transported_cosine_loss_fwd"]
+__all__ = [
+    "HIST_BITS",
+    "cosine_loss_fwd",
+    "is_interpreted",
+    "transport",
+    "transported_cosine_loss_fwd",
+    "transported_cosine_loss_hist",
+]
 
 # The fused kernel keeps a float32 [BLOCK_B, BLOCK_D] accumulator plus the z tile in registers;
 # beyond 256 columns that spills, so wider rows are processed in tiles (two passes). The d-tiled
@@ -55,6 +66,10 @@ _INTERPRETER_MAX_BLOCK_K = 128
 # tl.dot needs every dimension >= 16 on older GPUs / Triton versions.
 _MIN_DOT = 16
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# Bits of the loss keys counted by the fused histogram: 2**16 int32 bins (256 KiB). Sign,
+# exponent and 7 mantissa bits: losses of one bin agree to within 1/128 relative, so the
+# candidates left for the second pass are few unless the losses are tied or nearly so.
+HIST_BITS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,6 +215,27 @@ def _store_grad(grad_ptr, D, rows, row_mask, cols, col_mask, a, b, y, z):
 
 
 @triton.jit
+def _order_key(x, LARGEST: tl.constexpr):
+    """uint32 keys of float32 ``x`` whose unsigned order is the float order (reversed unless
+    LARGEST), ``-0.0`` folded onto ``+0.0``: the keys of the radix selects (csrc/cuda/select.cu)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where((bits << 1) == 0, tl.zeros_like(bits), bits)
+    key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
+    if not LARGEST:
+        key = ~key
+    return key
+
+
+@triton.jit
+def _count_keys(hist_ptr, loss, row_mask, LARGEST: tl.constexpr, HIST_BITS: tl.constexpr):
+    """Add the rows' top-HIST_BITS key digits to the global int32 histogram."""
+    # Digits are below 2**16: int32 pointer offsets, as everywhere else.
+    digit = (_order_key(loss, LARGEST) >> (32 - HIST_BITS)).to(tl.int32)
+    # Relaxed: the counts are only read after the kernel has finished.
+    tl.atomic_add(hist_ptr + digit, row_mask.to(tl.int32), mask=row_mask, sem="relaxed")
+
+
+@triton.jit
 def _cosine_loss_kernel(
     z_ptr,
     y_ptr,
@@ -209,6 +245,7 @@ def _cosine_loss_kernel(
     bias_ptr,
     loss_ptr,
     grad_ptr,
+    hist_ptr,
     B,
     D,
     DP,
@@ -225,6 +262,9 @@ def _cosine_loss_kernel(
     FUSED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    HIST: tl.constexpr,
+    LARGEST: tl.constexpr,
+    HIST_BITS: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     LOWP_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -232,7 +272,8 @@ def _cosine_loss_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Loss (and gradient) of rows [pid * BLOCK_B, (pid + 1) * BLOCK_B)."""
+    """Loss (and gradient) of rows [pid * BLOCK_B, (pid + 1) * BLOCK_B); with HIST, the top
+    HIST_BITS bits of each loss's order key are counted too, straight from registers."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     if SINGLE_TILE:
@@ -249,6 +290,8 @@ def _cosine_loss_kernel(
             tl.sum(z * y, axis=1), tl.sum(z * z, axis=1), tl.sum(y * y, axis=1), eps
         )
         tl.store(loss_ptr + rows, loss, mask=row_mask)
+        if HIST:
+            _count_keys(hist_ptr, loss, row_mask, LARGEST, HIST_BITS)
         if COMPUTE_GRAD:
             _store_grad(grad_ptr, D, rows, row_mask, cols, col_mask, a, b, y, z)
     else:
@@ -270,6 +313,8 @@ def _cosine_loss_kernel(
             yy += tl.sum(y * y, axis=1)
         loss, a, b = _loss_coefficients(dot, zz, yy, eps)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
+        if HIST:
+            _count_keys(hist_ptr, loss, row_mask, LARGEST, HIST_BITS)
         if COMPUTE_GRAD:
             # Pass 2: recompute each y tile (nothing [B, d] is stashed) and write the gradient.
             for d0 in range(0, D, BLOCK_D):
@@ -428,6 +473,18 @@ def _tuned_fused_kernel():
 
 
 @functools.cache
+def _tuned_hist_kernel():
+    # A second autotuner over the same kernel: autotuning re-runs a launch once per config, so
+    # the histogram has to be zeroed before each of those runs (and before the real one).
+    return triton.autotune(
+        configs=_FUSED_CONFIGS,
+        key=["B_BUCKET", "D", "DP", "HAS_BIAS", "INPUT_PRECISION", "LARGEST", "HIST_BITS"],
+        prune_configs_by={"early_config_prune": _prune_fused},
+        reset_to_zero=["hist_ptr"],
+    )(_cosine_loss_kernel)
+
+
+@functools.cache
 def _tuned_transport_kernel():
     return triton.autotune(
         configs=_TRANSPORT_CONFIGS,
@@ -561,8 +618,8 @@ def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tup
         # for small d. 8 warps keep it at 16 elements per thread (ptxas spills from ~32).
         block_b = min(max(1, 4096 // block_d), 64, triton.next_power_of_2(batch))
         num_warps = 8 if block_b * block_d >= 4096 else 4
-    # y stands in for the never-read transport pointers; loss for an absent gradient.
-    args = (z, y, y, y, y, y, loss, grad if compute_grad else loss, batch, d, 0, 0)
+    # y stands in for the never-read transport pointers; loss for an absent gradient/histogram.
+    args = (z, y, y, y, y, y, loss, grad if compute_grad else loss, loss, batch, d, 0, 0)
     args += (z.stride(0), z.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, float(eps))
     with _device_guard(z):
         _cosine_loss_kernel[(triton.cdiv(batch, block_b),)](
@@ -570,6 +627,9 @@ def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tup
             FUSED=False,
             HAS_BIAS=False,
             COMPUTE_GRAD=compute_grad,
+            HIST=False,
+            LARGEST=True,
+            HIST_BITS=HIST_BITS,
             SINGLE_TILE=d <= block_d,
             LOWP_DOT=False,
             INPUT_PRECISION="ieee",
@@ -591,24 +651,66 @@ def transported_cosine_loss_fwd(
     compute_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """``cosine_loss_fwd(z, transport(p, mean, matrix, bias))`` without materialising y."""
+    loss, grad, _ = _fused_loss(z, p, mean, matrix, bias, eps, compute_grad, None)
+    return loss, grad
+
+
+def transported_cosine_loss_hist(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    largest: bool,
+    hist_bits: int = HIST_BITS,
+) -> tuple[Tensor, Tensor]:
+    """(float32 loss [B], int32 histogram [2**hist_bits]) in one pass over ``p``.
+
+    Bin ``b`` counts the rows whose order key (see ``_order_key``; reversed unless ``largest``)
+    has ``b`` as its top ``hist_bits`` bits: the first pass of a radix select of the losses.
+    """
+    assert 1 <= hist_bits <= 16 and z.shape[0] < 2**31  # int32 counts, bins in one int32
+    hist = torch.zeros(2**hist_bits, dtype=torch.int32, device=z.device)
+    loss, _, hist = _fused_loss(z, p, mean, matrix, bias, eps, False, (hist, largest, hist_bits))
+    return loss, hist
+
+
+def _fused_loss(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    compute_grad: bool,
+    histogram: tuple[Tensor, bool, int] | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Launch the fused kernel; ``histogram`` = (zeroed int32 bins, largest, bits) or None."""
     _check_device(z, p, mean, matrix, bias)
     assert z.dim() == 2 and p.dim() == 2 and p.shape[0] == z.shape[0]
     batch, d = z.shape
     dp = p.shape[1]
     mean, matrix, bias_arg = _transport_params(p, mean, matrix, bias, d)
     loss, grad = _loss_outputs(z, compute_grad)
+    hist, largest, hist_bits = histogram if histogram is not None else (None, True, HIST_BITS)
     if batch == 0:
-        return loss, grad
+        return loss, grad, hist
     single = d <= _FUSED_MAX_SINGLE_D
     lowp, precision = _dot_mode(p)
     matrix = _dot_matrix(matrix, p.dtype, lowp)
+    # loss stands in for an absent gradient or histogram (never written then).
     args = (z, z, p, mean, matrix, bias_arg, loss, grad if compute_grad else loss)
-    args += (batch, d, dp, _b_bucket(batch), z.stride(0), z.stride(1), 0, 0)
+    args += (loss if hist is None else hist, batch, d, dp, _b_bucket(batch))
+    args += (z.stride(0), z.stride(1), 0, 0)
     args += (p.stride(0), p.stride(1), matrix.stride(0), matrix.stride(1), float(eps))
     meta = dict(
         FUSED=True,
         HAS_BIAS=bias is not None,
         COMPUTE_GRAD=compute_grad,
+        HIST=hist is not None,
+        LARGEST=largest,
+        HIST_BITS=hist_bits,
         SINGLE_TILE=single,
         LOWP_DOT=lowp,
         INPUT_PRECISION=precision,
@@ -621,8 +723,9 @@ def transported_cosine_loss_fwd(
                 *args, **meta, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_K=_interpreter_block_k(dp)
             )
         else:
-            _tuned_fused_kernel()[lambda m: (triton.cdiv(batch, m["BLOCK_B"]),)](*args, **meta)
-    return loss, grad
+            tuned = _tuned_fused_kernel() if hist is None else _tuned_hist_kernel()
+            tuned[lambda m: (triton.cdiv(batch, m["BLOCK_B"]),)](*args, **meta)
+    return loss, grad, hist
 
 
 def _interpreter_block_k(dp: int) -> int:
