@@ -32,15 +32,19 @@ from rela_study.grid import (  # noqa: E402
     DEFAULT_SIZES,
     PRETRAIN_CLASSES,
     PRETRAIN_ROW,
+    PRIOR_ARCH,
+    PRIOR_WIDTH,
     QUICK_SIZES,
+    ROW_ORDER,
     build_plan,
     format_plan,
     pretrain_data_dir,
+    random_checkpoint,
     with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
 from rela_study.runner import fit_features, run_study  # noqa: E402
-from rela_study.transport import write_class_subset  # noqa: E402
+from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     def aggregate() -> None:
         records = load_records(out)
         write_jsonl(results, records)
-        summaries = summarize(_study_rows(records))
+        summaries = summarize(_study_rows(records), ROW_ORDER)
         if summaries:
             atomic_write_text(out / "study.md", format_markdown(summaries) + "\n")
             plot_study(summaries, plot)
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan_only:
             return 0
         write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
+        for seed in seeds:
+            random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(out, seed))
 
         def env() -> dict:
             return {
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     aggregate()
     records = _study_rows(load_records(out))
     if records:
-        print(format_markdown(summarize(records)))
+        print(format_markdown(summarize(records, ROW_ORDER)))
         print(f"\nrecords: {results}\nplot: {plot}")
     return 1 if failed else 0
 

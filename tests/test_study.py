@@ -59,9 +59,12 @@ def test_plan_rows_seeds_and_order(tmp_path):
     assert all(_flag(run, "--prior") == f"checkpoint:resnet10:{checkpoint}" for run in users)
     random_runs = [run for run in plan if run.row == "rela-50-random"]
     assert {_flag(run, "--prior") for run in random_runs} == {
-        f"random:resnet10-small:{seed}" for seed in (3, 5, 8)
+        f"checkpoint:resnet10:{grid.random_checkpoint(tmp_path, seed)}" for seed in (3, 5, 8)
     }
     for run in plan:
+        if run.prior is not None:
+            head = "trainable" if run.row == "rela-50-pixels-trainable-head" else "frozen"
+            assert _flag(run, "--rela-head") == head
         assert _flag(run, "--recipe") == "official"
         assert _flag(run, "--threads") == "1"
         assert _flag(run, "--seed") == str(run.seed)
@@ -73,6 +76,7 @@ def test_plan_rows_seeds_and_order(tmp_path):
     pretrain = plan[0]
     assert _flag(pretrain, "--data-dir") == str(grid.pretrain_data_dir(tmp_path))
     assert _flag(pretrain, "--image-size") == str(TINY.pretrain_image_size)
+    assert (_flag(pretrain, "--arch"), _flag(pretrain, "--width")) == ("resnet10", "16")
 
 
 def test_plan_without_new_trainer_flags_and_bad_seeds(tmp_path):
@@ -236,6 +240,7 @@ def test_aggregation_mean_std_against_numpy(tmp_path):
                                "train_time": 1.0, "knn_acc": float(value)}],
                 }
             )  # fmt: skip
+    assert [s.row for s in aggregate.summarize(recs, ["y", "absent"])] == ["y", "x"]
     summaries = aggregate.summarize(recs)
     assert [s.row for s in summaries] == ["x", "y"]
     mean, std = summaries[0].metrics["knn_acc"]
@@ -315,3 +320,15 @@ def test_transported_checkpoint_computes_what_the_gray_network_computes(tmp_path
     with pytest.raises(ValueError, match="one online backbone"):
         transport.rgb_prior_checkpoint(run_dir, tmp_path / "bad.pt")
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_random_prior_is_the_transported_architecture_seeded(tmp_path):
+    first = transport.random_prior_checkpoint("resnet10", 16, 4, tmp_path / "a.pt")
+    again = transport.random_prior_checkpoint("resnet10", 16, 4, tmp_path / "b.pt")
+    other = transport.random_prior_checkpoint("resnet10", 16, 5, tmp_path / "c.pt")
+    a, b, c = (torch.load(p, weights_only=True) for p in (first, again, other))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+    assert a["conv1.weight"].shape == (16, 3, 3, 3)
+    prior = load_prior(f"checkpoint:resnet10:{first}")
+    assert prior.dim == 128 and prior.input_size == 32

@@ -36,11 +36,13 @@ class RowSummary:
     records: list[dict[str, Any]]
 
 
-def summarize(records: list[dict[str, Any]]) -> list[RowSummary]:
-    """One summary per row, in the order rows first appear in ``records``."""
-    rows: dict[str, list[dict[str, Any]]] = {}
+def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
+    """One summary per row: rows named in ``order`` first, in that order, then the others in
+    the order they first appear in ``records``."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in order or []}
     for record in records:
         rows.setdefault(record["row"], []).append(record)
+    rows = {name: group for name, group in rows.items() if group}
     summaries = []
     for name, group in rows.items():
         group.sort(key=lambda record: record["seed"])
@@ -137,37 +139,41 @@ def plot_study(summaries: list[RowSummary], out: str | os.PathLike[str]) -> Path
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    figure, axes = plt.subplots(1, 3, figsize=(17, 5), constrained_layout=True)
-    for s in summaries:
+    figure, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+    colors = plt.cm.tab20.colors
+    # Curves for the rows with several seeds (the core rows); bars for every row.
+    curved = [s for s in summaries if len(s.seeds) > 1] or summaries
+    for index, s in enumerate(curved):
         label = f"{s.label} (n={len(s.seeds)})"
         for axis, key in zip(axes[:2], ("samples_seen", "train_time"), strict=True):
             xs, ys, errors = curve_stats(s.records, key)
             if xs:
-                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label,
+                              color=colors[index % len(colors)])  # fmt: skip
+    probe = (
+        "linear_acc_official"
+        if any("linear_acc_official" in s.metrics for s in summaries)
+        else "linear_acc"
+    )
     positions = range(len(summaries))
-    for offset, key, name in ((-0.2, "knn_acc", "kNN"), (0.2, None, "linear probe")):
-        if key is None:
-            key = (
-                "linear_acc_official"
-                if any("linear_acc_official" in s.metrics for s in summaries)
-                else "linear_acc"
-            )
+    shown = []
+    for offset, key, name in ((-0.2, "knn_acc", "kNN"), (0.2, probe, "linear probe")):
         means = [100 * s.metrics[key][0] if key in s.metrics else math.nan for s in summaries]
         errors = [100 * (s.metrics[key][1] or 0.0) if key in s.metrics else 0.0 for s in summaries]
         axes[2].bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3,
                     label=name)  # fmt: skip
+        shown += [m for m in means if not math.isnan(m)]
     axes[2].set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
-    axes[2].set_ylabel("final top-1 accuracy (%)")
-    finite = [100 * s.metrics[k][0] for s in summaries for k in ("knn_acc",) if k in s.metrics]
-    if finite:
-        axes[2].set_ylim(max(0.0, min(finite) - 10), min(100.0, max(finite) + 5))
+    axes[2].set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
+    if shown:
+        axes[2].set_ylim(max(0.0, min(shown) - 10), min(100.0, max(shown) + 5))
     axes[2].legend()
     axes[0].set_xlabel("training samples seen")
     axes[1].set_xlabel("training wall time (s, one thread)")
     for axis in axes[:2]:
-        axis.set_ylabel("kNN top-1 accuracy (%, per-epoch bank)")
+        axis.set_ylabel("kNN top-1 accuracy (%, per-epoch bank), mean ± std")
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="lower right")
     atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
     plt.close(figure)
     return out

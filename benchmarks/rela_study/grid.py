@@ -27,6 +27,8 @@ PRETRAIN_ROW = "transported-prior-pretrain"
 # Dress, Coat); the study's runs train on all ten.
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 PIXELS = "pixels:16"
+# The networks behind the transported and the random prior: the demo preset's backbone.
+PRIOR_ARCH, PRIOR_WIDTH = "resnet10", 16
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ ROWS = (
     Row("byol-random-50", "BYOL, random 50% per epoch", True, budget=0.5),
     Row("rela-50-pixels", "ReLA 50%, pixel prior", True, 0.5, PIXELS),
     Row("rela-50-random", "ReLA 50%, random-network prior", True, 0.5,
-        "random:resnet10-small:{seed}"),
+        "checkpoint:resnet10:{random}"),
     Row(
         "rela-50-transported",
         "ReLA 50%, transported prior (BYOL on classes 0-4)",
@@ -111,6 +113,7 @@ ROWS = (
     Row("rela-50-pixels-const", "ReLA 50%, pixels, switch const:0.3", False, 0.5, PIXELS,
         ("--switch", "const:0.3")),
 )  # fmt: skip
+ROW_ORDER = [row.name for row in ROWS]
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,11 @@ class RunSpec:
 def transported_checkpoint(out: Path) -> Path:
     """Where the transported prior's RGB checkpoint is written."""
     return out / "priors" / "transported-resnet10.pt"
+
+
+def random_checkpoint(out: Path, seed: int) -> Path:
+    """Where the random prior network of ``seed`` is written."""
+    return out / "priors" / f"random-resnet10-seed{seed}.pt"
 
 
 def pretrain_data_dir(out: Path) -> Path:
@@ -192,23 +200,14 @@ def build_plan(
         label="BYOL on classes 0-4 (the transported prior's network)",
         core=False,
         seed=seeds[0],
-        flags=tuple(
-            _base_flags(sizes, seeds[0], str(pretrain_data_dir(out)), features)
-            + [
-                "--train-subset",
-                str(sizes.pretrain_subset),
-                "--epochs",
-                str(sizes.pretrain_epochs),
-                "--image-size",
-                str(sizes.pretrain_image_size),
-                "--eval-every",
-                "0",
-                "--eval-bank",
-                str(sizes.eval_bank),
-                "--probe-epochs",
-                "0",
-            ]
-        ),  # fmt: skip
+        flags=(
+            *_base_flags(sizes, seeds[0], str(pretrain_data_dir(out)), features),
+            *("--train-subset", str(sizes.pretrain_subset)),
+            *("--epochs", str(sizes.pretrain_epochs)),
+            *("--image-size", str(sizes.pretrain_image_size)),
+            *("--arch", PRIOR_ARCH, "--width", str(PRIOR_WIDTH)),
+            *("--eval-every", "0", "--eval-bank", str(sizes.eval_bank), "--probe-epochs", "0"),
+        ),
         samples=sizes.pretrain_subset * sizes.pretrain_epochs,
         image_size=sizes.pretrain_image_size,
     )
@@ -225,8 +224,14 @@ def build_plan(
             flags += _probe_flags(sizes, features)
             prior = None
             if row.prior is not None:
-                prior = row.prior.format(seed=seed, transported=transported_checkpoint(out))
+                prior = row.prior.format(
+                    transported=transported_checkpoint(out), random=random_checkpoint(out, seed)
+                )
                 flags += ["--prior", prior]
+                if "--rela-head" not in row.extra:
+                    # The official (and, with the official recipe, default) frozen head, named
+                    # so that a trainer with another default runs the same method.
+                    flags += ["--rela-head", "frozen"]
             flags += list(row.extra)
             runs.append(
                 RunSpec(
@@ -250,15 +255,12 @@ def build_plan(
 # width 16), and fixed costs, measured on the 2-core CPU VM; see the README's study section.
 SECONDS_PER_SAMPLE = {"byol": 2.6e-3, "rela": 2.0e-3}
 SECONDS_PER_RUN = 40.0  # start-up, per-epoch kNN curve, final kNN and linear probe
-SECONDS_RANDOM_PRIOR_PER_IMAGE = 4e-3  # embedding with a random ResNet-10 (width 64) at 32 px
 
 
 def estimate_seconds(run: RunSpec, sizes: Sizes) -> float:
     """Rough single-thread wall time of one run (training, prior embedding, evaluation)."""
     rate = SECONDS_PER_SAMPLE["rela" if run.prior else "byol"]
     seconds = run.samples * rate * (run.image_size / 16) ** 2 + SECONDS_PER_RUN
-    if run.prior is not None and run.prior.startswith("random:"):
-        seconds += sizes.train_subset * SECONDS_RANDOM_PRIOR_PER_IMAGE
     return seconds
 
 

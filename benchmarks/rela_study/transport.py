@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from rela_train.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+from rela_train.models import build_resnet
 from rela_train.prior.loaders import NORMALIZATIONS
 
 from rela_kernels.atomic_io import atomic_write
 
-__all__ = ["rgb_prior_checkpoint", "write_class_subset"]
+__all__ = ["random_prior_checkpoint", "rgb_prior_checkpoint", "write_class_subset"]
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -101,6 +102,28 @@ def rgb_prior_checkpoint(run_dir: Path, out: Path, normalization: str = "imagene
 
     def write(handle: io.BufferedWriter) -> None:
         torch.save(converted, handle)
+
+    atomic_write(out, write)
+    return out
+
+
+def random_prior_checkpoint(arch: str, width: int, seed: int, out: Path) -> Path:
+    """A randomly initialised small-image ResNet (RGB input) as a state dict at ``out``.
+
+    ``random:ARCH`` priors have the standard width (64); this one has the transported prior's
+    architecture and width, so that the two priors differ only in their weights. Skipped when
+    ``out`` exists (same arguments, same network: the initialisation is seeded).
+    """
+    if out.is_file():
+        return out
+    # A private RNG state: the network depends on the seed only.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_resnet(arch, small_images=True, width=width)
+    state = {key: value for key, value in model.state_dict().items() if not key.startswith("fc.")}
+
+    def write(handle: io.BufferedWriter) -> None:
+        torch.save(state, handle)
 
     atomic_write(out, write)
     return out
