@@ -251,16 +251,21 @@ def build_plan(
     return [pretrain, *runs]
 
 
-# Seconds per training sample of one single-thread run at 16 px, batch 32 (the demo's ResNet-10
-# width 16), and fixed costs, measured on the 2-core CPU VM; see the README's study section.
-SECONDS_PER_SAMPLE = {"byol": 2.6e-3, "rela": 2.0e-3}
-SECONDS_PER_RUN = 40.0  # start-up, per-epoch kNN curve, final kNN and linear probe
+# CPU seconds per training sample of one single-thread run at 16 px, batch 32 (the demo's
+# ResNet-10 width 16; a ReLA run's samples are about half ReLA-phase, half BYOL-phase), the cost
+# of a sample at the transported prior's 32 px relative to 16 px, and the fixed cost of a run
+# (start-up, per-epoch kNN, final kNN and linear probe), measured on the 2-core CPU VM; see the
+# README's study section. A busy machine stretches the wall time beyond these.
+SECONDS_PER_SAMPLE = {"byol": 2.0e-3, "rela": 1.65e-3}
+RELATIVE_COST = {16: 1.0, 32: 2.2}
+SECONDS_PER_RUN = 40.0
 
 
 def estimate_seconds(run: RunSpec, sizes: Sizes) -> float:
     """Rough single-thread wall time of one run (training, prior embedding, evaluation)."""
     rate = SECONDS_PER_SAMPLE["rela" if run.prior else "byol"]
-    seconds = run.samples * rate * (run.image_size / 16) ** 2 + SECONDS_PER_RUN
+    relative = RELATIVE_COST.get(run.image_size, (run.image_size / 16) ** 2)
+    seconds = run.samples * rate * relative + SECONDS_PER_RUN
     return seconds
 
 
