@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -116,6 +117,8 @@ class _Study:
         self.log = log
         self.lock = threading.Lock()
         self.futures: dict[str, Future[None]] = {}
+        self.children: set[subprocess.Popen[bytes]] = set()
+        self.stopping = False
 
     def execute(self, run: RunSpec) -> None:
         if run.needs is not None and run.needs in self.futures:
@@ -129,11 +132,13 @@ class _Study:
             log_path = self.out / "logs" / f"{run.run_id}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a", encoding="utf-8") as log_file:
-                code, cpu_seconds = _run_child(command, log_file)
+                code, cpu_seconds = self.run_child(command, log_file)
             if code != 0:
                 raise RuntimeError(
                     f"{run.run_id}: rela-train fit exited with {code}; see {log_path}"
                 )
+        if not (run_dir / "summary.json").is_file():
+            raise RuntimeError(f"{run.run_id}: stopped before its end; rerun to continue it")
         if run.is_pretrain:
             rgb_prior_checkpoint(run_dir, transported_checkpoint(self.out))
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -160,21 +165,35 @@ class _Study:
             f"{'-' if knn is None else f'{100 * knn:.2f}%'}{switch}"
         )
 
+    def run_child(self, command: list[str], log_file: Any) -> tuple[int, float]:
+        """Run ``command`` to its end; its exit code and the CPU seconds it used (its own
+        rusage, so runs side by side do not mix). The child has its own session: a Ctrl-C
+        reaches the study only, which then stops each running child once (see :meth:`stop`)."""
+        with self.lock:
+            if self.stopping:
+                raise RuntimeError("the study is stopping")
+            child = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=_one_thread_env(),
+                start_new_session=True,
+            )
+            self.children.add(child)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            with self.lock:
+                self.children.discard(child)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return child.returncode, usage.ru_utime + usage.ru_stime
 
-def _run_child(command: list[str], log_file: Any) -> tuple[int, float]:
-    """Run ``command`` to its end; its exit code and the CPU seconds it used (its own rusage,
-    so runs side by side do not mix)."""
-    child = subprocess.Popen(
-        command, stdout=log_file, stderr=subprocess.STDOUT, env=_one_thread_env()
-    )
-    try:
-        _, status, usage = os.wait4(child.pid, 0)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, usage.ru_utime + usage.ru_stime
+    def stop(self) -> None:
+        """Start nothing more; SIGTERM each running fit (it checkpoints after its step)."""
+        with self.lock:
+            self.stopping = True
+            for child in self.children:
+                child.send_signal(signal.SIGTERM)
 
 
 def _one_thread_env() -> dict[str, str]:
@@ -202,7 +221,8 @@ def run_study(
     study = _Study(runs, out, python=python, environment=environment, on_record=on_record, log=log)
     todo = [run for run in runs if run.run_id not in finished]
     failed = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         # A run that needs another is submitted after it, so its wait never starves the pool.
         for run in todo:
             study.futures[run.run_id] = pool.submit(study.execute, run)
@@ -211,4 +231,12 @@ def run_study(
             if error is not None:
                 failed.append(run_id)
                 log(f"[{run_id}] FAILED: {error}")
+    except BaseException:
+        # Ctrl-C or SIGTERM: start nothing new, stop the running fits at a checkpoint and wait
+        # for them (a second Ctrl-C leaves them to finish that on their own); a rerun continues.
+        study.stop()
+        log("stopping: the running fits checkpoint and exit")
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return failed
