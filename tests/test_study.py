@@ -76,7 +76,7 @@ def test_plan_rows_seeds_and_order(tmp_path):
     pretrain = plan[0]
     assert _flag(pretrain, "--data-dir") == str(grid.pretrain_data_dir(tmp_path))
     assert _flag(pretrain, "--image-size") == str(TINY.pretrain_image_size)
-    assert (_flag(pretrain, "--arch"), _flag(pretrain, "--width")) == ("resnet10", "16")
+    assert (_flag(pretrain, "--arch"), _flag(pretrain, "--width")) == ("resnet10", "32")
 
 
 def test_plan_without_new_trainer_flags_and_bad_seeds(tmp_path):

@@ -27,8 +27,10 @@ PRETRAIN_ROW = "transported-prior-pretrain"
 # Dress, Coat); the study's runs train on all ten.
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 PIXELS = "pixels:16"
-# The networks behind the transported and the random prior: the demo preset's backbone.
-PRIOR_ARCH, PRIOR_WIDTH = "resnet10", 16
+# The networks behind the transported and the random prior. Twice the trained backbone's width:
+# the official recipe's target width is min(backbone width 128, prior width), and a prior only
+# 128 wide can have fewer than 128 non-degenerate principal components (a random ResNet's do).
+PRIOR_ARCH, PRIOR_WIDTH = "resnet10", 32
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ DEFAULT_SIZES = Sizes(
     eval_every=3,
     eval_bank=5000,
     probe_epochs=100,
-    pretrain_subset=10000,
-    pretrain_epochs=5,
+    pretrain_subset=8000,
+    pretrain_epochs=4,
 )
 # A smoke run of the whole machinery (every row at one seed) in a few minutes; too short for the
 # adaptive switch to fire or for the accuracies to mean anything.
@@ -126,7 +128,6 @@ class RunSpec:
     seed: int
     flags: tuple[str, ...]  # every fit flag but --out
     samples: int  # training samples it will see (for the time estimate)
-    image_size: int
     prior: str | None = None
     needs: str | None = None  # run id of the run whose output it uses
 
@@ -209,7 +210,6 @@ def build_plan(
             *("--eval-every", "0", "--eval-bank", str(sizes.eval_bank), "--probe-epochs", "0"),
         ),
         samples=sizes.pretrain_subset * sizes.pretrain_epochs,
-        image_size=sizes.pretrain_image_size,
     )
     runs = []
     for index, seed in enumerate(seeds):
@@ -241,7 +241,6 @@ def build_plan(
                     seed=seed,
                     flags=tuple(flags),
                     samples=round(row.budget * sizes.train_subset) * sizes.epochs,
-                    image_size=16,
                     prior=prior,
                     needs=pretrain.run_id if "{transported}" in (row.prior or "") else None,
                 )
@@ -251,22 +250,22 @@ def build_plan(
     return [pretrain, *runs]
 
 
-# CPU seconds per training sample of one single-thread run at 16 px, batch 32 (the demo's
-# ResNet-10 width 16; a ReLA run's samples are about half ReLA-phase, half BYOL-phase), the cost
-# of a sample at the transported prior's 32 px relative to 16 px, and the fixed cost of a run
-# (start-up, per-epoch kNN, final kNN and linear probe), measured on the 2-core CPU VM; see the
-# README's study section. A busy machine stretches the wall time beyond these.
-SECONDS_PER_SAMPLE = {"byol": 2.0e-3, "rela": 1.65e-3}
-RELATIVE_COST = {16: 1.0, 32: 2.2}
+# CPU seconds per training sample of one single-thread run at 16 px, batch 32, official recipe
+# (the demo's ResNet-10 width 16; a ReLA run at 50% is about half ReLA phase, half BYOL phase),
+# the cost of a sample of the transported prior's training (width 32 at 32 px) relative to
+# that, and the fixed cost of a run (start-up, per-epoch kNN, final kNN and linear probe),
+# measured on the 2-core CPU VM; see the README's study section. A busy machine stretches the
+# wall time beyond these.
+SECONDS_PER_SAMPLE = {"byol": 1.5e-3, "rela": 1.25e-3}
+PRETRAIN_RELATIVE_COST = 8.0
 SECONDS_PER_RUN = 40.0
 
 
-def estimate_seconds(run: RunSpec, sizes: Sizes) -> float:
+def estimate_seconds(run: RunSpec) -> float:
     """Rough single-thread wall time of one run (training, prior embedding, evaluation)."""
     rate = SECONDS_PER_SAMPLE["rela" if run.prior else "byol"]
-    relative = RELATIVE_COST.get(run.image_size, (run.image_size / 16) ** 2)
-    seconds = run.samples * rate * relative + SECONDS_PER_RUN
-    return seconds
+    relative = PRETRAIN_RELATIVE_COST if run.is_pretrain else 1.0
+    return run.samples * rate * relative + SECONDS_PER_RUN
 
 
 def format_plan(runs: list[RunSpec], sizes: Sizes, jobs: int, done: set[str]) -> str:
@@ -282,9 +281,9 @@ def format_plan(runs: list[RunSpec], sizes: Sizes, jobs: int, done: set[str]) ->
     ]
     total = 0.0
     for name, group in rows.items():
-        per_run = estimate_seconds(group[0], sizes)
+        per_run = estimate_seconds(group[0])
         left = [run for run in group if run.run_id not in done]
-        total += sum(estimate_seconds(run, sizes) for run in left)
+        total += sum(estimate_seconds(run) for run in left)
         seeds = ",".join(str(run.seed) for run in group)
         finished = len(group) - len(left)
         lines.append(f"{name:34} {seeds:>12} {per_run / 60:>12.1f} {finished:>2}/{len(group)}")
