@@ -253,19 +253,23 @@ def build_plan(
 # CPU seconds per training sample of one single-thread run at 16 px, batch 32, official recipe
 # (the demo's ResNet-10 width 16; a ReLA run at 50% is about half ReLA phase, half BYOL phase),
 # the cost of a sample of the transported prior's training (width 32 at 32 px) relative to
-# that, and the fixed cost of a run (start-up, per-epoch kNN, final kNN and linear probe),
-# measured on the 2-core CPU VM; see the README's study section. A busy machine stretches the
+# that, the fixed cost of a run (start-up, per-epoch kNN, final kNN and linear probe) and of
+# embedding the training images with a network prior (width 32 at 32 px), measured on the 2-core CPU VM; see the README's study section. A busy machine stretches the
 # wall time beyond these.
 SECONDS_PER_SAMPLE = {"byol": 1.5e-3, "rela": 1.25e-3}
 PRETRAIN_RELATIVE_COST = 8.0
 SECONDS_PER_RUN = 40.0
+SECONDS_NETWORK_PRIOR = 50.0
 
 
 def estimate_seconds(run: RunSpec) -> float:
     """Rough single-thread wall time of one run (training, prior embedding, evaluation)."""
     rate = SECONDS_PER_SAMPLE["rela" if run.prior else "byol"]
     relative = PRETRAIN_RELATIVE_COST if run.is_pretrain else 1.0
-    return run.samples * rate * relative + SECONDS_PER_RUN
+    seconds = run.samples * rate * relative + SECONDS_PER_RUN
+    if run.prior is not None and run.prior.startswith("checkpoint:"):
+        seconds += SECONDS_NETWORK_PRIOR
+    return seconds
 
 
 def format_plan(runs: list[RunSpec], sizes: Sizes, jobs: int, done: set[str]) -> str:
