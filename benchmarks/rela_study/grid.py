@@ -254,8 +254,8 @@ def build_plan(
 # (the demo's ResNet-10 width 16; a ReLA run at 50% is about half ReLA phase, half BYOL phase),
 # the cost of a sample of the transported prior's training (width 32 at 32 px) relative to
 # that, the fixed cost of a run (start-up, per-epoch kNN, final kNN and linear probe) and of
-# embedding the training images with a network prior (width 32 at 32 px), measured on the 2-core CPU VM; see the README's study section. A busy machine stretches the
-# wall time beyond these.
+# embedding the training images with a network prior (width 32 at 32 px), measured on the
+# 2-core CPU VM; see the README's study section. A busy machine stretches the wall time.
 SECONDS_PER_SAMPLE = {"byol": 1.5e-3, "rela": 1.25e-3}
 PRETRAIN_RELATIVE_COST = 8.0
 SECONDS_PER_RUN = 40.0
