@@ -61,6 +61,9 @@ def test_plan_rows_seeds_and_order(tmp_path):
     assert {_flag(run, "--prior") for run in random_runs} == {
         f"checkpoint:resnet10:{grid.random_checkpoint(tmp_path, seed)}" for seed in (3, 5, 8)
     }
+    selections = {run.row: _flag(run, "--selection") for run in plan if not run.is_pretrain}
+    assert selections["byol-100"] is None and selections["byol-random-50"] == "random"
+    assert selections["rela-50-pixels-hard"] == "hard"
     for run in plan:
         if run.prior is not None:
             head = "trainable" if run.row == "rela-50-pixels-trainable-head" else "frozen"

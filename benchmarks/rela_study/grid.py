@@ -232,6 +232,8 @@ def build_plan(
                     # The official (and, with the official recipe, default) frozen head, named
                     # so that a trainer with another default runs the same method.
                     flags += ["--rela-head", "frozen"]
+            if row.budget < 1 and "--selection" not in row.extra:
+                flags += ["--selection", "random"]
             flags += list(row.extra)
             runs.append(
                 RunSpec(
