@@ -1,0 +1,179 @@
+"""The study's records as a markdown table (mean +- std over seeds) and a plot with error bars.
+
+The std is the sample standard deviation (``ddof=1``) over a row's seeds; a row with one seed
+has none (shown as ``-``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rela_kernels.atomic_io import atomic_write
+
+__all__ = ["RowSummary", "curve_stats", "format_markdown", "mean_std", "plot_study", "summarize"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for fewer than two values)."""
+    if not values:
+        raise ValueError("mean_std: no values")
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+@dataclass
+class RowSummary:
+    row: str
+    label: str
+    seeds: list[int]
+    metrics: dict[str, tuple[float, float | None]]  # name -> (mean, std) over the seeds
+    switch_steps: list[int | None]
+    records: list[dict[str, Any]]
+
+
+def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
+    """One summary per row: rows named in ``order`` first, in that order, then the others in
+    the order they first appear in ``records``."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in order or []}
+    for record in records:
+        rows.setdefault(record["row"], []).append(record)
+    rows = {name: group for name, group in rows.items() if group}
+    summaries = []
+    for name, group in rows.items():
+        group.sort(key=lambda record: record["seed"])
+        metrics = {}
+        for key in sorted({k for record in group for k in record["metrics"]}):
+            values = [record["metrics"][key] for record in group if key in record["metrics"]]
+            if len(values) == len(group):  # a mean over some seeds only would mislead
+                metrics[key] = mean_std([float(v) for v in values])
+        summaries.append(
+            RowSummary(
+                row=name,
+                label=group[0]["label"],
+                seeds=[record["seed"] for record in group],
+                metrics=metrics,
+                switch_steps=[record.get("switch_step") for record in group],
+                records=group,
+            )
+        )
+    return summaries
+
+
+def _percent(stat: tuple[float, float | None] | None) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{100 * mean:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _number(stat: tuple[float, float | None] | None, scale: float = 1.0, digits: int = 0) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{mean * scale:,.{digits}f}" + ("" if std is None else f" ± {std * scale:,.{digits}f}")
+
+
+def _switches(steps: list[int | None], has_prior: bool) -> str:
+    if not has_prior:
+        return "-"
+    return ", ".join("none" if step is None else str(step) for step in steps)
+
+
+def format_markdown(summaries: list[RowSummary]) -> str:
+    """A markdown table: kNN and linear probe (%), samples seen, training time, switch steps."""
+    probe = (
+        "linear_acc_official"
+        if any("linear_acc_official" in s.metrics for s in summaries)
+        else "linear_acc"
+    )
+    probe_name = "official linear probe %" if probe == "linear_acc_official" else "L-BFGS probe %"
+    header = [
+        "row", "seeds", "kNN %", probe_name, "samples seen", "train min", "switch step(s)",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        has_prior = any(record.get("prior") for record in s.records)
+        cells = [
+            s.label,
+            str(len(s.seeds)),
+            _percent(s.metrics.get("knn_acc")),
+            _percent(s.metrics.get(probe)),
+            _number(s.metrics.get("samples_seen")),
+            _number(s.metrics.get("train_time"), 1 / 60, 1),
+            _switches(s.switch_steps, has_prior),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_stats(records: list[dict[str, Any]], key: str) -> tuple[list[float], ...]:
+    """Per evaluation point (matched by epoch): mean x, mean and std of kNN accuracy (%)."""
+    by_epoch: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        for point in record.get("curve", []):
+            if point.get("knn_acc") is not None:
+                by_epoch.setdefault(point["epoch"], []).append(point)
+    xs, ys, errors = [], [], []
+    for epoch in sorted(by_epoch):
+        points = by_epoch[epoch]
+        if len(points) != len(records):
+            continue
+        xs.append(statistics.fmean(p[key] for p in points))
+        mean, std = mean_std([100 * p["knn_acc"] for p in points])
+        ys.append(mean)
+        errors.append(0.0 if std is None else std)
+    return xs, ys, errors
+
+
+def plot_study(summaries: list[RowSummary], out: str | os.PathLike[str]) -> Path:
+    """Three panels: the kNN curve (mean +- std over seeds) against samples seen and against
+    training time, and each row's final kNN and linear probe with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    figure, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+    colors = plt.cm.tab20.colors
+    # Curves for the rows with several seeds (the core rows); bars for every row.
+    curved = [s for s in summaries if len(s.seeds) > 1] or summaries
+    for index, s in enumerate(curved):
+        label = f"{s.label} (n={len(s.seeds)})"
+        for axis, key in zip(axes[:2], ("samples_seen", "train_time"), strict=True):
+            xs, ys, errors = curve_stats(s.records, key)
+            if xs:
+                axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label,
+                              color=colors[index % len(colors)])  # fmt: skip
+    probe = (
+        "linear_acc_official"
+        if any("linear_acc_official" in s.metrics for s in summaries)
+        else "linear_acc"
+    )
+    positions = range(len(summaries))
+    shown = []
+    for offset, key, name in ((-0.2, "knn_acc", "kNN"), (0.2, probe, "linear probe")):
+        means = [100 * s.metrics[key][0] if key in s.metrics else math.nan for s in summaries]
+        errors = [100 * (s.metrics[key][1] or 0.0) if key in s.metrics else 0.0 for s in summaries]
+        axes[2].bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3,
+                    label=name)  # fmt: skip
+        shown += [m for m in means if not math.isnan(m)]
+    axes[2].set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
+    axes[2].set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
+    if shown:
+        axes[2].set_ylim(max(0.0, min(shown) - 10), min(100.0, max(shown) + 5))
+    axes[2].legend()
+    axes[0].set_xlabel("training samples seen")
+    axes[1].set_xlabel("training wall time (s, one thread)")
+    for axis in axes[:2]:
+        axis.set_ylabel("kNN top-1 accuracy (%, per-epoch bank), mean ± std")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
+    plt.close(figure)
+    return out
