@@ -184,6 +184,8 @@ def _lead(peers, out, create, compute, prepare, companions, progress, log) -> Sh
             _publish_failure(peers, "final", error)
             raise
         peers.publish("final", "ok")
+    # The rendezvous store may live in this process: stay until every rank has read "final".
+    peers.collect("bye", members)
     return ShardResult(rows, repaired, seconds)
 
 
@@ -217,7 +219,9 @@ def _follow(peers, out, create, compute, progress, log) -> ShardResult:
         _publish_failure(peers, "done", error)
         raise
     peers.publish("done", "ok")
-    _raise_published(0, peers.collect("final", [0])[0])
+    final = peers.collect("final", [0])[0]
+    peers.publish("bye", "ok")
+    _raise_published(0, final)
     return ShardResult(rows, 0, seconds)
 
 
