@@ -24,7 +24,7 @@ from rela_train.data.sources import Source, build_sources
 from rela_train.learner import Learner, Objective, build_learner
 from rela_train.models import resnet_feature_dim
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
-from rela_train.prior.targets import PriorTargets, prepare_prior
+from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
 from rela_train.rela import Switch, build_switch, rela_dim_cap
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import DistContext, agree_min, check_shared_directory, rank0_first
@@ -142,7 +142,16 @@ def _build_parts(
     world = dist.world
     prior: PriorTargets | None = None
     if config.rela:
-        # Rank 0 computes the embeddings (no time limit); the others then open the store.
+        cap = rela_dim_cap(
+            config.rela_dim_rule, config.rela_dim, resnet_feature_dim(config.arch, config.width)
+        )
+        if world > 1 and config.prior_store is None:
+            # Every rank embeds its share of the training set into RUN/prior.
+            embed_with_all_ranks(
+                dist, source=train, prior=config.prior, run_dir=run_dir, dim=cap, device=device,
+                log=log, preprocess=config.prior_preprocess,
+            )  # fmt: skip
+        # Rank 0 opens the store and fits the transport (no time limit); the others then open it.
         prior = rank0_first(
             dist,
             f"prior of {run_dir.resolve()}",
@@ -151,11 +160,7 @@ def _build_parts(
                 prior=config.prior,
                 prior_store=config.prior_store,
                 run_dir=run_dir,
-                dim=rela_dim_cap(
-                    config.rela_dim_rule,
-                    config.rela_dim,
-                    resnet_feature_dim(config.arch, config.width),
-                ),
+                dim=cap,
                 device=device,
                 log=log,
                 preprocess=config.prior_preprocess,

@@ -34,7 +34,18 @@ _ERROR = "error: "
 class Peers:
     """The ranks of ``ctx`` doing ``what`` together; ``advice`` ends every failure message."""
 
-    def __init__(self, ctx: DistContext, what: str, advice: str, *, poll: float = 0.1) -> None:
+    def __init__(
+        self,
+        ctx: DistContext,
+        what: str,
+        advice: str,
+        *,
+        store: dist.Store | None = None,
+        scope: str | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        """``store``: the key-value store (default: the process group's rendezvous store);
+        ``scope``: the key prefix, the same on every rank (default: one per launch and use)."""
         self.ctx = ctx
         self.what = what
         self.advice = advice
@@ -45,8 +56,8 @@ class Peers:
         if ctx.world == 1:
             return
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        prefix = f"rela_train/peers/{restart}/{next(_SEQUENCE)}"
-        base = dist.distributed_c10d._get_default_store()
+        prefix = f"rela_train/peers/{restart}/{next(_SEQUENCE) if scope is None else scope}"
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
         self._store = dist.PrefixStore(prefix, base)
         # The heartbeat thread talks over its own connection to the store.
         beat_base = base.clone() if hasattr(base, "clone") else base

@@ -58,6 +58,7 @@ __all__ = [
     "EmbedBatch",
     "EmbedResult",
     "VerifyResult",
+    "default_chunk_rows",
     "embed",
     "embed_tensors",
     "fit_transport",
@@ -72,6 +73,9 @@ __all__ = [
 TRANSPORT_FILE = "transport.pt"
 DEFAULT_MAX_DIM = 256
 _TARGET_CHUNK_ROWS = 4096
+# A new store's default chunks are small enough for this many of them, so that up to as many
+# ranks get work (the default never depends on the number of ranks: the bytes must not).
+_TARGET_CHUNKS = 64
 _TENSOR_BATCH_ROWS = 512  # in-memory images per forward pass
 _TENSOR_CHUNK_BATCHES = 8  # forward passes per durable chunk of an in-memory dataset's store
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -126,6 +130,14 @@ class VerifyResult:
         else:
             notes.insert(0, "checksums OK")
         return f"{head}; " + "; ".join(notes)
+
+
+def default_chunk_rows(n: int, batch_size: int) -> int:
+    """A new store's rows per chunk: whole batches, about 4096 rows, fewer for a dataset under
+    ``64 * 4096`` images so that it still has about 64 chunks to share among ranks."""
+    most = max(1, _TARGET_CHUNK_ROWS // batch_size)
+    wanted = -(-n // (_TARGET_CHUNKS * batch_size))
+    return batch_size * min(most, max(1, wanted))
 
 
 def transport_width(cap: int, prior_dim: int, rows: int) -> int:
@@ -199,8 +211,8 @@ def embed(
         workers: DataLoader worker processes decoding images (default ``min(8, cpus)``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         dim: transport width d (default ``min(256, D, N - 1)``); ``1 <= d <= min(D, N - 1)``.
-        chunk_rows: rows per durable chunk of a new store (default: a multiple of ``batch_size``
-            near 4096); a resumed store keeps its own.
+        chunk_rows: rows per durable chunk of a new store (default
+            :func:`default_chunk_rows`); a resumed store keeps its own.
         input_size, normalize: override the prior's preprocessing (spec strings only).
         progress: show a progress bar (images/s, ETA) on stderr.
         repair: recompute the chunks of an existing store that fail their checksum (without it,
@@ -236,7 +248,7 @@ def embed(
     _check_same_folder(out, dataset, data)
     asked_chunk_rows = chunk_rows
     if chunk_rows is None and not rk.EmbeddingStore.exists(out):
-        chunk_rows = batch_size * max(1, _TARGET_CHUNK_ROWS // batch_size)
+        chunk_rows = default_chunk_rows(n, batch_size)
     metadata = {
         "data": str(Path(data).resolve()),
         "prior_spec": prior.spec,
