@@ -29,7 +29,7 @@ from rela_train.prior.embedding import (
     transport_width,
 )
 from rela_train.prior.loaders import ModelPrior, load_prior
-from rela_train.runtime import DistContext
+from rela_train.runtime import DistContext, agree_min
 
 __all__ = ["PriorTargets", "embed_with_all_ranks", "prepare_prior"]
 
@@ -97,6 +97,13 @@ def embed_with_all_ranks(
     share of the chunks; :func:`prepare_prior` (on rank 0 first) then finds the store complete
     and fits the transport. Cases :func:`prepare_prior` refuses are left to it."""
     path = run_dir / "prior"
+    finished = (
+        rk.EmbeddingStore.exists(path)
+        and (path / TRANSPORT_FILE).is_file()
+        and rk.EmbeddingStore.open(path).complete
+    )
+    if agree_min(ctx, [int(finished)]) == [1]:
+        return  # a resumed run: nothing to embed (prepare_prior still checks the store)
     advice = (
         f"The chunks the ranks finished are kept in {path}; rerun the same `rela-train fit` "
         "command (any number of ranks) to continue embedding from there"
