@@ -262,6 +262,13 @@ def test_ranks_started_differently_stop_before_writing(folder, tmp_path) -> None
             assert len(str(result).splitlines()) == 1
         assert not out.exists()  # detected before anything was created
 
+    # A rank that cannot even load its inputs stops the others with its message.
+    works = [_embed_rank(folder, out), _embed_rank(tmp_path / "void", out)]
+    leader, member = _in_threads(2, lambda peers: works[peers.rank](peers))
+    assert isinstance(member, FileNotFoundError | ValueError) and "void" in str(member), member
+    assert isinstance(leader, ValueError) and str(leader).startswith("rank 1: "), leader
+    assert "void" in str(leader) and not out.exists()
+
     elsewhere = tmp_path / "rank1-only"
     works = [_embed_rank(folder, out), _embed_rank(folder, elsewhere)]
     leader, member = _in_threads(2, lambda peers: works[peers.rank](peers))

@@ -49,7 +49,7 @@ from rela_train.data.folder import ImageFolder
 from rela_train.data.sources import TensorSource
 from rela_train.peers import Peers
 from rela_train.prior.loaders import ModelPrior, PrecomputedPrior, Prior, load_prior
-from rela_train.prior.sharding import fill_sharded
+from rela_train.prior.sharding import fill_sharded, report_setup_failure
 from rela_train.runtime import resolve_device
 
 __all__ = [
@@ -225,27 +225,34 @@ def embed(
         ValueError / FileNotFoundError: bad arguments or inputs, found before anything is written;
             a store whose written rows fail their checksum (without ``repair``).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    device = resolve_device(device)
-    dataset = ImageFolder(data)
-    n = len(dataset)
-    if isinstance(prior, str):
-        prior = load_prior(
-            prior, device=device, input_size=input_size, normalize=normalize, num_rows=n
-        )
-    elif input_size is not None or normalize is not None:
-        raise ValueError("input_size/normalize apply to a prior spec, not to a loaded prior")
-    elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
-        raise ValueError(f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images")
-    wanted_dim = dim
-    dim = _check_width(dim, prior.dim, n)
-    out = Path(out)
-    _check_same_folder(out, dataset, data)
+    try:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        device = resolve_device(device)
+        dataset = ImageFolder(data)
+        n = len(dataset)
+        if isinstance(prior, str):
+            prior = load_prior(
+                prior, device=device, input_size=input_size, normalize=normalize, num_rows=n
+            )
+        elif input_size is not None or normalize is not None:
+            raise ValueError("input_size/normalize apply to a prior spec, not to a loaded prior")
+        elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
+            raise ValueError(
+                f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images"
+            )
+        wanted_dim = dim
+        dim = _check_width(dim, prior.dim, n)
+        out = Path(out)
+        _check_same_folder(out, dataset, data)
+    except BaseException as error:
+        if peers is not None:
+            report_setup_failure(peers, error)  # the other ranks stop too, with this message
+        raise
     asked_chunk_rows = chunk_rows
     if chunk_rows is None and not rk.EmbeddingStore.exists(out):
         chunk_rows = default_chunk_rows(n, batch_size)

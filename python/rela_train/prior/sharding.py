@@ -36,7 +36,7 @@ import rela_kernels as rk
 from rela_train.peers import Peers
 from rela_train.runtime import DistributedError
 
-__all__ = ["ShardResult", "fill_sharded"]
+__all__ = ["ShardResult", "fill_sharded", "report_setup_failure"]
 
 # compute(store, chunks, write, progress): computes ``chunks`` in order, handing each to write.
 Compute = Callable[[rk.EmbeddingStore, list[tuple[int, int]], Callable[..., None], Any], None]
@@ -73,11 +73,20 @@ def _publish_failure(peers: Peers, key: str, error: BaseException) -> None:
     peers.publish_error(key, RuntimeError(_message(error)))
 
 
+def report_setup_failure(peers: Peers, error: BaseException) -> None:
+    """Tell the other ranks that this one failed before :func:`fill_sharded` (a prior or a
+    folder it could not load): they stop with its message instead of waiting for it."""
+    if peers.world > 1:
+        _publish_failure(peers, "identity", error)
+
+
 def _agree(peers: Peers, identity: Mapping[str, tuple[str, str]]) -> None:
     """Stop every rank if any was started with other arguments (``flag -> (value compared,
     value shown)``)."""
     peers.publish("identity", json.dumps({k: list(v) for k, v in identity.items()}))
     seen = peers.collect("identity", range(peers.world))
+    for rank, value in sorted(seen.items()):
+        _raise_published(rank, value)
     first = json.loads(seen[0])
     for rank in range(1, peers.world):
         other = json.loads(seen[rank])
@@ -237,6 +246,8 @@ def _compute_share(peers, store, pending, compute, progress, log) -> tuple[int, 
         store.write_chunk(start, values, skipped=skipped)
         failure = peers.failed("done") or (None if peers.main else peers.failed("final", [0]))
         if failure is not None:
+            if _DISTRIBUTED in failure:
+                raise DistributedError(failure.split(_DISTRIBUTED, 1)[1])
             raise _Stop(f"stopped because {failure}")
         peers.check()
 

@@ -29,6 +29,7 @@ from rela_train.prior.embedding import (
     transport_width,
 )
 from rela_train.prior.loaders import ModelPrior, load_prior
+from rela_train.prior.sharding import report_setup_failure
 from rela_train.runtime import DistContext, agree_min
 
 __all__ = ["PriorTargets", "embed_with_all_ranks", "prepare_prior"]
@@ -108,8 +109,12 @@ def embed_with_all_ranks(
         f"The chunks the ranks finished are kept in {path}; rerun the same `rela-train fit` "
         "command (any number of ranks) to continue embedding from there"
     )
-    loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
     with Peers(ctx, f"embedding the prior into {path}", advice) as peers:
+        try:
+            loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
+        except BaseException as error:
+            report_setup_failure(peers, error)  # the other ranks stop too, with this message
+            raise
         if isinstance(source, FolderSource):
             if source.fingerprint != source.folder.fingerprint:
                 return
