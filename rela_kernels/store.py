@@ -50,8 +50,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
-import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -62,13 +60,22 @@ import torch
 
 from rela_kernels._validation import check_int, check_text
 from rela_kernels.atomic_io import atomic_write, fsync_dir
+from rela_kernels.store_claims import (
+    AHEAD,
+    ahead_entries_intact,
+    ahead_records,
+    with_chunks,
+)
 from rela_kernels.store_journal import ChunkRecord, append_record, is_journal, journal_name
 from rela_kernels.store_journal import read_records as read_journal
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the store needs a POSIX system (Linux, macOS)
-    fcntl = None  # type: ignore[assignment]
+from rela_kernels.store_lock import (
+    LOCK,
+    WRITERS,
+    check_no_writers,
+    holder_job,
+    take_lock,
+    take_writer_lock,
+)
 
 __all__ = ["EmbeddingStore"]
 
@@ -79,9 +86,6 @@ _READABLE_VERSIONS = (1, 2)
 CHECKSUM = "crc32"
 MANIFEST = "manifest.json"
 DATA = "embeddings.f16"
-LOCK = ".lock"
-WRITERS = ".writers"  # shared flock of the non-leader writers of a job
-AHEAD = "chunks_ahead"  # manifest key: finished chunks past rows_done (absent when none)
 DEFAULT_CHUNK_ROWS = 4096
 
 _DTYPE = np.dtype("<f2")
@@ -109,86 +113,6 @@ def _check_input_size(value: object) -> int | None:
     if value is None:
         return None
     return check_int(_WHERE, "input_size", value, 1)
-
-
-def _prefix_chunks(manifest: Mapping[str, Any]) -> int:
-    """Chunks covered by the contiguous ``rows_done``."""
-    return -(-manifest["rows_done"] // manifest["chunk_rows"])
-
-
-def _ahead(manifest: Mapping[str, Any]) -> dict[int, ChunkRecord]:
-    """Finished chunks past ``rows_done`` (entries at or below it are stale and dropped)."""
-    first = _prefix_chunks(manifest)
-    records = (
-        ChunkRecord(e["chunk"], e["crc"], tuple((r, w) for r, w in e["skipped"]))
-        for e in manifest.get(AHEAD, [])
-    )
-    return {r.chunk: r for r in records if r.chunk >= first}
-
-
-def _with_chunks(manifest: Mapping[str, Any], records: Mapping[int, ChunkRecord]) -> dict:
-    """``manifest`` claiming ``records`` too (replacing the claims of the same chunks).
-
-    The contiguous prefix grows over every finished chunk it reaches; the rest stay under
-    :data:`AHEAD`, which is left out when empty, so the manifest of a finished store does not
-    depend on the order its chunks finished in."""
-    n, step = manifest["n"], manifest["chunk_rows"]
-    prefix = _prefix_chunks(manifest)
-    sums = list(manifest.get("chunk_checksums", []))
-    sums += [None] * (prefix - len(sums))
-    skipped = {int(r): str(w) for r, w in manifest.get("skipped", [])}
-    ahead = _ahead(manifest)
-    for chunk, record in records.items():
-        if chunk < prefix:
-            sums[chunk] = record.crc
-            first, stop = chunk * step, min((chunk + 1) * step, n)
-            skipped = {r: w for r, w in skipped.items() if not first <= r < stop}
-            skipped.update(record.skipped)
-        else:
-            ahead[chunk] = record
-    while prefix in ahead:
-        record = ahead.pop(prefix)
-        sums.append(record.crc)
-        skipped.update(record.skipped)
-        prefix += 1
-    result = dict(
-        manifest,
-        format_version=FORMAT_VERSION,
-        checksum=CHECKSUM,
-        chunk_checksums=sums,
-        skipped=sorted([r, w] for r, w in skipped.items()),
-        rows_done=min(prefix * step, n),
-    )
-    result.pop(AHEAD, None)
-    if ahead:
-        result[AHEAD] = [
-            {"chunk": r.chunk, "crc": r.crc, "skipped": sorted([a, b] for a, b in r.skipped)}
-            for r in sorted(ahead.values(), key=lambda r: r.chunk)
-        ]
-    return result
-
-
-def _holder(job: str | None) -> dict[str, Any]:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "job": job,
-    }
-
-
-def _read_holder_file(path: Path) -> dict[str, Any] | None:
-    try:
-        holder = json.loads((path / LOCK).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _describe_holder(holder: Mapping[str, Any] | None) -> str:
-    if not holder or not {"pid", "host", "started"} <= holder.keys():
-        return "holder unknown"
-    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
 
 
 class EmbeddingStore:
@@ -291,7 +215,7 @@ class EmbeddingStore:
         lock_created = not (path / LOCK).exists()
         try:
             previous_holder = b"" if lock_created else (path / LOCK).read_bytes()
-            lock_fd = cls._lock(path, job)
+            lock_fd = take_lock(path, job)
         except BaseException:
             cls._remove_created(path, created, lock_created)
             raise
@@ -317,7 +241,7 @@ class EmbeddingStore:
                         "chunk_rows=None to resume it"
                     )
                 cls._check_foreign(path, companions)
-                cls._check_no_writers(path)
+                check_no_writers(path)
                 if manifest["rows_done"] == 0 and not manifest.get(AHEAD):
                     # Nothing is claimed yet, so a missing or short data file (a kill during
                     # creation) is simply made again.
@@ -394,13 +318,10 @@ class EmbeddingStore:
         name = journal_name(writer)
         if cls.holder_job(path) != job:
             raise ValueError(cls.not_shared_message(path, job))
-        if fcntl is None:
-            raise OSError(errno.ENOSYS, f"{_WHERE}: writing a store needs a POSIX system")
-        writers_fd = os.open(path / WRITERS, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
+        writers_fd = take_writer_lock(path)
         try:
-            fcntl.flock(writers_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             # Checked again under the lock: a leader of another job that took the store over in
-            # between has written its own token by now (see _check_no_writers).
+            # between has written its own token by now (see store_lock.check_no_writers).
             if cls.holder_job(path) != job:
                 raise ValueError(cls.not_shared_message(path, job))
             manifest = cls._read_manifest(path)
@@ -416,9 +337,7 @@ class EmbeddingStore:
     @staticmethod
     def holder_job(path: str | os.PathLike[str]) -> str | None:
         """The job token the current (or last) leader of the store at ``path`` recorded."""
-        holder = _read_holder_file(Path(path))
-        job = holder.get("job") if holder else None
-        return job if isinstance(job, str) else None
+        return holder_job(Path(path))
 
     @staticmethod
     def not_shared_message(path: Path, job: str) -> str:
@@ -536,20 +455,24 @@ class EmbeddingStore:
         sums = list(self._manifest.get("chunk_checksums", []))
         return sums + [None] * (len(self._written()) - len(sums))
 
+    @property
+    def _format(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "checksum": CHECKSUM}
+
     def _bounds(self, chunk: int) -> tuple[int, int]:
         return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n)
 
     def _claims(self) -> dict[int, int | None]:
         """Every chunk the manifest (or this writer's journal) claims, with its checksum."""
         claims: dict[int, int | None] = dict(enumerate(self._checksums()))
-        claims.update((c, r.crc) for c, r in _ahead(self._manifest).items())
+        claims.update((c, r.crc) for c, r in ahead_records(self._manifest).items())
         claims.update((c, r.crc) for c, r in self._journaled.items())
         return claims
 
     @property
     def chunks_ahead(self) -> int:
         """Finished chunks past :attr:`rows_done` (left by several writers; see the module doc)."""
-        return len(_ahead(self._manifest))
+        return len(ahead_records(self._manifest))
 
     def verify(self) -> list[tuple[int, int]]:
         """Reread every written chunk and compare it with its checksum.
@@ -564,7 +487,7 @@ class EmbeddingStore:
         for (start, stop), expected, rows in zip(self._written(), sums, chunks, strict=True):
             if expected is not None and zlib.crc32(memoryview(rows).cast("B")) != expected:
                 damaged.append((start, stop))
-        ahead = _ahead(self._manifest)
+        ahead = ahead_records(self._manifest)
         if ahead:
             fd = os.open(self.path / DATA, os.O_RDONLY)
             try:
@@ -722,7 +645,7 @@ class EmbeddingStore:
             _append_journal(self._journal_fd, record)
             self._journaled[record.chunk] = record
             return
-        manifest = _with_chunks(self._manifest, {record.chunk: record})
+        manifest = with_chunks(self._manifest, {record.chunk: record}, **self._format)
         _write_manifest(self.path / MANIFEST, manifest)
         self._manifest = manifest
         self._memmap = None
@@ -758,7 +681,7 @@ class EmbeddingStore:
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
-        self._check_no_writers(self.path)
+        check_no_writers(self.path)
         names = sorted(entry for entry in os.listdir(self.path) if is_journal(entry))
         if not names:
             self._journaled = {}
@@ -782,7 +705,7 @@ class EmbeddingStore:
         finally:
             os.close(fd)
         if found:
-            manifest = _with_chunks(self._manifest, found)
+            manifest = with_chunks(self._manifest, found, **self._format)
             _write_manifest(self.path / MANIFEST, manifest)
             self._manifest = manifest
             self._memmap = None
@@ -896,56 +819,6 @@ class EmbeddingStore:
     # ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _lock(path: Path, job: str | None) -> int:
-        if fcntl is None:
-            raise OSError(errno.ENOSYS, f"{_WHERE}: writing a store needs a POSIX system")
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
-        try:
-            # Released by the kernel when the holder exits, even on SIGKILL, so a killed run
-            # never blocks its own resume.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                holder = _describe_holder(_read_holder_file(path))
-                raise BlockingIOError(
-                    error.errno,
-                    f"{_WHERE}: another process is writing the store at {path} ({holder}); "
-                    "wait for it to end, or write another directory",
-                ) from error
-            raise
-        try:
-            text = (json.dumps(_holder(job)) + "\n").encode("utf-8")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, text, 0)
-            # Durable before anyone is told to look: processes on other nodes read the token.
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _check_no_writers(path: Path) -> None:
-        """Refuse the store while processes that joined an earlier job's leader still write."""
-        if not (path / WRITERS).exists():
-            return
-        fd = os.open(path / WRITERS, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise BlockingIOError(
-                    error.errno,
-                    f"{_WHERE}: processes of an earlier job still write the store at {path} "
-                    f"(they hold {WRITERS}); they stop once they notice that their leader is "
-                    "gone (--dist-timeout): end them or wait, then rerun",
-                ) from error
-            raise
-        finally:
-            os.close(fd)  # the check only: closing releases the lock
-
-    @staticmethod
     def _check_foreign(path: Path, companions: Sequence[str]) -> None:
         """Everything in a store directory must be the store's, or a companion the caller named:
         a foreign file there is a sign of a wrong --out (and would be mistaken for ours)."""
@@ -1037,28 +910,7 @@ class EmbeddingStore:
             raise ValueError(
                 f"{_WHERE}: {manifest_path} is damaged (bad chunk_checksums or skipped entries)"
             )
-        count = -(-n // chunk)
-
-        def intact(e: object) -> bool:
-            if not isinstance(e, dict) or set(e) != {"chunk", "crc", "skipped"}:
-                return False
-            c, crc, marks = e["chunk"], e["crc"], e["skipped"]
-            ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (c, crc))
-            return (
-                ints
-                and 0 <= c < count
-                and isinstance(marks, list)
-                and all(
-                    isinstance(m, list)
-                    and len(m) == 2
-                    and isinstance(m[0], int)
-                    and c * chunk <= m[0] < min((c + 1) * chunk, n)
-                    for m in marks
-                )
-            )
-
-        ahead = manifest.get(AHEAD, [])
-        if not isinstance(ahead, list) or not all(intact(e) for e in ahead):
+        if not ahead_entries_intact(manifest.get(AHEAD, []), n, chunk):
             raise ValueError(f"{_WHERE}: {manifest_path} is damaged (bad {AHEAD} entries)")
         return manifest
 
