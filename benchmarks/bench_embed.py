@@ -118,7 +118,10 @@ def _sharded_run(args: argparse.Namespace, data: Path, nproc: int, threads: int)
 
 def sharded(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    configs = [(2, 1), (1, 2)] if args.compare else [(args.nproc, args.threads)]
+    if args.compare:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+    else:
+        configs = [(args.nproc, args.threads)]
     with tempfile.TemporaryDirectory() as scratch:
         data = make_jpeg_folder(
             Path(scratch) / "data", classes=4, per_class=args.images // 4, size_range=(64, 160)
@@ -159,9 +162,10 @@ def sharded(args: argparse.Namespace) -> None:
         )
     if args.compare:
         ratio = records[0]["images_per_s"] / records[1]["images_per_s"]
-        print(f"2 ranks x 1 thread / 1 rank x 2 threads: {ratio:.3f}")
+        first, second = (f"{n} rank(s) x {t} thread(s)" for n, t in configs[:2])
+        print(f"{first} / {second}: {ratio:.3f}")
         for record in records:
-            record["ratio_2x1_to_1x2"] = ratio
+            record["ratio"] = {"of": list(configs[0]), "to": list(configs[1]), "value": ratio}
     if not args.no_save:
         for record in records:
             append_result(args.out or "embed_sharded.jsonl", record)
@@ -180,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=None, help="ranks of a sharded embed")
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (--nproc)")
     parser.add_argument("--compare", action="store_true", help="2 ranks x 1 vs 1 rank x 2")
+    parser.add_argument(
+        "--configs",
+        default="2x1,1x2",
+        help="(--compare) RANKSxTHREADS runs, interleaved; the ratio is the first two's",
+    )
     parser.add_argument("--images", type=int, default=SHARDED_IMAGES, help="(--nproc/--compare)")
     parser.add_argument("--note", default="", help="(--nproc/--compare) recorded as is")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
