@@ -142,16 +142,15 @@ def _build_parts(
     world = dist.world
     prior: PriorTargets | None = None
     if config.rela:
-        cap = rela_dim_cap(
-            config.rela_dim_rule, config.rela_dim, resnet_feature_dim(config.arch, config.width)
-        )
         if world > 1 and config.prior_store is None:
             # Every rank embeds its share of the training set into RUN/prior.
             embed_with_all_ranks(
-                dist, source=train, prior=config.prior, run_dir=run_dir, dim=cap, device=device,
-                log=log, preprocess=config.prior_preprocess,
+                dist, source=train, prior=config.prior, run_dir=run_dir, device=device, log=log,
+                dim=rela_dim_cap(config.rela_dim_rule, config.rela_dim,
+                                 resnet_feature_dim(config.arch, config.width)),
+                preprocess=config.prior_preprocess,
             )  # fmt: skip
-        # Rank 0 opens the store and fits the transport (no time limit); the others then open it.
+        # Rank 0 computes the embeddings (no time limit); the others then open the store.
         prior = rank0_first(
             dist,
             f"prior of {run_dir.resolve()}",
@@ -160,7 +159,11 @@ def _build_parts(
                 prior=config.prior,
                 prior_store=config.prior_store,
                 run_dir=run_dir,
-                dim=cap,
+                dim=rela_dim_cap(
+                    config.rela_dim_rule,
+                    config.rela_dim,
+                    resnet_feature_dim(config.arch, config.width),
+                ),
                 device=device,
                 log=log,
                 preprocess=config.prior_preprocess,
