@@ -150,7 +150,8 @@ def _build_parts(
                                  resnet_feature_dim(config.arch, config.width)),
                 preprocess=config.prior_preprocess,
             )  # fmt: skip
-        # Rank 0 computes the embeddings (no time limit); the others then open the store.
+        # Rank 0 computes the embeddings (alone) or finds them computed, and fits the transport
+        # (no time limit); the others then open the store.
         prior = rank0_first(
             dist,
             f"prior of {run_dir.resolve()}",
