@@ -5,14 +5,17 @@ Layout of a store directory::
     manifest.json    what the data is, how much of it is durably written (``rows_done``), a
                      CRC-32 per written chunk, and the rows of skipped (unreadable) inputs
     embeddings.f16   raw row-major little-endian float16, exactly N·D·2 bytes, memory-mappable
-    .lock            held (flock) by the one process writing the store
+    .lock            held (flock) by the one process writing the store (the leader), which
+                     records itself there (pid, host, start time, job token)
+    .writers         flock shared by the other processes of the leader's job while they write
+    .journal-W.jsonl the chunks writer W finished, until the leader folds them into the manifest
 
 The commit protocol makes a kill harmless: a chunk's rows are written into the data file and
 fsynced, and only then is the manifest atomically replaced (write temporary, fsync, rename) with
 the larger ``rows_done``. The manifest therefore never claims rows that are not on disk; rows past
 ``rows_done`` may hold anything and are simply written again on resume. Chunks are fixed-size
-and written in order, so a resumed run starts at the first unfinished chunk and recomputes nothing
-that was finished.
+and a sole writer writes them in order, so a resumed run starts at the first unfinished chunk and
+recomputes nothing that was finished.
 
 Integrity: every chunk's CRC-32 (``zlib.crc32`` of its float16 bytes) is committed with the
 manifest that claims it. :meth:`EmbeddingStore.verify` rereads the data file and returns the row
@@ -520,7 +523,8 @@ class EmbeddingStore:
         return self._data_fd is not None
 
     def pending_chunks(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` of every chunk still to write, in the order they must be written."""
+        """``(start, stop)`` of every chunk still to write, in the order a sole writer writes
+        them: those neither the manifest nor this writer's journal claims."""
         claimed = self._claims()
         count = -(-self.n // self.chunk_rows)
         return [self._bounds(c) for c in range(len(self._written()), count) if c not in claimed]
@@ -546,9 +550,11 @@ class EmbeddingStore:
     ) -> None:
         """Write the next chunk, rows ``[start, start + len(rows))``, and commit it durably.
 
-        ``start`` must equal :attr:`rows_done` and ``rows`` must be ``[min(chunk_rows,
-        n - start), dim]``. Values are converted to float16 and must be finite after conversion
-        (so an embedding beyond float16's range, ±65504, is an error rather than a stored inf).
+        ``start`` must be the first row of the first of :meth:`pending_chunks` (a sole writer
+        writes in order; a writer that keeps a journal, of any pending chunk) and ``rows`` must
+        be ``[min(chunk_rows, n - start), dim]``. Values are converted to float16 and must be
+        finite after conversion (so an embedding beyond float16's range, ±65504, is an error
+        rather than a stored inf).
         ``skipped`` maps rows of this chunk (absolute row numbers) to the reason their input was
         unreadable: they are stored as zeros (whatever ``rows`` holds there) and marked invalid.
         """
