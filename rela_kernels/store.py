@@ -5,14 +5,17 @@ Layout of a store directory::
     manifest.json    what the data is, how much of it is durably written (``rows_done``), a
                      CRC-32 per written chunk, and the rows of skipped (unreadable) inputs
     embeddings.f16   raw row-major little-endian float16, exactly N·D·2 bytes, memory-mappable
-    .lock            held (flock) by the one process writing the store
+    .lock            held (flock) by the one process writing the store (the leader), which
+                     records itself there (pid, host, start time, job token)
+    .writers         flock shared by the other processes of the leader's job while they write
+    .journal-W.jsonl the chunks writer W finished, until the leader folds them into the manifest
 
 The commit protocol makes a kill harmless: a chunk's rows are written into the data file and
 fsynced, and only then is the manifest atomically replaced (write temporary, fsync, rename) with
 the larger ``rows_done``. The manifest therefore never claims rows that are not on disk; rows past
 ``rows_done`` may hold anything and are simply written again on resume. Chunks are fixed-size
-and written in order, so a resumed run starts at the first unfinished chunk and recomputes nothing
-that was finished.
+and a sole writer writes them in order, so a resumed run starts at the first unfinished chunk and
+recomputes nothing that was finished.
 
 Integrity: every chunk's CRC-32 (``zlib.crc32`` of its float16 bytes) is committed with the
 manifest that claims it. :meth:`EmbeddingStore.verify` rereads the data file and returns the row
@@ -30,6 +33,19 @@ skip list is part of the same atomic manifest commit as the rows.
 Rows are written with ``os.pwrite`` rather than through a writable memmap: on a full disk a
 write to a mapped page kills the process with SIGBUS, whereas ``pwrite`` raises an OSError that
 can be reported. Readers map the file read-only (``numpy.memmap``).
+
+Several writers (the ranks of one distributed job): the leader opens the store with
+``create_or_resume(..., job=TOKEN)``, which records the job's token with the holder in ``.lock``;
+the other processes :meth:`~EmbeddingStore.join` it with the same token (a process that does not
+find the token there does not see the leader's directory) and hold a shared ``flock`` on
+``.writers`` while they write. Each writer writes only the chunks given to it, each at its own
+byte range, and claims each finished chunk in its own journal (:mod:`rela_kernels.store_journal`)
+after the rows are durable; the leader alone replaces the manifest, when it folds the journals in
+(:meth:`~EmbeddingStore.absorb_journals`, after rereading every journaled chunk and checking its
+CRC). Chunks may finish out of order: the manifest lists finished chunks past the contiguous
+``rows_done`` under ``chunks_ahead`` until the gap before them is filled, so a finished store's
+manifest is the same whichever processes wrote it. A new leader refuses a store while processes
+of an earlier job still hold ``.writers``, and absorbs the journals a killed job left behind.
 """
 
 from __future__ import annotations
@@ -38,7 +54,7 @@ import errno
 import json
 import os
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +63,22 @@ import torch
 
 from rela_kernels._validation import check_int, check_text
 from rela_kernels.atomic_io import atomic_write, fsync_dir
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the store needs a POSIX system (Linux, macOS)
-    fcntl = None  # type: ignore[assignment]
+from rela_kernels.store_claims import (
+    AHEAD,
+    ahead_entries_intact,
+    ahead_records,
+    with_chunks,
+)
+from rela_kernels.store_journal import ChunkRecord, append_record, is_journal, journal_name
+from rela_kernels.store_journal import read_records as read_journal
+from rela_kernels.store_lock import (
+    LOCK,
+    WRITERS,
+    check_no_writers,
+    holder_job,
+    take_lock,
+    take_writer_lock,
+)
 
 __all__ = ["EmbeddingStore"]
 
@@ -62,7 +89,6 @@ _READABLE_VERSIONS = (1, 2)
 CHECKSUM = "crc32"
 MANIFEST = "manifest.json"
 DATA = "embeddings.f16"
-LOCK = ".lock"
 DEFAULT_CHUNK_ROWS = 4096
 
 _DTYPE = np.dtype("<f2")
@@ -75,6 +101,11 @@ def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
     """Atomically replace the manifest (module-level so tests can interpose on the commit)."""
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _append_journal(fd: int, record: ChunkRecord) -> None:
+    """Claim a durable chunk in a writer's journal (module-level so tests can interpose)."""
+    append_record(fd, record)
 
 
 # macOS has no fdatasync; fsync is the (slightly slower) portable equivalent.
@@ -95,14 +126,24 @@ class EmbeddingStore:
     only the ``rows_done`` rows that are durably written are ever visible.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], *, lock_fd: int | None) -> None:
-        # Use create_or_resume() or open(); the constructor trusts a validated manifest.
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        *,
+        lock_fd: int | None,
+        writers_fd: int | None = None,
+    ) -> None:
+        # Use create_or_resume(), join() or open(); the constructor trusts a validated manifest.
         self.path = path
         self._manifest = manifest
-        self._lock_fd = lock_fd
+        self._lock_fd = lock_fd  # the leader's exclusive lock on .lock
+        self._writers_fd = writers_fd  # a joined writer's shared lock on .writers
         self._data_fd: int | None = None
+        self._journal_fd: int | None = None
+        self._journaled: dict[int, ChunkRecord] = {}  # chunks this writer claimed in its journal
         self._memmap: np.memmap | None = None
-        if lock_fd is not None:
+        if lock_fd is not None or writers_fd is not None:
             self._data_fd = os.open(path / DATA, os.O_RDWR)
 
     # ---------------------------------------------------------------------------------------
@@ -121,8 +162,14 @@ class EmbeddingStore:
         input_size: int | None,
         chunk_rows: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        job: str | None = None,
+        companions: Sequence[str] = (),
+        on_locked: Callable[[], None] | None = None,
     ) -> EmbeddingStore:
         """Open ``path`` for writing: a new store, or the unfinished (or finished) one there.
+
+        The caller becomes the store's leader: it holds ``.lock`` (which names it), and journals
+        left by killed writers are folded into the manifest (:meth:`absorb_journals`).
 
         Args:
             n, dim: rows (dataset size) and embedding width.
@@ -132,13 +179,21 @@ class EmbeddingStore:
             chunk_rows: rows per chunk; None keeps the existing store's value, or uses 4096 for a
                 new one. A resumed store must be given its original value (or None).
             metadata: free-form JSON written into a new store's manifest (not compared on resume).
+            job: a token naming the distributed job this leader belongs to; other processes of
+                the job :meth:`join` the store with it.
+            companions: names of other files that belong in the store directory (the caller's
+                own, e.g. a transport); any other entry there is refused as foreign.
+            on_locked: called once the lock is held and names the holder, before anything else
+                is created or changed (the job checks that every process sees the directory);
+                if it raises, what this call created is removed and the error propagates.
 
         Raises:
             ValueError: the existing store was made for another dataset, prior, input size or
-                shape, or ``path`` holds something that is not an embedding store. Nothing is
-                changed on disk in that case.
+                shape, or ``path`` holds something that is not an embedding store or a file
+                that does not belong to it. Nothing is changed on disk in that case.
             FileNotFoundError: the manifest claims written rows but the data file is gone.
-            BlockingIOError: another process is writing this store.
+            BlockingIOError: another process is writing this store (the message names it), or
+                writers of an earlier job still are.
         """
         path = Path(path)
         n = check_int(_WHERE, "n", n, 1)
@@ -154,9 +209,30 @@ class EmbeddingStore:
         }
         if path.exists() and not path.is_dir():
             raise ValueError(f"{_WHERE}: {path} exists and is not a directory")
+        created = None
+        for candidate in (path, *path.parents):
+            if candidate.exists():
+                break
+            created = candidate
         path.mkdir(parents=True, exist_ok=True)
-        lock_fd = cls._lock(path)
+        lock_created = not (path / LOCK).exists()
         try:
+            previous_holder = b"" if lock_created else (path / LOCK).read_bytes()
+            lock_fd = take_lock(path, job)
+        except BaseException:
+            cls._remove_created(path, created, lock_created)
+            raise
+        try:
+            if on_locked is not None:
+                try:
+                    on_locked()
+                except BaseException:
+                    os.ftruncate(lock_fd, 0)
+                    os.pwrite(lock_fd, previous_holder, 0)
+                    os.close(lock_fd)
+                    lock_fd = -1
+                    cls._remove_created(path, created, lock_created)
+                    raise
             manifest_path = path / MANIFEST
             if manifest_path.exists():
                 manifest = cls._read_manifest(path)
@@ -167,7 +243,9 @@ class EmbeddingStore:
                         f"{manifest['chunk_rows']} rows, got chunk_rows={chunk_rows}; pass "
                         "chunk_rows=None to resume it"
                     )
-                if manifest["rows_done"] == 0:
+                cls._check_foreign(path, companions)
+                check_no_writers(path)
+                if manifest["rows_done"] == 0 and not manifest.get(AHEAD):
                     # Nothing is claimed yet, so a missing or short data file (a kill during
                     # creation) is simply made again.
                     cls._ensure_data_file(path, n * dim * _DTYPE.itemsize)
@@ -193,10 +271,98 @@ class EmbeddingStore:
                 # lands, the next call finds either an empty directory or a rows_done=0 store.
                 _write_manifest(manifest_path, manifest)
                 cls._ensure_data_file(path, n * dim * _DTYPE.itemsize)
-            return cls(path, manifest, lock_fd=lock_fd)
+            store = cls(path, manifest, lock_fd=lock_fd)
         except BaseException:
-            os.close(lock_fd)
+            if lock_fd >= 0:
+                # A refused start leaves the directory as it found it, holder record included.
+                os.ftruncate(lock_fd, 0)
+                os.pwrite(lock_fd, previous_holder, 0)
+                os.close(lock_fd)
             raise
+        try:
+            store.absorb_journals()  # what writers of a killed job finished is kept
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def join(
+        cls,
+        path: str | os.PathLike[str],
+        job: str,
+        writer: str,
+        *,
+        n: int,
+        dim: int,
+        fingerprint: str,
+        prior: str,
+        input_size: int | None,
+    ) -> EmbeddingStore:
+        """Open the store that the leader of job ``job`` holds, as one more writer of it.
+
+        The writer claims the chunks it writes in its own journal (named by ``writer``), never in
+        the manifest; it holds a shared lock on ``.writers`` until :meth:`close`, so that no new
+        leader takes over the store while it may still write.
+
+        Raises:
+            ValueError: ``path`` is not the directory the leader locked for ``job`` (it is not
+                shared with the leader), or the store there was made for other data or another
+                prior.
+        """
+        path = Path(path)
+        wanted = {
+            "n": check_int(_WHERE, "n", n, 1),
+            "dim": check_int(_WHERE, "dim", dim, 1),
+            "fingerprint": check_text(_WHERE, "fingerprint", fingerprint),
+            "prior": check_text(_WHERE, "prior", prior),
+            "input_size": _check_input_size(input_size),
+        }
+        name = journal_name(writer)
+        if cls.holder_job(path) != job:
+            raise ValueError(cls.not_shared_message(path, job))
+        writers_fd = take_writer_lock(path)
+        try:
+            # Checked again under the lock: a leader of another job that took the store over in
+            # between has written its own token by now (see store_lock.check_no_writers).
+            if cls.holder_job(path) != job:
+                raise ValueError(cls.not_shared_message(path, job))
+            manifest = cls._read_manifest(path)
+            cls._check_identity(path, manifest, wanted)
+            cls._check_data_file(path, manifest)
+            store = cls(path, manifest, lock_fd=None, writers_fd=writers_fd)
+        except BaseException:
+            os.close(writers_fd)
+            raise
+        store.journal_to(writer, name)
+        return store
+
+    @staticmethod
+    def holder_job(path: str | os.PathLike[str]) -> str | None:
+        """The job token the current (or last) leader of the store at ``path`` recorded."""
+        return holder_job(Path(path))
+
+    @staticmethod
+    def not_shared_message(path: Path, job: str) -> str:
+        return (
+            f"{_WHERE}: {path} is not the store directory the job's leader locked (job {job} is "
+            "not recorded in its .lock): the directory is not shared by every process; put it on "
+            "a file system that all nodes mount, at a path every node can reach"
+        )
+
+    @staticmethod
+    def _remove_created(path: Path, created: Path | None, lock_created: bool) -> None:
+        """Undo a start that failed before any store file was written."""
+        if lock_created:
+            (path / LOCK).unlink(missing_ok=True)
+        if created is not None:
+            for directory in (path, *path.parents):
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break
+                if directory == created:
+                    break
 
     @staticmethod
     def exists(path: str | os.PathLike[str]) -> bool:
@@ -292,6 +458,25 @@ class EmbeddingStore:
         sums = list(self._manifest.get("chunk_checksums", []))
         return sums + [None] * (len(self._written()) - len(sums))
 
+    @property
+    def _format(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "checksum": CHECKSUM}
+
+    def _bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n)
+
+    def _claims(self) -> dict[int, int | None]:
+        """Every chunk the manifest (or this writer's journal) claims, with its checksum."""
+        claims: dict[int, int | None] = dict(enumerate(self._checksums()))
+        claims.update((c, r.crc) for c, r in ahead_records(self._manifest).items())
+        claims.update((c, r.crc) for c, r in self._journaled.items())
+        return claims
+
+    @property
+    def chunks_ahead(self) -> int:
+        """Finished chunks past :attr:`rows_done` (left by several writers; see the module doc)."""
+        return len(ahead_records(self._manifest))
+
     def verify(self) -> list[tuple[int, int]]:
         """Reread every written chunk and compare it with its checksum.
 
@@ -305,16 +490,44 @@ class EmbeddingStore:
         for (start, stop), expected, rows in zip(self._written(), sums, chunks, strict=True):
             if expected is not None and zlib.crc32(memoryview(rows).cast("B")) != expected:
                 damaged.append((start, stop))
+        ahead = ahead_records(self._manifest)
+        if ahead:
+            fd = os.open(self.path / DATA, os.O_RDONLY)
+            try:
+                for chunk, record in sorted(ahead.items()):
+                    if self._crc_on_disk(fd, chunk) != record.crc:
+                        damaged.append(self._bounds(chunk))
+            finally:
+                os.close(fd)
         return damaged
+
+    def _crc_on_disk(self, fd: int, chunk: int) -> int | None:
+        """CRC-32 of chunk ``chunk``'s bytes as the file holds them now (None: file too short)."""
+        start, stop = self._bounds(chunk)
+        row_bytes = self.dim * _DTYPE.itemsize
+        offset, size = start * row_bytes, (stop - start) * row_bytes
+        if hasattr(os, "posix_fadvise"):
+            # Drop cached pages first: on a network file system they may predate another
+            # node's write, and a claim must rest on what the server holds.
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
+        data = bytearray()
+        while len(data) < size:
+            part = os.pread(fd, size - len(data), offset + len(data))
+            if not part:
+                return None
+            data += part
+        return zlib.crc32(data)
 
     @property
     def writable(self) -> bool:
         return self._data_fd is not None
 
     def pending_chunks(self) -> list[tuple[int, int]]:
-        """``(start, stop)`` of every chunk still to write, in the order they must be written."""
-        step = self.chunk_rows
-        return [(s, min(s + step, self.n)) for s in range(self.rows_done, self.n, step)]
+        """``(start, stop)`` of every chunk still to write, in the order a sole writer writes
+        them: those neither the manifest nor this writer's journal claims."""
+        claimed = self._claims()
+        count = -(-self.n // self.chunk_rows)
+        return [self._bounds(c) for c in range(len(self._written()), count) if c not in claimed]
 
     def require_complete(self, where: str = _WHERE) -> None:
         if not self.complete:
@@ -337,20 +550,29 @@ class EmbeddingStore:
     ) -> None:
         """Write the next chunk, rows ``[start, start + len(rows))``, and commit it durably.
 
-        ``start`` must equal :attr:`rows_done` and ``rows`` must be ``[min(chunk_rows,
-        n - start), dim]``. Values are converted to float16 and must be finite after conversion
-        (so an embedding beyond float16's range, ±65504, is an error rather than a stored inf).
+        ``start`` must be the first row of the first of :meth:`pending_chunks` (a sole writer
+        writes in order; a writer that keeps a journal, of any pending chunk) and ``rows`` must
+        be ``[min(chunk_rows, n - start), dim]``. Values are converted to float16 and must be
+        finite after conversion (so an embedding beyond float16's range, ±65504, is an error
+        rather than a stored inf).
         ``skipped`` maps rows of this chunk (absolute row numbers) to the reason their input was
         unreadable: they are stored as zeros (whatever ``rows`` holds there) and marked invalid.
         """
         self._check_writable()
-        if start != self.rows_done:
+        pending = self.pending_chunks()
+        if not pending:
+            raise ValueError(f"{_WHERE}.write_chunk: the store at {self.path} is already complete")
+        if self._journal_fd is not None:
+            # One of several writers: any chunk nobody claimed yet (the job shares them out).
+            if start not in {first for first, _ in pending}:
+                raise ValueError(
+                    f"{_WHERE}.write_chunk: row {start} does not start a chunk still to write"
+                )
+        elif start != pending[0][0]:
             raise ValueError(
                 f"{_WHERE}.write_chunk: chunks must be written in order; the next chunk starts "
-                f"at row {self.rows_done}, got start={start}"
+                f"at row {pending[0][0]}, got start={start}"
             )
-        if self.complete:
-            raise ValueError(f"{_WHERE}.write_chunk: the store at {self.path} is already complete")
         self._commit(start, rows, skipped, "write_chunk")
 
     def rewrite_chunk(
@@ -364,7 +586,9 @@ class EmbeddingStore:
         ``start`` must be a chunk boundary below :attr:`rows_done`; otherwise as
         :meth:`write_chunk`. The chunk's checksum and skipped rows are replaced."""
         self._check_writable()
-        if start < 0 or start >= self.rows_done or start % self.chunk_rows:
+        if self._journal_fd is not None:
+            raise RuntimeError(f"{_WHERE}.rewrite_chunk: only a sole writer repairs chunks")
+        if start < 0 or start % self.chunk_rows or start // self.chunk_rows not in self._claims():
             raise ValueError(
                 f"{_WHERE}.rewrite_chunk: start must be the first row of a written chunk "
                 f"(a multiple of {self.chunk_rows} below {self.rows_done}), got {start}"
@@ -420,27 +644,87 @@ class EmbeddingStore:
         while written < len(view):
             written += os.pwrite(self._data_fd, view[written:], offset + written)
         _datasync(self._data_fd)
-        # Only now, with the rows durable, may the manifest claim them.
-        chunk = start // self.chunk_rows
-        sums = self._checksums() if method == "rewrite_chunk" else self._checksums() + [None]
-        sums[chunk] = zlib.crc32(view)
-        kept = [[r, why] for r, why in self._manifest.get("skipped", []) if not start <= r < stop]
-        manifest = dict(
-            self._manifest,
-            format_version=FORMAT_VERSION,
-            checksum=CHECKSUM,
-            chunk_checksums=sums,
-            skipped=sorted(kept + [[r, why] for r, why in marks.items()]),
-            rows_done=max(self.rows_done, stop),
-        )
+        # Only now, with the rows durable, may the manifest or a journal claim them.
+        marked = tuple(sorted(marks.items()))
+        record = ChunkRecord(start // self.chunk_rows, zlib.crc32(view), marked)
+        if self._journal_fd is not None:
+            _append_journal(self._journal_fd, record)
+            self._journaled[record.chunk] = record
+            return
+        manifest = with_chunks(self._manifest, {record.chunk: record}, **self._format)
         _write_manifest(self.path / MANIFEST, manifest)
         self._manifest = manifest
         self._memmap = None
 
+    # ---------------------------------------------------------------------------------------
+    # Several writers
+    # ---------------------------------------------------------------------------------------
+
+    def journal_to(self, writer: str, name: str | None = None) -> None:
+        """Claim the chunks this process writes from now on in its journal ``writer`` instead of
+        the manifest (the leader does so while other processes write; see the module doc)."""
+        self._check_writable()
+        name = name or journal_name(writer)
+        if self._journal_fd is not None:
+            raise RuntimeError(f"{_WHERE}: {self.path}: this writer already keeps a journal")
+        self._journal_fd = os.open(
+            self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666
+        )  # less the umask
+        fsync_dir(self.path)
+
+    def absorb_journals(self) -> list[tuple[int, int]]:
+        """Fold every journal in the directory into the manifest, then remove the journals.
+
+        Only the leader may (the lock holder), and only while no other process writes: at the
+        start of a job and after all its writers have closed. A journaled chunk is claimed only
+        if its bytes on disk match the journaled CRC; one that does not (rows not durable, or
+        stale on a network file system) stays pending and is computed again. Returns the row
+        ranges newly claimed. The manifest is durable before any journal is removed, so a kill
+        at any point leaves every claim either in the manifest or still in its journal.
+        """
+        if self._lock_fd is None:
+            raise RuntimeError(f"{_WHERE}: only the store's leader absorbs journals")
+        if self._journal_fd is not None:
+            os.close(self._journal_fd)
+            self._journal_fd = None
+        check_no_writers(self.path)
+        names = sorted(entry for entry in os.listdir(self.path) if is_journal(entry))
+        if not names:
+            self._journaled = {}
+            return []
+        claimed = set(self._claims()) - set(self._journaled)  # the manifest's own claims
+        count = -(-self.n // self.chunk_rows)
+        found: dict[int, ChunkRecord] = {}
+        fd = os.open(self.path / DATA, os.O_RDONLY)
+        try:
+            for name in names:
+                for record in read_journal(self.path / name):
+                    first, stop = self._bounds(record.chunk) if record.chunk < count else (0, 0)
+                    if (
+                        record.chunk >= count
+                        or record.chunk in claimed
+                        or not all(first <= row < stop for row, _ in record.skipped)
+                        or self._crc_on_disk(fd, record.chunk) != record.crc
+                    ):
+                        continue
+                    found[record.chunk] = record
+        finally:
+            os.close(fd)
+        if found:
+            manifest = with_chunks(self._manifest, found, **self._format)
+            _write_manifest(self.path / MANIFEST, manifest)
+            self._manifest = manifest
+            self._memmap = None
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+        fsync_dir(self.path)
+        self._journaled = {}
+        return [self._bounds(chunk) for chunk in sorted(found)]
+
     def close(self) -> None:
         """Release the data file and the writer's lock (reading still works afterwards)."""
-        for name in ("_data_fd", "_lock_fd"):
-            fd = getattr(self, name)
+        for name in ("_journal_fd", "_data_fd", "_writers_fd", "_lock_fd"):
+            fd = getattr(self, name, None)
             if fd is not None:
                 os.close(fd)
                 setattr(self, name, None)
@@ -541,27 +825,29 @@ class EmbeddingStore:
     # ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _lock(path: Path) -> int:
-        if fcntl is None:
-            raise OSError(errno.ENOSYS, f"{_WHERE}: writing a store needs a POSIX system")
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
-        try:
-            # Released by the kernel when the holder exits, even on SIGKILL, so a killed run
-            # never blocks its own resume.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise BlockingIOError(
-                    error.errno, f"{_WHERE}: another process is writing the store at {path}"
-                ) from error
-            raise
-        return fd
+    def _check_foreign(path: Path, companions: Sequence[str]) -> None:
+        """Everything in a store directory must be the store's, or a companion the caller named:
+        a foreign file there is a sign of a wrong --out (and would be mistaken for ours)."""
+        own = {MANIFEST, DATA, LOCK, WRITERS, *companions}
+        temporary = tuple(f".{name}." for name in (MANIFEST, *companions))
+        strangers = sorted(
+            entry
+            for entry in os.listdir(path)
+            if entry not in own
+            and not is_journal(entry)
+            and not (entry.startswith(temporary) and entry.endswith(".tmp"))
+        )
+        if strangers:
+            shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+            raise ValueError(
+                f"{_WHERE}: the store directory {path} holds {shown}, which is not part of an "
+                "embedding store; move it out of the directory (or choose another one) and rerun"
+            )
 
     @staticmethod
     def _check_empty(path: Path) -> None:
         """A directory without a manifest must hold nothing but our own leftovers."""
-        leftovers = {LOCK, DATA}
+        leftovers = {LOCK, DATA, WRITERS}
         strangers = sorted(
             entry
             for entry in os.listdir(path)
@@ -630,6 +916,8 @@ class EmbeddingStore:
             raise ValueError(
                 f"{_WHERE}: {manifest_path} is damaged (bad chunk_checksums or skipped entries)"
             )
+        if not ahead_entries_intact(manifest.get(AHEAD, []), n, chunk):
+            raise ValueError(f"{_WHERE}: {manifest_path} is damaged (bad {AHEAD} entries)")
         return manifest
 
     @staticmethod

@@ -20,6 +20,17 @@ import torch.distributed as dist
 def main() -> None:
     from rela_train.engine import Hooks, Trainer
     from rela_train.presets import get_preset
+    from rela_train.prior.loaders import ModelPrior
+
+    # Rows this rank passes through the prior (its share of the embedding of the training set).
+    encoded = [0]
+    encode = ModelPrior.encode
+
+    def counted(self, images):
+        encoded[0] += len(images)
+        return encode(self, images)
+
+    ModelPrior.encode = counted
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")
@@ -28,6 +39,7 @@ def main() -> None:
     for job in spec["jobs"]:
         config = get_preset("synthetic-test").replace(**{**spec["config"], **job["config"]})
         record: dict = {"orders": {}, "steps": [], "losses": [], "phases": []}
+        encoded[0] = 0
 
         def on_step_end(trainer: Trainer, job: dict = job, record: dict = record) -> None:
             record["orders"][str(trainer.counters.epoch)] = trainer.sampler.order.tolist()
@@ -59,6 +71,8 @@ def main() -> None:
             global_step=trainer.counters.global_step,
             steps_per_epoch=trainer.steps_per_epoch,
             accum_steps=trainer.accum_steps,
+            prior_rows=encoded[0],
+            train_images=trainer.train_source.n,
         )
         out = Path(spec["out"]) / f"{job['name']}.rank{rank}.json"
         out.write_text(json.dumps(record))

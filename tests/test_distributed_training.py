@@ -120,6 +120,13 @@ def test_ranks_agree_and_shard_each_step(two_rank_runs, name: str) -> None:
         assert sorted(mine + theirs) == sorted(order[within * chunk : (within + 1) * chunk])
 
 
+def test_every_rank_embeds_its_share_of_the_prior(two_rank_runs) -> None:
+    rank0, rank1 = two_rank_runs["random"]
+    # fit --prior on two ranks: the training set is embedded once, split between the ranks.
+    assert rank0["prior_rows"] > 0 and rank1["prior_rows"] > 0
+    assert rank0["prior_rows"] + rank1["prior_rows"] == rank0["train_images"]
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_loss_decreases(two_rank_runs, name: str) -> None:
     record = two_rank_runs[name][0]

@@ -17,6 +17,7 @@ __all__ = [
     "non_empty",
     "non_negative_float",
     "non_negative_int",
+    "positive_float",
     "positive_int",
 ]
 
@@ -56,6 +57,13 @@ def non_negative_int(text: str) -> int:
 
 def finite_float(text: str) -> float:
     return _number(text)
+
+
+def positive_float(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
 
 
 def non_negative_float(text: str) -> float:

@@ -24,7 +24,7 @@ from rela_train.data.sources import Source, build_sources
 from rela_train.learner import Learner, Objective, build_learner
 from rela_train.models import resnet_feature_dim
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
-from rela_train.prior.targets import PriorTargets, prepare_prior
+from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
 from rela_train.rela import Switch, build_switch, rela_dim_cap
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import DistContext, agree_min, check_shared_directory, rank0_first
@@ -142,7 +142,16 @@ def _build_parts(
     world = dist.world
     prior: PriorTargets | None = None
     if config.rela:
-        # Rank 0 computes the embeddings (no time limit); the others then open the store.
+        if world > 1 and config.prior_store is None:
+            # Every rank embeds its share of the training set into RUN/prior.
+            embed_with_all_ranks(
+                dist, source=train, prior=config.prior, run_dir=run_dir, device=device, log=log,
+                dim=rela_dim_cap(config.rela_dim_rule, config.rela_dim,
+                                 resnet_feature_dim(config.arch, config.width)),
+                preprocess=config.prior_preprocess,
+            )  # fmt: skip
+        # Rank 0 computes the embeddings (alone) or finds them computed, and fits the transport
+        # (no time limit); the others then open the store.
         prior = rank0_first(
             dist,
             f"prior of {run_dir.resolve()}",

@@ -23,6 +23,7 @@ from rela_train.arg_types import (
     fraction_upper_closed,
     non_empty,
     non_negative_int,
+    positive_float,
     positive_int,
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
@@ -104,6 +105,13 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute the chunks that fail their checksum (then finish the store as usual)",
     )
+    parser.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=1800.0,
+        help="under torchrun: seconds a rank may give no sign of life before the others stop "
+        "with a message saying how to resume (default 1800)",
+    )
 
 
 def _embed_run(args: argparse.Namespace) -> int:
@@ -117,6 +125,8 @@ def _embed_run(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in given if not value]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _embed_distributed(args)
     result = embed(
         args.data,
         args.prior,
@@ -131,6 +141,56 @@ def _embed_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         repair=args.repair,
     )
+    _print_embed_result(result)
+    return 0
+
+
+def _embed_distributed(args: argparse.Namespace) -> int:
+    """``embed`` on every rank of a torchrun job: each computes its share of the chunks."""
+    import shlex
+
+    import torch
+
+    from rela_train.peers import Peers
+    from rela_train.prior.embedding import embed
+    from rela_train.runtime import resolve_device, setup
+
+    device = resolve_device(args.device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    ctx = setup(device, args.dist_timeout)
+    workers = args.workers
+    if workers is None:  # the node's decoding processes, shared among its ranks
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = min(8, max(1, (os.cpu_count() or 1) // per_node))
+    command = ["rela-train", "embed", "--data", args.data, "--prior", args.prior]
+    command += ["--out", args.out, "--batch-size", str(args.batch_size)]
+    for flag in ("chunk_rows", "input_size", "normalize", "dim"):
+        if getattr(args, flag) is not None:
+            command += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    advice = (
+        f"Every chunk the ranks finished is kept in {args.out}; resume with "
+        f"`{shlex.join(command)}`, alone or under torchrun with any number of ranks"
+    )
+    try:
+        with Peers(ctx, f"embedding into {args.out}", advice) as peers:
+            result = embed(
+                args.data, args.prior, args.out, batch_size=args.batch_size, workers=workers,
+                device=device, dim=args.dim, chunk_rows=args.chunk_rows,
+                input_size=args.input_size, normalize=args.normalize,
+                progress=not args.no_progress and ctx.main, repair=args.repair, peers=peers,
+            )  # fmt: skip
+    finally:
+        ctx.close()
+    if ctx.main:
+        _print_embed_result(result)
+    else:
+        print(f"rank {ctx.rank} of {ctx.world}: {result.computed_rows} rows computed")
+    return 0
+
+
+def _print_embed_result(result) -> None:
     extra = "".join(
         [
             f", {result.repaired_rows} repaired" if result.repaired_rows else "",
@@ -142,7 +202,6 @@ def _embed_run(args: argparse.Namespace) -> int:
         f"({result.computed_rows} computed now{extra}); transport {result.prior_dim} -> "
         f"{result.dim} in {result.transport}"
     )
-    return 0
 
 
 EMBED = Command(

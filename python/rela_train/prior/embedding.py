@@ -23,12 +23,17 @@ recomputes only those chunks. :func:`verify_store` (``embed --verify``) only che
 Batches never straddle a chunk boundary, so every chunk is computed by exactly the same batches in
 an uninterrupted run and in a resumed one: a resumed store is byte-identical to an uninterrupted
 one (for a deterministic prior on the same device).
+
+Given ``peers`` with several ranks (``torchrun ... embed``, ``fit --prior`` under torchrun), every
+rank computes its share of the pending chunks into the same store (:mod:`.sharding`); the store's
+bytes are the same as with one process, and rank 0 alone fits the transport.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,9 @@ from tqdm import tqdm
 import rela_kernels as rk
 from rela_train.data.folder import ImageFolder
 from rela_train.data.sources import TensorSource
+from rela_train.peers import Peers
 from rela_train.prior.loaders import ModelPrior, PrecomputedPrior, Prior, load_prior
+from rela_train.prior.sharding import fill_sharded, report_setup_failure
 from rela_train.runtime import resolve_device
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "EmbedBatch",
     "EmbedResult",
     "VerifyResult",
+    "default_chunk_rows",
     "embed",
     "embed_tensors",
     "fit_transport",
@@ -65,6 +73,9 @@ __all__ = [
 TRANSPORT_FILE = "transport.pt"
 DEFAULT_MAX_DIM = 256
 _TARGET_CHUNK_ROWS = 4096
+# A new store's default chunks are small enough for this many of them, so that up to as many
+# ranks get work (the default never depends on the number of ranks: the bytes must not).
+_TARGET_CHUNKS = 64
 _TENSOR_BATCH_ROWS = 512  # in-memory images per forward pass
 _TENSOR_CHUNK_BATCHES = 8  # forward passes per durable chunk of an in-memory dataset's store
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -80,6 +91,7 @@ class EmbedResult:
     computed_rows: int  # rows embedded by this call (0 when the store was already complete)
     skipped_rows: int = 0  # rows of unreadable images (listed in the store's manifest)
     repaired_rows: int = 0  # rows of damaged chunks recomputed by this call
+    seconds: float = 0.0  # time this process spent computing its rows (its share, on a rank)
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,14 @@ class VerifyResult:
         else:
             notes.insert(0, "checksums OK")
         return f"{head}; " + "; ".join(notes)
+
+
+def default_chunk_rows(n: int, batch_size: int) -> int:
+    """A new store's rows per chunk: whole batches, about 4096 rows, fewer for a dataset under
+    ``64 * 4096`` images so that it still has about 64 chunks to share among ranks."""
+    most = max(1, _TARGET_CHUNK_ROWS // batch_size)
+    wanted = -(-n // (_TARGET_CHUNKS * batch_size))
+    return batch_size * min(most, max(1, wanted))
 
 
 def transport_width(cap: int, prior_dim: int, rows: int) -> int:
@@ -177,6 +197,8 @@ def embed(
     progress: bool = True,
     repair: bool = False,
     log: Callable[[str], None] = _log,
+    peers: Peers | None = None,
+    transport: bool = True,
 ) -> EmbedResult:
     """Embed every image under ``data`` with ``prior`` into the store ``out``; fit the transport.
 
@@ -189,57 +211,68 @@ def embed(
         workers: DataLoader worker processes decoding images (default ``min(8, cpus)``).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``...
         dim: transport width d (default ``min(256, D, N - 1)``); ``1 <= d <= min(D, N - 1)``.
-        chunk_rows: rows per durable chunk of a new store (default: a multiple of ``batch_size``
-            near 4096); a resumed store keeps its own.
+        chunk_rows: rows per durable chunk of a new store (default
+            :func:`default_chunk_rows`); a resumed store keeps its own.
         input_size, normalize: override the prior's preprocessing (spec strings only).
         progress: show a progress bar (images/s, ETA) on stderr.
         repair: recompute the chunks of an existing store that fail their checksum (without it,
             damaged chunks are an error).
+        peers: the ranks of a distributed job: each computes its share of the chunks (module
+            doc); rank 0 fits the transport. None: this process alone.
+        transport: fit and save the transport once the store is complete.
 
     Raises:
         ValueError / FileNotFoundError: bad arguments or inputs, found before anything is written;
             a store whose written rows fail their checksum (without ``repair``).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
-    device = resolve_device(device)
-    dataset = ImageFolder(data)
-    n = len(dataset)
-    if isinstance(prior, str):
-        prior = load_prior(
-            prior, device=device, input_size=input_size, normalize=normalize, num_rows=n
-        )
-    elif input_size is not None or normalize is not None:
-        raise ValueError("input_size/normalize apply to a prior spec, not to a loaded prior")
-    elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
-        raise ValueError(f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images")
-    wanted_dim = dim
-    dim = _check_width(dim, prior.dim, n)
-    out = Path(out)
-    _check_same_folder(out, dataset, data)
+    try:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
+        if workers is None:
+            workers = min(8, os.cpu_count() or 1)
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        device = resolve_device(device)
+        dataset = ImageFolder(data)
+        n = len(dataset)
+        if isinstance(prior, str):
+            prior = load_prior(
+                prior, device=device, input_size=input_size, normalize=normalize, num_rows=n
+            )
+        elif input_size is not None or normalize is not None:
+            raise ValueError("input_size/normalize apply to a prior spec, not to a loaded prior")
+        elif isinstance(prior, PrecomputedPrior) and prior.rows != n:
+            raise ValueError(
+                f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images"
+            )
+        wanted_dim = dim
+        dim = _check_width(dim, prior.dim, n)
+        out = Path(out)
+        _check_same_folder(out, dataset, data)
+    except BaseException as error:
+        if peers is not None:
+            report_setup_failure(peers, error)  # the other ranks stop too, with this message
+        raise
+    asked_chunk_rows = chunk_rows
     if chunk_rows is None and not rk.EmbeddingStore.exists(out):
-        chunk_rows = batch_size * max(1, _TARGET_CHUNK_ROWS // batch_size)
+        chunk_rows = default_chunk_rows(n, batch_size)
     metadata = {
         "data": str(Path(data).resolve()),
         "prior_spec": prior.spec,
         "classes": len(dataset.classes),
     }
-    with rk.EmbeddingStore.create_or_resume(
-        out,
-        n,
-        prior.dim,
-        fingerprint=dataset.fingerprint,
-        prior=prior.identity,
-        input_size=prior.input_size,
-        chunk_rows=chunk_rows,
-        metadata=metadata,
-    ) as store:
-        before = store.rows_done
-        damaged = store.verify() if before else []
+    create = {
+        "n": n,
+        "dim": prior.dim,
+        "fingerprint": dataset.fingerprint,
+        "prior": prior.identity,
+        "input_size": prior.input_size,
+        "chunk_rows": chunk_rows,
+        "metadata": metadata,
+    }
+
+    def check_and_repair(store: rk.EmbeddingStore) -> int:
+        damaged = store.verify() if store.rows_done or store.chunks_ahead else []
         if damaged and not repair:
             raise ValueError(
                 verify_result_line(out, store, damaged)
@@ -255,14 +288,67 @@ def embed(
             log(f"{out}: recomputing {repaired} damaged rows in {len(damaged)} chunk(s)")
             _compute(store, damaged, store.rewrite_chunk, dataset, prior, batch_size, workers,
                      device, None, log)  # fmt: skip
+        return repaired
+
+    if peers is not None and peers.world > 1:
+        shown = {
+            "--data": (dataset.fingerprint, str(data)),
+            "--prior": (prior.identity, prior.spec),
+            "--batch-size": (str(batch_size), str(batch_size)),
+            "--chunk-rows": (str(asked_chunk_rows), str(asked_chunk_rows)),
+            "--dim": (str(wanted_dim), str(wanted_dim)),
+            "--repair": (str(repair), str(repair)),
+        }
+        log(
+            f"{out}: rank {peers.rank} of {peers.world} embedding {n} images with "
+            f"{prior.identity} (D={prior.dim})"
+        )
+        shard = fill_sharded(
+            peers,
+            out,
+            identity=shown,
+            create=create,
+            compute=lambda store, chunks, write, bar: _compute(
+                store, chunks, write, dataset, prior, batch_size, workers, device, bar, log
+            ),
+            prepare=check_and_repair,
+            companions=(TRANSPORT_FILE,),
+            progress=lambda rows: tqdm(
+                total=rows,
+                unit="img",
+                desc=f"embed rank {peers.rank}",
+                disable=not progress,
+                dynamic_ncols=True,
+                smoothing=0.05,
+            ),  # fmt: skip
+            log=log,
+        )
+        store = rk.EmbeddingStore.open(out)
+        skipped = len(store.skipped)
+        if wanted_dim is None and skipped:
+            dim = _check_width(None, prior.dim, n - skipped)
+        if transport and peers.main:
+            log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
+            fit_transport(store, dim, device=device)
+            log(f"{out}: wrote {out / TRANSPORT_FILE}")
+        return EmbedResult(
+            out, out / TRANSPORT_FILE, n, prior.dim, dim, shard.computed_rows, skipped,
+            shard.repaired_rows, shard.seconds,
+        )  # fmt: skip
+
+    with rk.EmbeddingStore.create_or_resume(out, **create, companions=(TRANSPORT_FILE,)) as store:
+        repaired = check_and_repair(store)
+        todo = store.pending_chunks()
+        computed = sum(stop - start for start, stop in todo)
+        started = time.perf_counter()
         if store.complete:
             log(f"{out}: all {n} embeddings already stored")
         else:
-            verb = f"resuming at row {before}" if before else "starting"
+            verb = f"resuming at row {todo[0][0]}" if computed < n else "starting"
             log(f"{out}: embedding {n} images with {prior.identity} (D={prior.dim}), {verb}")
             bar = tqdm(
                 total=n,
-                initial=before,
+                initial=n - computed,
                 unit="img",
                 desc="embed",
                 disable=not progress,
@@ -270,9 +356,9 @@ def embed(
                 smoothing=0.05,
             )
             with bar:
-                _compute(store, store.pending_chunks(), store.write_chunk, dataset, prior,
+                _compute(store, todo, store.write_chunk, dataset, prior,
                          batch_size, workers, device, bar, log)  # fmt: skip
-        computed = store.rows_done - before
+        seconds = time.perf_counter() - started
         skipped = len(store.skipped)
         if skipped:
             log(
@@ -281,10 +367,13 @@ def embed(
             )
     if wanted_dim is None and skipped:
         dim = _check_width(None, prior.dim, n - skipped)  # the fit sees only the valid rows
-    log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
-    fit_transport(rk.EmbeddingStore.open(out), dim, device=device)
-    log(f"{out}: wrote {out / TRANSPORT_FILE}")
-    return EmbedResult(out, out / TRANSPORT_FILE, n, prior.dim, dim, computed, skipped, repaired)
+    if transport:
+        log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
+        fit_transport(rk.EmbeddingStore.open(out), dim, device=device)
+        log(f"{out}: wrote {out / TRANSPORT_FILE}")
+    return EmbedResult(
+        out, out / TRANSPORT_FILE, n, prior.dim, dim, computed, skipped, repaired, seconds
+    )
 
 
 def verify_result_line(out: Path, store: rk.EmbeddingStore, damaged: list[tuple[int, int]]) -> str:
@@ -492,29 +581,44 @@ def embed_tensors(
     *,
     batch_size: int = _TENSOR_BATCH_ROWS,
     log: Callable[[str], None] = _log,
+    peers: Peers | None = None,
 ) -> rk.EmbeddingStore:
     """Embed an in-memory dataset with ``prior`` into the store ``out`` (created, or resumed
     when a killed run left it incomplete); returns the finished store, opened read-only.
 
     Chunks hold ``batch_size * 8`` rows; the store's metadata names the source and the prior spec.
+    With ``peers`` of several ranks, each computes its share of the chunks (module doc).
     """
     log(f"embedding {source.n} images with {prior.identity} (D={prior.dim})")
-    with rk.EmbeddingStore.create_or_resume(
-        out,
-        source.n,
-        prior.dim,
-        fingerprint=source.fingerprint,
-        prior=prior.identity,
-        input_size=prior.input_size,
-        chunk_rows=batch_size * _TENSOR_CHUNK_BATCHES,
-        metadata={"data": source.name, "prior_spec": prior.spec},
-    ) as store:
-        chunks = store.pending_chunks()
+    create = {
+        "n": source.n,
+        "dim": prior.dim,
+        "fingerprint": source.fingerprint,
+        "prior": prior.identity,
+        "input_size": prior.input_size,
+        "chunk_rows": batch_size * _TENSOR_CHUNK_BATCHES,
+        "metadata": {"data": source.name, "prior_spec": prior.spec},
+    }
+
+    def compute(store, chunks, write, bar) -> None:
         if chunks:
             batches = tensor_batches(source, prior, chunks, batch_size)
             write_embeddings(
-                store, chunks, store.write_chunk, prior, batches, lambda row: source.name, log=log
+                store, chunks, write, prior, batches, lambda row: source.name, bar, log
             )
+
+    if peers is not None and peers.world > 1:
+        identity = {
+            "--data": (source.fingerprint, source.name),
+            "--prior": (prior.identity, prior.spec),
+        }
+        fill_sharded(
+            peers, Path(out), identity=identity, create=create, compute=compute,
+            companions=(TRANSPORT_FILE,), log=log,
+        )  # fmt: skip
+        return rk.EmbeddingStore.open(out)
+    with rk.EmbeddingStore.create_or_resume(out, **create, companions=(TRANSPORT_FILE,)) as store:
+        compute(store, store.pending_chunks(), store.write_chunk, None)
     return rk.EmbeddingStore.open(out)
 
 

@@ -20,6 +20,7 @@ import torch
 
 import rela_kernels as rk
 from rela_train.data.sources import FolderSource, Source, TensorSource
+from rela_train.peers import Peers
 from rela_train.prior.embedding import (
     TRANSPORT_FILE,
     embed,
@@ -28,8 +29,10 @@ from rela_train.prior.embedding import (
     transport_width,
 )
 from rela_train.prior.loaders import ModelPrior, load_prior
+from rela_train.prior.sharding import report_setup_failure
+from rela_train.runtime import DistContext, agree_min
 
-__all__ = ["PriorTargets", "prepare_prior"]
+__all__ = ["PriorTargets", "embed_with_all_ranks", "prepare_prior"]
 
 # Stores up to this size are held in (device) memory; larger ones are read per batch.
 _IN_MEMORY_BYTES = 2 << 30
@@ -78,6 +81,50 @@ def _check_store(store: rk.EmbeddingStore, source: Source, where: str) -> None:
             f"{source.name} ({source.n} images, fingerprint {source.fingerprint[:40]}); embed this "
             "dataset (same subset) or pass the matching store"
         )
+
+
+def embed_with_all_ranks(
+    ctx: DistContext,
+    *,
+    source: Source,
+    prior: str,
+    run_dir: Path,
+    dim: int,
+    device: torch.device,
+    log: Callable[[str], None],
+    preprocess: str = "prior",
+) -> None:
+    """Fill ``RUN/prior`` with the embeddings of ``source``, every rank of ``ctx`` computing its
+    share of the chunks; :func:`prepare_prior` (on rank 0 first) then finds the store complete
+    and fits the transport. Cases :func:`prepare_prior` refuses are left to it."""
+    path = run_dir / "prior"
+    finished = (
+        rk.EmbeddingStore.exists(path)
+        and (path / TRANSPORT_FILE).is_file()
+        and rk.EmbeddingStore.open(path).complete
+    )
+    if agree_min(ctx, [int(finished)]) == [1]:
+        return  # a resumed run: nothing to embed (prepare_prior still checks the store)
+    advice = (
+        f"The chunks the ranks finished are kept in {path}; rerun the same `rela-train fit` "
+        "command (any number of ranks) to continue embedding from there"
+    )
+    with Peers(ctx, f"embedding the prior into {path}", advice) as peers:
+        try:
+            loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
+        except BaseException as error:
+            report_setup_failure(peers, error)  # the other ranks stop too, with this message
+            raise
+        if isinstance(source, FolderSource):
+            if source.fingerprint != source.folder.fingerprint:
+                return
+            width = transport_width(dim, loaded.dim, source.n)
+            embed(
+                source.folder.root, loaded, path, device=device, workers=source.workers,
+                dim=width, log=log, peers=peers, transport=False, progress=peers.main,
+            )  # fmt: skip
+        elif isinstance(source, TensorSource) and isinstance(loaded, ModelPrior):
+            embed_tensors(source, loaded, path, log=log, peers=peers)
 
 
 def prepare_prior(

@@ -1,0 +1,194 @@
+"""Ranks that wait for each other without a time limit, yet notice a rank that died or hung.
+
+Work shared out among the ranks of a job (embedding a dataset) takes each rank a different,
+unbounded time, longer than any sensible collective timeout. :class:`Peers` coordinates such work
+through the rendezvous key-value store instead of collectives: each rank publishes small text
+values under a key (:meth:`Peers.publish`) and the others poll for them (:meth:`Peers.collect`).
+A thread of every rank bumps a heartbeat counter in the store; a rank whose counter stays still
+for ``--dist-timeout`` seconds is dead, frozen or unreachable, and waiting for it raises
+:class:`~rela_train.runtime.DistributedError` with the caller's advice on how to resume. Losing
+the store itself (it lives with rank 0 or the launcher) raises the same error.
+
+Keys live under a prefix unique to the launch and to the order in which ranks create their
+:class:`Peers`, which is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterable
+
+import torch.distributed as dist
+
+from rela_train.runtime import DistContext, DistributedError
+
+__all__ = ["Peers"]
+
+_SEQUENCE = itertools.count()
+_ERROR = "error: "
+
+
+class Peers:
+    """The ranks of ``ctx`` doing ``what`` together; ``advice`` ends every failure message."""
+
+    def __init__(
+        self,
+        ctx: DistContext,
+        what: str,
+        advice: str,
+        *,
+        store: dist.Store | None = None,
+        scope: str | None = None,
+        poll: float = 0.1,
+    ) -> None:
+        """``store``: the key-value store (default: the process group's rendezvous store);
+        ``scope``: the key prefix, the same on every rank (default: one per launch and use)."""
+        self.ctx = ctx
+        self.what = what
+        self.advice = advice
+        self._poll = poll
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat, when it last moved)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if ctx.world == 1:
+            return
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        prefix = f"rela_train/peers/{restart}/{next(_SEQUENCE) if scope is None else scope}"
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
+        self._store = dist.PrefixStore(prefix, base)
+        # The heartbeat thread talks over its own connection to the store.
+        beat_base = base.clone() if hasattr(base, "clone") else base
+        self._beat_store = dist.PrefixStore(prefix, beat_base)
+        self._interval = min(1.0, ctx.timeout / 5)
+        self._beat()
+        self._thread = threading.Thread(target=self._beat_forever, name="peers-heartbeat")
+        self._thread.daemon = True
+        self._thread.start()
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world(self) -> int:
+        return self.ctx.world
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.main
+
+    # -------------------------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        self._beat_store.add(f"beat/{self.rank}", 1)
+
+    def _beat_forever(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._beat()
+            except Exception:  # the store is gone: the waits of the main thread report it
+                return
+
+    def _lost(self, error: BaseException) -> DistributedError:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return DistributedError(
+            f"rank {self.rank} of {self.world}: lost the rendezvous store (rank 0 or the launcher "
+            f"is gone) while {self.what}: {cause}. {self.advice}"
+        )
+
+    def _dead(self, rank: int) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank} of {self.world}: rank {rank} gave no sign of life for more than "
+            f"{self.ctx.timeout:g} s (--dist-timeout) while {self.what}: it died, hung or cannot "
+            f"be reached; see its log. {self.advice}"
+        )
+
+    def check(self, ranks: Iterable[int] | None = None) -> None:
+        """Raise :class:`DistributedError` if one of ``ranks`` (default: all others) is dead."""
+        if self.world == 1:
+            return
+        now = time.monotonic()
+        for rank in self._others() if ranks is None else ranks:
+            try:
+                beat = self._store.add(f"beat/{rank}", 0)
+            except Exception as error:
+                raise self._lost(error) from error
+            last = self._seen.get(rank)
+            if last is None or beat != last[0]:
+                self._seen[rank] = (beat, now)
+            elif now - last[1] > self.ctx.timeout:
+                raise self._dead(rank)
+
+    def _others(self) -> list[int]:
+        return [r for r in range(self.world) if r != self.rank]
+
+    def publish(self, key: str, value: str) -> None:
+        """Make ``value`` this rank's answer under ``key``."""
+        if self.world == 1:
+            return
+        try:
+            self._store.set(f"{key}/{self.rank}", value)
+        except Exception as error:
+            raise self._lost(error) from error
+
+    def publish_error(self, key: str, error: BaseException) -> None:
+        """Publish a failure under ``key``, as :meth:`collect` and :meth:`failed` recognise it;
+        a store that is already gone is ignored (the caller raises ``error`` anyway)."""
+        try:
+            self.publish(key, _ERROR + " ".join(str(error).split()))
+        except DistributedError:
+            pass
+
+    def collect(self, key: str, ranks: Iterable[int]) -> dict[int, str]:
+        """Every one of ``ranks``' values under ``key``, waiting for them as long as they live."""
+        wanted = list(ranks)
+        if self.world == 1:
+            return {}
+        values: dict[int, str] = {}
+        while True:
+            for rank in wanted:
+                if rank in values:
+                    continue
+                try:
+                    if self._store.check([f"{key}/{rank}"]):
+                        values[rank] = self._store.get(f"{key}/{rank}").decode("utf-8")
+                except Exception as error:
+                    raise self._lost(error) from error
+            if len(values) == len(wanted):
+                return values
+            self.check(r for r in wanted if r not in values and r != self.rank)
+            time.sleep(self._poll)
+
+    def failed(self, key: str, ranks: Iterable[int] | None = None) -> str | None:
+        """The first published failure under ``key`` (``rank K: message``), without waiting."""
+        if self.world == 1:
+            return None
+        for rank in self._others() if ranks is None else ranks:
+            try:
+                name = f"{key}/{rank}"
+                value = self._store.get(name).decode() if self._store.check([name]) else ""
+            except Exception as error:
+                raise self._lost(error) from error
+            if value.startswith(_ERROR):
+                return f"rank {rank}: {value.removeprefix(_ERROR)}"
+        return None
+
+    @staticmethod
+    def error_of(value: str) -> str | None:
+        """The message of a published failure, or None when ``value`` is not one."""
+        return value.removeprefix(_ERROR) if value.startswith(_ERROR) else None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Peers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
