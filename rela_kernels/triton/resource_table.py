@@ -29,6 +29,7 @@ __all__ = [
     "dot_kind",
     "fits",
     "lookup",
+    "reload",
     "variant_key",
     "version_key",
 ]
@@ -73,6 +74,11 @@ def _table() -> dict:
         return json.loads(TABLE_PATH.read_text())["resources"]
     except FileNotFoundError:
         return {}
+
+
+def reload() -> None:
+    """Read the table file again on the next lookup (after the gate rewrote it)."""
+    _table.cache_clear()
 
 
 def _measured_arch(arch: int) -> int | None:
