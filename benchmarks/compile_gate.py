@@ -33,6 +33,8 @@ import io
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,24 +127,76 @@ class TargetDriver:
         return 0
 
 
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 _REGISTERS = re.compile(r"Used (\d+) registers")
-_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-_STACK = re.compile(r"(\d+) bytes stack frame")
+_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas_report(log: str) -> list[dict]:
+    """One dict per kernel of a ``ptxas -v`` report (nvcc's or Triton's): the kernel, its
+    target, registers, stack frame and spill bytes (stores plus loads)."""
+    parts = _ENTRY.split(log)  # text before, then (name, target, text after) per kernel
+    found = []
+    for name, arch, body in zip(parts[1::3], parts[2::3], parts[3::3], strict=True):
+        registers, spills = _REGISTERS.search(body), _SPILLS.search(body)
+        if registers is None or spills is None:
+            raise ValueError(f"no register or spill line for {name} in the ptxas report")
+        stack, stores, loads = (int(x) for x in spills.groups())
+        found.append(
+            {
+                "kernel": name,
+                "arch": arch,
+                "registers": int(registers.group(1)),
+                "stack_frame": stack,
+                "spill_stores": stores,
+                "spill_loads": loads,
+                "spill_bytes": stores + loads,
+            }
+        )
+    return found
 
 
 def ptxas_resources(log: str) -> dict:
-    """Registers, spill and stack bytes from a ``ptxas -v`` report of one kernel."""
-    registers, spills, stack = _REGISTERS.findall(log), _SPILLS.findall(log), _STACK.findall(log)
-    if len(registers) != 1 or len(spills) != 1:
+    """Registers, spill and stack bytes from Triton's ``ptxas -v`` report of one kernel."""
+    kernels = parse_ptxas_report(log)
+    if len(kernels) != 1:
         raise ValueError(f"expected one kernel in the ptxas report, got:\n{log[-2000:]}")
-    stores, loads = (int(x) for x in spills[0])
-    return {
-        "registers": int(registers[0]),
-        "spill_stores": stores,
-        "spill_loads": loads,
-        "spill_bytes": stores + loads,
-        "stack_frame": int(stack[0]) if stack else 0,
-    }
+    return {k: v for k, v in kernels[0].items() if k not in ("kernel", "arch")}
+
+
+# As setup.py's CUDAExtension builds them (no implicit half/bfloat16 conversions).
+NVCC_FLAGS = (
+    "-std=c++17",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+)
+
+
+def cuda_sources() -> list[Path]:
+    """The torch-free CUDA sources (bindings.cu needs CUDA torch's headers)."""
+    return sorted(p for p in (ROOT / "csrc" / "cuda").glob("*.cu") if p.name != "bindings.cu")
+
+
+def nvcc_records(nvcc: str, targets: list[int], workdir: Path) -> list[dict]:
+    """``nvcc -cubin -Xptxas -v -arch=sm_XX`` of every torch-free source: one record per kernel
+    and target (an ``error`` record where nvcc fails)."""
+    records = []
+    for source in cuda_sources():
+        for arch in targets:
+            cubin = workdir / f"{source.stem}-sm_{arch}.cubin"
+            command = [nvcc, "-cubin", "-Xptxas", "-v", f"-arch=sm_{arch}", *NVCC_FLAGS]
+            done = subprocess.run(
+                [*command, str(source), "-o", str(cubin)], capture_output=True, text=True
+            )
+            where = {"source": source.name, "target": f"sm_{arch}", "nvcc": nvcc}
+            if done.returncode != 0:
+                records.append({**where, "error": (done.stdout + done.stderr)[-1500:]})
+                continue
+            for kernel in parse_ptxas_report(done.stdout + done.stderr):
+                records.append({**where, **kernel, "error": None})
+    return records
 
 
 def instruction_counts(ptx: str) -> dict:
@@ -374,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="rewrite the resource table")
     parser.add_argument("--triton-path", type=Path, help="a directory to import Triton from")
     parser.add_argument("--summary", type=Path, help="also write the summary as JSON here")
+    parser.add_argument(
+        "--nvcc-out", type=Path, help="also compile csrc/cuda with nvcc -cubin; records here"
+    )
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET"):
@@ -388,7 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(args.triton_path))
     sys.path.insert(0, str(ROOT))
     # A fresh cache: a cached kernel would skip ptxas and so its report.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="rela-compile-gate-")
+    cache = tempfile.mkdtemp(prefix="rela-compile-gate-")
+    os.environ["TRITON_CACHE_DIR"] = cache
+    try:
+        return _gate(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _gate(args: argparse.Namespace) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, unwarned
     warnings.filterwarnings("ignore", category=UserWarning, module="triton")
     import triton
@@ -416,6 +481,19 @@ def main(argv: list[str] | None = None) -> int:
                     if r["case"] == case.name and r["target"] == f"sm_{arch}":
                         r["candidate"] = r["config_key"] in keys
     found = problems(records)
+    nvcc = shutil.which("nvcc")
+    if args.nvcc_out is not None and nvcc is None:
+        found.append("--nvcc-out: nvcc not found on PATH")
+    elif args.nvcc_out is not None:
+        with tempfile.TemporaryDirectory() as workdir:
+            cuda = nvcc_records(nvcc, args.targets, Path(workdir))
+        atomic_write_text(args.nvcc_out, "".join(json.dumps(r) + "\n" for r in cuda))
+        found += [f"nvcc failed: {r['source']} for {r['target']}" for r in cuda if r["error"]]
+        found += [
+            f"nvcc: {r['kernel']} spills {r['spill_bytes']} bytes on {r['target']}"
+            for r in cuda
+            if r["error"] is None and r["spill_bytes"] > 0
+        ]
     hopper = hopper_shape(records)
     found += [f"no Hopper-shaped candidate for the {mode}" for mode, r in hopper.items() if not r]
     summary = {
