@@ -26,9 +26,13 @@ float32 ``p`` it uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` i
 interpreter (``TRITON_INTERPRET=1``, set before this module is imported) has no 16-bit
 ``tl.dot``, so there the operands stay float32.
 
-Launch: on a GPU the GEMM kernels are autotuned over a short config list (pruned by batch bucket,
-d and Dp, and by registers per thread); under the interpreter one fixed configuration runs. The
-plain loss kernel uses a block-size heuristic.
+Launch: on a GPU the GEMM kernels are autotuned over a short config list, pruned by batch
+bucket, d and Dp, and for the fused kernel by what ptxas reported for the GPU's compute
+capability and this Triton version (``resource_table``: no config that spills or overflows
+shared memory there); under the interpreter one fixed configuration runs. The plain loss kernel
+uses a block-size heuristic. Each launcher builds a ``Launch`` (``*_launch``) and runs it; the
+compile gate (benchmarks/compile_gate.py, docs/gpu-compile.md) compiles the same launches for
+sm_80 and sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -410,11 +414,14 @@ def _prune(configs, predicate):
     return [min(configs, key=lambda c: (c.kwargs["BLOCK_B"], c.kwargs.get("BLOCK_D", 0)))]
 
 
-def _fits_by_rule(c: triton.Config, block_d: int, single: bool) -> bool:
+def _fits_by_rule(c: triton.Config, block_d: int, single: bool, lowp: bool) -> bool:
     """The fallback where nothing was measured: ptxas (sm_90, Triton 3.9) spills beyond ~16
     accumulator elements per thread with mma.sync, as the epilogue keeps z, y and their
     addresses live next to the accumulator. BLOCK_B = 16 is the floor of tl.dot, so a single
-    tile may hold 32 there (BLOCK_D = 256 needs it)."""
+    tile may hold 32 there (BLOCK_D = 256 needs it). float32 operands in the d-tiled loop spill
+    with 64-wide K steps."""
+    if not (single or lowp) and c.kwargs["BLOCK_K"] > 32:
+        return False
     per_thread = _per_thread(c.kwargs["BLOCK_B"], block_d, c.num_warps)
     return per_thread <= (32 if single and c.kwargs["BLOCK_B"] == _MIN_DOT else 16)
 
@@ -441,7 +448,7 @@ def _prune_fused(configs, named_args, *, arch: int, **kwargs):
         if c.kwargs["BLOCK_B"] > max_b or c.kwargs["BLOCK_K"] > max_k:
             return False
         verdict = None if measured is None else measured.get(resource_table.config_key(c))
-        return _fits_by_rule(c, block_d, single) if verdict is None else verdict
+        return _fits_by_rule(c, block_d, single, args["LOWP_DOT"]) if verdict is None else verdict
 
     return _prune(configs, fits)
 
