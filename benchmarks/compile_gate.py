@@ -316,6 +316,8 @@ def run_case(case: Case, arch: int, every_config: bool) -> list[dict]:
     configs = candidates
     if every_config and case.op == "fused":
         configs = kernels.fused_configs()
+    elif every_config and case.op == "transport":
+        configs = kernels.transport_configs()
     candidate_keys = {str(c) for c in candidates}
     records = []
     for config in configs:
@@ -347,6 +349,11 @@ def run_case(case: Case, arch: int, every_config: bool) -> list[dict]:
             )
             record["config_key"] = resource_table.config_key(config)
             record["traffic"] = _traffic(case, launch, config)
+        elif case.op == "transport":
+            meta = launch.meta
+            dot = resource_table.dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"])
+            record["variant"] = resource_table.transport_variant_key(dot)
+            record["config_key"] = resource_table.config_key(config)
         try:
             record.update(compile_config(launch, config))
             record["error"] = None
@@ -406,7 +413,7 @@ def calibrated_table(records: list[dict], previous: dict) -> dict:
     for version in versions:
         table[version] = {}
     for r in records:
-        if r["op"] != "fused" or r["error"] is not None:
+        if "variant" not in r or r["error"] is not None:
             continue
         version = resource_table.version_key(r["triton"])
         arch = r["target"][3:]
@@ -423,7 +430,7 @@ def write_table(table: dict) -> None:
 
     document = {
         "about": "Written by `python benchmarks/compile_gate.py --calibrate` (make "
-        "gpu-compile-calibrate): per Triton version, target and fused-kernel variant, the worst "
+        "gpu-compile-calibrate): per Triton version, target and kernel variant, the worst "
         "registers, spill bytes and shared memory ptxas reported for each configuration.",
         "resources": table,
     }
@@ -437,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", action="store_true", help="only the quick subset")
     parser.add_argument("--calibrate", action="store_true", help="rewrite the resource table")
     parser.add_argument("--triton-path", type=Path, help="a directory to import Triton from")
+    parser.add_argument(
+        "--from-records",
+        type=Path,
+        help="judge the records of an earlier run (same Triton) instead of compiling",
+    )
     parser.add_argument("--summary", type=Path, help="also write the summary as JSON here")
     parser.add_argument(
         "--results-dir",
@@ -480,7 +492,16 @@ def _gate(args: argparse.Namespace) -> int:
     assert not kernels.is_interpreted()
     began = time.monotonic()
     records = []
-    for arch in args.targets:
+    if args.from_records is not None:
+        records = [json.loads(line) for line in args.from_records.read_text().splitlines()]
+        if {r["triton"] for r in records} != {triton.__version__}:
+            print(f"compile_gate: {args.from_records} is not from Triton {triton.__version__}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        records = [r for r in records if int(r["target"][3:]) in args.targets]
+        for r in records:
+            _fill_keys(r)
+    for arch in args.targets if args.from_records is None else ():
         for case in CASES:
             if arch in case.subset or not args.subset:
                 records += run_case(case, arch, every_config=args.calibrate)
@@ -491,7 +512,7 @@ def _gate(args: argparse.Namespace) -> int:
         # The candidates as the new table prunes them (the autotuners cache nothing of it).
         for arch in args.targets:
             triton.runtime.driver.set_active(TargetDriver(arch))
-            for case in (c for c in cases if c.op == "fused"):
+            for case in (c for c in cases if c.op in ("fused", "transport")):
                 keys = {resource_table.config_key(c) for c in launch_of(case, arch).candidates()}
                 for r in records:
                     if r["case"] == case.name and r["target"] == f"sm_{arch}":
@@ -548,6 +569,26 @@ def _gate(args: argparse.Namespace) -> int:
         atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 1 if found else 0
+
+
+def _fill_keys(record: dict) -> None:
+    """Records of runs before the transport kernel was in the table lack its keys: add them
+    from the case's launch, as run_case does now."""
+    import triton
+
+    from rela_kernels.triton import resource_table
+
+    if record["op"] != "transport" or "variant" in record:
+        return
+    case = next(c for c in CASES if c.name == record["case"])
+    arch = int(record["target"][3:])
+    triton.runtime.driver.set_active(TargetDriver(arch))
+    meta = launch_of(case, arch).meta
+    dot = resource_table.dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"])
+    record["variant"] = resource_table.transport_variant_key(dot)
+    blocks = {k: record[k] for k in ("BLOCK_B", "BLOCK_D", "BLOCK_K")}
+    config = triton.Config(blocks, num_warps=record["num_warps"], num_stages=record["num_stages"])
+    record["config_key"] = resource_table.config_key(config)
 
 
 def _previous() -> dict:

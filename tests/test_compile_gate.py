@@ -289,6 +289,11 @@ def test_table_covers_every_fused_variant_of_the_matrix():
                     hist=meta["HIST"],
                 )
                 assert set(targets[str(arch)][variant]) == every, (version, arch, variant)
+        every = {resource_table.config_key(c) for c in kernels.transport_configs()}
+        for arch in ("80", "90"):
+            for dot in ("lowp", "ieee"):
+                variant = resource_table.transport_variant_key(dot)
+                assert set(targets[arch][variant]) == every, (version, arch, variant)
 
 
 @pytest.mark.parametrize("version", ["3.6.0", "3.9.0"])
@@ -313,6 +318,16 @@ def test_pruning_keeps_only_what_the_table_says_fits(arch, version, monkeypatch)
         kept = {resource_table.config_key(c) for c in launch.candidates()}
         fitting = {k for k, res in measured[variant].items() if resource_table.fits(arch, res)}
         assert kept == fitting or (not fitting and len(kept) == 1), (case.name, kept, fitting)
+    # The transport kernel too.
+    for dtype, dot in ((torch.bfloat16, "lowp"), (torch.float32, "ieee")):
+        p = _meta(gate.BENCH_B, gate.BENCH_DP, dtype=dtype)
+        launch = kernels.transport_launch(
+            p, _meta(gate.BENCH_DP), _meta(gate.BENCH_DP, gate.BENCH_D), None,
+            _meta(gate.BENCH_B, gate.BENCH_D), arch,
+        )  # fmt: skip
+        kept = {resource_table.config_key(c) for c in launch.candidates()}
+        entries = measured[resource_table.transport_variant_key(dot)]
+        assert kept == {k for k, res in entries.items() if resource_table.fits(arch, res)}
     # The Hopper shape keeps a 64-row tile on sm_90 (bf16, with gradient).
     hopper = next(c for c in gate.CASES if c.subset == (90,) and c.mode == "grad")
     blocks = {c.kwargs["BLOCK_B"] for c in _fused_launch(hopper, arch).candidates()}

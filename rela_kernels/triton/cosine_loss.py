@@ -58,6 +58,7 @@ __all__ = [
     "fused_loss_launch",
     "is_interpreted",
     "transport",
+    "transport_configs",
     "transport_launch",
     "transported_cosine_loss_fwd",
     "transported_cosine_loss_hist",
@@ -453,19 +454,26 @@ def _prune_fused(configs, named_args, *, arch: int, **kwargs):
     return _prune(configs, fits)
 
 
-def _prune_transport(configs, named_args, **kwargs):
+def _prune_transport(configs, named_args, *, arch: int, **kwargs):
+    """Shape limits, then the measurements for ``arch`` where there are any."""
     args = {**named_args, **kwargs}
     max_b = max(_MIN_DOT, args["B_BUCKET"])
     max_d = _pow2_at_least(args["D"], 32)
     max_k = _pow2_at_least(args["DP"], _MIN_DOT)
-    return _prune(
-        configs,
-        lambda c: (
-            c.kwargs["BLOCK_B"] <= max_b
-            and c.kwargs["BLOCK_D"] <= max_d
-            and c.kwargs["BLOCK_K"] <= max_k
-        ),
+    dot = resource_table.dot_kind(args["LOWP_DOT"], args["INPUT_PRECISION"])
+    measured = resource_table.lookup(
+        arch, triton.__version__, resource_table.transport_variant_key(dot)
     )
+
+    def fits(c: triton.Config) -> bool:
+        if c.kwargs["BLOCK_B"] > max_b or c.kwargs["BLOCK_D"] > max_d:
+            return False
+        if c.kwargs["BLOCK_K"] > max_k:
+            return False
+        verdict = None if measured is None else measured.get(resource_table.config_key(c))
+        return verdict is not False
+
+    return _prune(configs, fits)
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -501,6 +509,11 @@ def fused_configs() -> list[triton.Config]:
     return list(_FUSED_CONFIGS)
 
 
+def transport_configs() -> list[triton.Config]:
+    """The transport kernel's autotuning list (before pruning)."""
+    return list(_TRANSPORT_CONFIGS)
+
+
 # One autotuner per compute capability: pruning depends on the target (and Triton's version).
 @functools.cache
 def _tuned_fused_kernel(arch: int):
@@ -524,11 +537,11 @@ def _tuned_hist_kernel(arch: int):
 
 
 @functools.cache
-def _tuned_transport_kernel():
+def _tuned_transport_kernel(arch: int):
     return triton.autotune(
         configs=_TRANSPORT_CONFIGS,
         key=["B_BUCKET", "D", "DP", "HAS_BIAS", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_transport},
+        prune_configs_by={"early_config_prune": functools.partial(_prune_transport, arch=arch)},
     )(_transport_kernel)
 
 
@@ -689,7 +702,7 @@ def transport_launch(
         block_k = _interpreter_block_k(dp)
         fixed = _config(4, 3, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_D=block_d, BLOCK_K=block_k)
         return Launch(_transport_kernel, args, meta, grid, fixed=fixed)
-    return Launch(_transport_kernel, args, meta, grid, tuner=_tuned_transport_kernel())
+    return Launch(_transport_kernel, args, meta, grid, tuner=_tuned_transport_kernel(arch))
 
 
 def cosine_loss_launch(

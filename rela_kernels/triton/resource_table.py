@@ -1,17 +1,19 @@
-"""What ptxas reported for each fused-loss configuration, per target and Triton version.
+"""What ptxas reported for each Triton kernel configuration, per target and Triton version.
 
 ``measured_resources.json`` beside this module is written by the compile gate
 (``python benchmarks/compile_gate.py --calibrate``, see docs/gpu-compile.md): for every Triton
 version it was run under, every target (compute capability 80, 90) and every kernel variant, the
-registers, spill bytes and shared memory of each configuration of the fused kernel's autotuning
-list. ``rela_kernels.triton.cosine_loss`` prunes with it, so that the autotuner never picks a
-configuration that spills (or cannot get its shared memory) on the GPU it runs on.
+registers, spill bytes and shared memory of each configuration of the fused kernel's and the
+transport kernel's autotuning lists. ``rela_kernels.triton.cosine_loss`` prunes with it, so that
+the autotuner never picks a configuration that spills (or cannot get its shared memory) on the
+GPU it runs on.
 
 A variant is what changes register pressure beyond the tile: single tile or d-tiled, the tile
-width, the GEMM's operand kind and the epilogue (loss, loss with gradient, histogram). The
-table holds, per variant and configuration, the worst case over the dtypes of ``p`` and ``z``
-and bias or none that the gate compiled. Single tiles narrower than 256 columns are judged by
-the 256-column measurement (a narrower tile needs no more registers).
+width, the GEMM's operand kind and the epilogue (loss, loss with gradient, histogram); for the
+transport kernel, the operand kind. The table holds, per variant and configuration, the worst
+case over the dtypes of ``p`` and ``z`` and bias or none that the gate compiled. Single tiles
+narrower than 256 columns are judged by the 256-column measurement (a narrower tile needs no
+more registers).
 
 Pure Python, no triton import: the lookup runs inside the autotuner's pruning.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "fits",
     "lookup",
     "reload",
+    "transport_variant_key",
     "variant_key",
     "version_key",
 ]
@@ -52,10 +55,16 @@ def variant_key(*, single: bool, block_d: int, dot: str, grad: bool, hist: bool)
     return f"{'single' if single else 'tiled'}-d{width}-{dot}-{epilogue}"
 
 
+def transport_variant_key(dot: str) -> str:
+    """The transport kernel's variant: only the GEMM's operand kind changes its code."""
+    return f"transport-{dot}"
+
+
 def config_key(config) -> str:
-    """A triton.Config of the fused kernel as ``b64-k32-w8-s3``."""
+    """A triton.Config as ``b64-k32-w8-s3`` (fused) or ``b64-d128-k32-w4-s3`` (transport)."""
     kw = config.kwargs
-    return f"b{kw['BLOCK_B']}-k{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
+    width = f"-d{kw['BLOCK_D']}" if "BLOCK_D" in kw else ""
+    return f"b{kw['BLOCK_B']}{width}-k{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}"
 
 
 def version_key(version: str) -> str:
