@@ -555,6 +555,7 @@ def _gate(args: argparse.Namespace) -> int:
             for mode, r in hopper.items()
         },
         "problems": found,
+        "from_records": None if args.from_records is None else str(args.from_records),
         "seconds": round(time.monotonic() - began, 1),
     }  # fmt: skip
     if args.results_dir is not None:
