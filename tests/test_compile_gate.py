@@ -289,11 +289,11 @@ def test_table_covers_every_fused_variant_of_the_matrix():
                     hist=meta["HIST"],
                 )
                 assert set(targets[str(arch)][variant]) == every, (version, arch, variant)
-        every = {resource_table.config_key(c) for c in kernels.transport_configs()}
+        every_transport = {resource_table.config_key(c) for c in kernels.transport_configs()}
         for arch in ("80", "90"):
             for dot in ("lowp", "ieee"):
                 variant = resource_table.transport_variant_key(dot)
-                assert set(targets[arch][variant]) == every, (version, arch, variant)
+                assert set(targets[arch][variant]) == every_transport, (version, arch, variant)
 
 
 @pytest.mark.parametrize("version", ["3.6.0", "3.9.0"])
