@@ -16,6 +16,9 @@ configuration the autotuner can pick, and when the benchmark shape on sm_90 (bf1
 candidate with BLOCK_B >= 64, wgmma and no spill for the loss, the loss with gradient and the
 histogram. ``--calibrate`` compiles every configuration of the fused kernel's list (not only the
 candidates) and rewrites ``rela_kernels/triton/measured_resources.json``, which the pruning reads.
+``--from-records FILE`` judges (and with ``--calibrate`` tabulates) the records of an earlier run
+under the same Triton instead of compiling again. ``--nvcc-out FILE`` also compiles the
+torch-free CUDA sources with ``nvcc -cubin -Xptxas -v`` per target and fails on a spill.
 
 Run it in a fresh process without ``TRITON_INTERPRET`` (the kernels must be JIT functions);
 ``--triton-path DIR`` puts another Triton (e.g. 3.6.0 installed with ``pip install --target``)
