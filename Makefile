@@ -14,7 +14,8 @@ STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
 SKIP_DEPS ?= 0
 PYTEST_ARGS ?=
 
-.PHONY: install build test test-fast bench lint format clean interpreter
+.PHONY: install build test test-fast bench lint format clean interpreter triton-side gpu-compile \
+  gpu-compile-calibrate
 
 # The default interpreter is created on first use; an interpreter named by PYTHON= must exist.
 interpreter:
@@ -153,6 +154,48 @@ cuda-compile-locked:
 	  CPATH="$${wheel_includes}$${CPATH:-}" \
 	  "$(CUDA_VENV)/bin/python" setup.py -q build_ext --build-lib ../lib --build-temp ../obj
 	@ls "$(CUDA_BUILD_DIR)"/lib/rela_kernels/_C*.so
+
+# ---------------------------------------------------------------------------------------------
+# The compile gate (docs/gpu-compile.md): every Triton configuration the launchers can launch,
+# compiled for sm_80 and sm_90 without a GPU, under the pinned Triton and under Triton 3.6.0 (what
+# the lent GPU machines carry), plus nvcc -cubin of the torch-free CUDA sources. Triton 3.6.0 lives
+# in a side directory outside the repository (pip --target, no dependencies: it needs none at
+# import), installed by `make install` where a package index answers; tests/test_compile_gate.py
+# skips its Triton 3.6 part, with the reason, where it is absent.
+TRITON_SIDE_SPEC ?= triton==3.6.0
+TRITON_SIDE_DIR ?= $(CUDA_CACHE)/$(subst ==,-,$(TRITON_SIDE_SPEC))
+TRITON_SIDE_STAMP := $(TRITON_SIDE_DIR)/.rela-installed
+GATE := env -u TRITON_INTERPRET $(PYTHON) benchmarks/compile_gate.py
+GATE_RESULTS ?= benchmarks/results
+
+install: triton-side
+
+triton-side: | interpreter
+	@if [ "$(SKIP_DEPS)" != 1 ] && [ ! -e "$(TRITON_SIDE_STAMP)" ]; then \
+	  { $(PIP) install --quiet --no-deps --target "$(TRITON_SIDE_DIR)" "$(TRITON_SIDE_SPEC)" && \
+	    touch "$(TRITON_SIDE_STAMP)"; } || \
+	  echo "warning: $(TRITON_SIDE_SPEC) not installed into $(TRITON_SIDE_DIR): the compile" \
+	    "gate's Triton 3.6 checks will be skipped" >&2; \
+	fi
+
+# The whole matrix (minutes): records to $(GATE_RESULTS)/compile_gate-triton-*.jsonl.
+gpu-compile: install
+	$(GATE) --results-dir $(GATE_RESULTS) --nvcc-out $(GATE_RESULTS)/nvcc_cubin.jsonl
+	@if [ -e "$(TRITON_SIDE_STAMP)" ]; then \
+	  $(GATE) --results-dir $(GATE_RESULTS) --triton-path "$(TRITON_SIDE_DIR)"; \
+	else echo "gpu-compile: no $(TRITON_SIDE_SPEC) in $(TRITON_SIDE_DIR), skipped" >&2; fi
+
+# Re-measures every configuration and rewrites rela_kernels/triton/measured_resources.json
+# (after a kernel or a config list changed; the gate test fails while the table is stale).
+gpu-compile-calibrate: install
+	$(GATE) --calibrate --results-dir $(GATE_RESULTS)
+	@if [ -e "$(TRITON_SIDE_STAMP)" ]; then \
+	  $(GATE) --calibrate --results-dir $(GATE_RESULTS) --triton-path "$(TRITON_SIDE_DIR)"; \
+	else echo "gpu-compile-calibrate: no $(TRITON_SIDE_SPEC) in $(TRITON_SIDE_DIR)" >&2; exit 1; fi
+
+# For tests/test_compile_gate.py: where Triton 3.6.0 is.
+triton-side-path:
+	@echo "TRITON_SIDE_DIR=$(TRITON_SIDE_DIR)"
 
 # For tests/test_cuda_compile.py: where the side venv and the build directory are.
 cuda-compile-paths:

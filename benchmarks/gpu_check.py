@@ -7,9 +7,10 @@ its own budget) and all under one overall deadline, so the whole run ends within
 1. build    the extension in place with its CUDA kernels (sm_90 only, to save compile time);
 2. tests    ``pytest -m cuda`` (JUnit XML and the log);
 3. memcheck / racecheck: a few CUDA op tests under compute-sanitizer, where it runs;
-4. bench-*  fused loss, select_topk, score_and_select, the training step (BYOL and the ReLA
-            phase), embed, then the training step compiled; every record (with GPU name,
-            versions, git sha) to one JSONL file.
+4. bench-*  fused loss, select_topk, score_and_select, each candidate configuration of the
+            fused loss on its own (with the traffic model's prediction and the autotuner's
+            pick), the training step (BYOL and the ReLA phase), embed, then the training step
+            compiled; every record (with GPU name, versions, git sha) to one JSONL file.
 
 At most 8 files land in the output directory (a remote run hands back no more): env.json,
 build.log, pytest.log, junit.xml, sanitizer.log, bench.log, bench.jsonl, summary.md. Without a
@@ -39,16 +40,18 @@ DEADLINE_S = 470  # the whole run, inside the 8 minutes a remote try is given
 # (stage, seconds): each stage's own limit; a stage also stops at the overall deadline.
 BUDGET = {
     "build": 90,
-    "tests": 120,
+    "tests": 110,
     "memcheck": 20,
     "racecheck": 20,
     "bench-loss": 35,
     "bench-select": 30,
     "bench-score": 15,
+    # Each candidate config of the fused loss alone; bench-loss's autotuning compiled them.
+    "bench-configs": 20,
     "bench-train": 35,
-    "bench-embed": 20,
+    "bench-embed": 15,
     # Compiling ResNet-50 dominates; the ReLA variant's backbone then hits inductor's cache.
-    "bench-train-compiled-byol": 55,
+    "bench-train-compiled-byol": 50,
     "bench-train-compiled-rela": 30,
 }
 # A small subset of the CUDA op tests that exercises every kernel once, for the sanitizers.
@@ -245,6 +248,15 @@ def bench_table(path: Path) -> list[str]:
                 f"read p {_fmt(r.get('read_p_ms'), 3)} ms | {_fmt(r.get('over_read_p'))}x read p "
                 f"| <=1.5x |"
             )
+        elif r.get("benchmark") == "fused_config":
+            shape = f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']} {r['mode']}"
+            pick = " (autotuner's pick)" if r["chosen"] else ""
+            rows.append(
+                f"| fused config | {r['config']}{pick} | {shape} | {_fmt(r['measured_ms'], 3)} ms "
+                f"| predicted {_fmt(r['predicted_ms'], 3)} ms ({r['predicted_bound']}-bound) | "
+                f"{_fmt(r['measured_over_predicted'])}x predicted | L2 {_fmt(r['l2_over_hbm'])}x "
+                f"floor (<=3x) |"
+            )
         elif r.get("benchmark") == "embed":
             rows.append(
                 f"| embed | {r['prior']} | {r['input_size']} px, batch {r['batch_size']} | "
@@ -343,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     runner.run(
         "bench-score",
         [*select, "--skip-select", "--score-shape", "1048576", "768", "256", "--dtype", "bfloat16"],
+        "bench.log",
+    )
+    runner.run(
+        "bench-configs",
+        [py, str(bench / "bench_fused_configs.py"), "--device", "cuda", "--out", records],
         "bench.log",
     )
     train = [py, str(bench / "bench_train.py"), "--data", "device", "--device", "cuda"]

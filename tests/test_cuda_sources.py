@@ -542,7 +542,9 @@ def compiled(tmp_path_factory, emu_build) -> dict[str, tuple[subprocess.Complete
     procs = {}
     for src in SOURCES:
         obj = out_dir / (src.stem + ".o")
-        cmd = [NVCC, "-std=c++17", *ARCH_FLAGS, *TORCH_DEFINES, "-c", str(src), "-o", str(obj)]
+        # -Xptxas -v: ptxas's resource report of every kernel, for each target.
+        cmd = [NVCC, "-std=c++17", *ARCH_FLAGS, *TORCH_DEFINES, "-Xptxas", "-v"]
+        cmd += ["-c", str(src), "-o", str(obj)]
         procs[src.name] = (
             subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
             cmd,
@@ -569,6 +571,32 @@ def test_compiles_for_sm80_and_sm90(compiled, name):
         f"nvcc failed on {name}:\n{' '.join(result.args)}\n{result.stdout}"
     )
     assert obj.exists() and obj.stat().st_size > 0
+
+
+@needs_nvcc
+@pytest.mark.parametrize("name", [p.name for p in SOURCES])
+def test_no_kernel_spills_on_sm80_or_sm90(compiled, name):
+    """ptxas's report of the same compile: every kernel, on both targets, without a spill
+    (`make gpu-compile` records the registers with nvcc -cubin per target)."""
+    result, _ = compiled[name]
+    assert result.returncode == 0, f"nvcc failed on {name}:\n{result.stdout}"
+    kernels = _compile_gate().parse_ptxas_report(result.stdout)
+    assert {k["arch"] for k in kernels} == {"sm_80", "sm_90"}, result.stdout[-3000:]
+    assert all(0 < k["registers"] <= 255 for k in kernels), kernels
+    spilling = [(k["kernel"], k["arch"], k["spill_bytes"]) for k in kernels if k["spill_bytes"]]
+    assert not spilling, f"kernels of {name} spill: {spilling}"
+
+
+def _compile_gate():
+    """benchmarks/compile_gate.py, whose ptxas report parser the gate uses too."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "compile_gate.py"
+    spec = importlib.util.spec_from_file_location("compile_gate_for_nvcc", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_no_torch_headers_outside_bindings():

@@ -60,6 +60,10 @@ def test_summary_reads_benchmark_records_and_junit(tmp_path: Path) -> None:
     with records.open("a") as handle:
         for record in bench_loss.bench(64, 16, 8, torch.float32, torch.device("cpu"), 1):
             handle.write(json.dumps(record) + "\n")
+        bench_configs = _load(bench / "bench_fused_configs.py", "bench_configs_under_test")
+        configs = bench_configs.bench(40, 24, 16, torch.float32, torch.device("cpu"), 1)
+        for record in configs:
+            handle.write(json.dumps(record) + "\n")
     written = [json.loads(line) for line in records.read_text().splitlines()]
     assert all(r["git_sha"] and r["device"] and r["torch"] for r in written)
 
@@ -68,7 +72,15 @@ def test_summary_reads_benchmark_records_and_junit(tmp_path: Path) -> None:
     assert sum("| select_topk |" in r for r in rows) == 3  # one per k/N
     assert sum("| score_and_select |" in r and "x read p" in r for r in rows) == 1
     assert sum("| embed |" in r for r in rows) == 1
-    assert sum("| loss fwd+bwd |" in r for r in rows) == len(written) - 5
+    # Every config of each mode (the interpreter runs them all), one of them the pick.
+    from rela_kernels.triton import cosine_loss as kernels
+
+    assert len(configs) == len(bench_configs.MODES) * len(kernels.fused_configs())
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in configs)
+    fused_rows = [r for r in rows if "| fused config |" in r]
+    assert len(fused_rows) == len(configs) and all("x predicted" in r for r in fused_rows)
+    assert sum("(autotuner's pick)" in r for r in fused_rows) == len(bench_configs.MODES)
+    assert sum("| loss fwd+bwd |" in r for r in rows) == len(written) - 5 - len(configs)
 
     junit = tmp_path / "junit.xml"
     junit.write_text(

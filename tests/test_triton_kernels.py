@@ -365,3 +365,68 @@ def test_dot_matrix_cache_follows_in_place_updates(gen):
     assert kernels._dot_matrix(other, F16, lowp=True) is not kernels._dot_matrix(
         matrix, F16, lowp=True
     )
+
+
+# ------------------------------------------------------------------------------------------
+# Every tile of the fused kernel's autotuning list, forced (the GPU autotuner may pick any of
+# them; the Hopper-shaped 64- and 128-row tiles are only reachable there)
+# ------------------------------------------------------------------------------------------
+
+FUSED_TILES = sorted({(c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"]) for c in kernels.fused_configs()})
+
+
+def _fused_config(block_b: int, block_k: int):
+    return next(
+        c
+        for c in kernels.fused_configs()
+        if (c.kwargs["BLOCK_B"], c.kwargs["BLOCK_K"]) == (block_b, block_k)
+    )
+
+
+@pytest.mark.parametrize("block_b, block_k", FUSED_TILES)
+@pytest.mark.parametrize(
+    "d, dtype, with_bias, compute_grad",
+    [(200, BF16, True, True), (257, F32, False, True), (33, F16, True, False)],
+)
+def test_fused_loss_every_tile_matches_reference(
+    gen, block_b, block_k, d, dtype, with_bias, compute_grad
+):
+    """Two programs (the second one partial) and several K steps, the last one masked."""
+    msg = f"tile {block_b}x{block_k}, seed={gen.initial_seed()}"
+    batch, dp = block_b + 3, 2 * block_k + 5
+    z = _matrix_input(batch, d, dtype, "slice", gen)
+    p = _matrix_input(batch, dp, dtype, "contig", gen, shift=1.0)
+    mean, matrix, bias = _transport_params(dp, d, with_bias, gen)
+    config = _fused_config(block_b, block_k)
+
+    loss, grad = kernels.transported_cosine_loss_fwd(
+        z, p, mean, matrix, bias, EPS, compute_grad, config=config
+    )
+
+    ref_loss, ref_grad = _reference_loss_and_grad(
+        lambda zr: reference.transported_cosine_loss(zr, p, mean, matrix, bias, EPS), z
+    )
+    _check_outputs(loss, grad, z, ref_loss, ref_grad, compute_grad, _tol(dtype), msg)
+
+
+@pytest.mark.parametrize("block_b, block_k", FUSED_TILES)
+@pytest.mark.parametrize("largest", [True, False])
+def test_fused_histogram_every_tile_counts_every_row(gen, block_b, block_k, largest):
+    """The histogram of each tile holds each row's loss key once, in the right bin."""
+    from rela_kernels.triton import score_select
+
+    msg = f"tile {block_b}x{block_k}, seed={gen.initial_seed()}"
+    batch, d, dp = 2 * block_b + 1, 24, block_k + 7
+    z = _matrix_input(batch, d, F32, "contig", gen)
+    p = _matrix_input(batch, dp, F32, "contig", gen, shift=1.0)
+    mean, matrix, bias = _transport_params(dp, d, True, gen)
+
+    loss, hist = kernels.transported_cosine_loss_hist(
+        z, p, mean, matrix, bias, EPS, largest, config=_fused_config(block_b, block_k)
+    )
+
+    ref_loss = reference.transported_cosine_loss(z, p, mean, matrix, bias, EPS)
+    _assert_close(loss, ref_loss, 1e-5, msg, scale=torch.tensor(1.0))
+    digits = score_select.order_keys(loss, largest) >> (32 - kernels.HIST_BITS)
+    expected = torch.bincount(digits, minlength=2**kernels.HIST_BITS).to(torch.int32)
+    assert torch.equal(hist.cpu(), expected.cpu()), msg

@@ -26,26 +26,40 @@ float32 ``p`` it uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32`` i
 interpreter (``TRITON_INTERPRET=1``, set before this module is imported) has no 16-bit
 ``tl.dot``, so there the operands stay float32.
 
-Launch: on a GPU the GEMM kernels are autotuned over a short config list (pruned by batch bucket,
-d and Dp, and by registers per thread); under the interpreter one fixed configuration runs. The
-plain loss kernel uses a block-size heuristic.
+Launch: on a GPU the GEMM kernels are autotuned over a short config list, pruned by batch
+bucket, d and Dp, and for the fused kernel by what ptxas reported for the GPU's compute
+capability and this Triton version (``resource_table``: no config that spills or overflows
+shared memory there); under the interpreter one fixed configuration runs. The plain loss kernel
+uses a block-size heuristic. Each launcher builds a ``Launch`` (``*_launch``) and runs it; the
+compile gate (benchmarks/compile_gate.py, docs/gpu-compile.md) compiles the same launches for
+sm_80 and sm_90 without a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from rela_kernels.triton import resource_table
+
 __all__ = [
     "HIST_BITS",
+    "Launch",
     "cosine_loss_fwd",
+    "cosine_loss_launch",
+    "fused_configs",
+    "fused_loss_launch",
     "is_interpreted",
     "transport",
+    "transport_configs",
+    "transport_launch",
     "transported_cosine_loss_fwd",
     "transported_cosine_loss_hist",
 ]
@@ -401,39 +415,65 @@ def _prune(configs, predicate):
     return [min(configs, key=lambda c: (c.kwargs["BLOCK_B"], c.kwargs.get("BLOCK_D", 0)))]
 
 
-def _prune_fused(configs, named_args, **kwargs):
+def _fits_by_rule(c: triton.Config, block_d: int, single: bool, lowp: bool) -> bool:
+    """The fallback where nothing was measured: ptxas (sm_90, Triton 3.9) spills beyond ~16
+    accumulator elements per thread with mma.sync, as the epilogue keeps z, y and their
+    addresses live next to the accumulator. BLOCK_B = 16 is the floor of tl.dot, so a single
+    tile may hold 32 there (BLOCK_D = 256 needs it). float32 operands in the d-tiled loop spill
+    with 64-wide K steps."""
+    if not (single or lowp) and c.kwargs["BLOCK_K"] > 32:
+        return False
+    per_thread = _per_thread(c.kwargs["BLOCK_B"], block_d, c.num_warps)
+    return per_thread <= (32 if single and c.kwargs["BLOCK_B"] == _MIN_DOT else 16)
+
+
+def _prune_fused(configs, named_args, *, arch: int, **kwargs):
+    """The autotuner's candidates for one launch on compute capability ``arch`` (e.g. 90):
+    shape limits first, then what ptxas reported for this target and Triton version
+    (``resource_table``), or the per-thread rule where nothing was measured."""
     args = {**named_args, **kwargs}
     max_b = max(_MIN_DOT, args["B_BUCKET"])
     max_k = _pow2_at_least(args["DP"], _MIN_DOT)
     block_d = args["BLOCK_D"]
     single = args["SINGLE_TILE"]
-    # float32 operands in the d-tiled loop spill with 64-wide K steps.
-    max_k = max_k if single or args["LOWP_DOT"] else min(max_k, 32)
+    variant = resource_table.variant_key(
+        single=single,
+        block_d=block_d,
+        dot=resource_table.dot_kind(args["LOWP_DOT"], args["INPUT_PRECISION"]),
+        grad=args["COMPUTE_GRAD"],
+        hist=args["HIST"],
+    )
+    measured = resource_table.lookup(arch, triton.__version__, variant)
 
     def fits(c: triton.Config) -> bool:
-        # ptxas (sm_90, Triton 3.9) spills beyond ~16 accumulator elements per thread: the
-        # epilogue keeps z, y and their addresses live next to the accumulator. BLOCK_B = 16
-        # is the floor of tl.dot, so a single tile may hold 32 there (BLOCK_D = 256 needs it).
-        per_thread = _per_thread(c.kwargs["BLOCK_B"], block_d, c.num_warps)
-        limit = 32 if single and c.kwargs["BLOCK_B"] == _MIN_DOT else 16
-        return c.kwargs["BLOCK_B"] <= max_b and c.kwargs["BLOCK_K"] <= max_k and per_thread <= limit
+        if c.kwargs["BLOCK_B"] > max_b or c.kwargs["BLOCK_K"] > max_k:
+            return False
+        verdict = None if measured is None else measured.get(resource_table.config_key(c))
+        return _fits_by_rule(c, block_d, single, args["LOWP_DOT"]) if verdict is None else verdict
 
     return _prune(configs, fits)
 
 
-def _prune_transport(configs, named_args, **kwargs):
+def _prune_transport(configs, named_args, *, arch: int, **kwargs):
+    """Shape limits, then the measurements for ``arch`` where there are any."""
     args = {**named_args, **kwargs}
     max_b = max(_MIN_DOT, args["B_BUCKET"])
     max_d = _pow2_at_least(args["D"], 32)
     max_k = _pow2_at_least(args["DP"], _MIN_DOT)
-    return _prune(
-        configs,
-        lambda c: (
-            c.kwargs["BLOCK_B"] <= max_b
-            and c.kwargs["BLOCK_D"] <= max_d
-            and c.kwargs["BLOCK_K"] <= max_k
-        ),
+    dot = resource_table.dot_kind(args["LOWP_DOT"], args["INPUT_PRECISION"])
+    measured = resource_table.lookup(
+        arch, triton.__version__, resource_table.transport_variant_key(dot)
     )
+
+    def fits(c: triton.Config) -> bool:
+        if c.kwargs["BLOCK_B"] > max_b or c.kwargs["BLOCK_D"] > max_d:
+            return False
+        if c.kwargs["BLOCK_K"] > max_k:
+            return False
+        verdict = None if measured is None else measured.get(resource_table.config_key(c))
+        return verdict is not False
+
+    return _prune(configs, fits)
 
 
 def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -442,6 +482,8 @@ def _config(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 # Small lists on purpose: each entry that survives pruning costs a compile and a benchmark per
 # new key. Configs that run out of shared memory on a smaller GPU are skipped by the autotuner.
+# The 64- and 128-row tiles are the Hopper shapes: with 8 warps (two warpgroups) Triton emits
+# wgmma on sm_90, and each program reads the transport matrix for 64 rows instead of 16.
 _FUSED_CONFIGS = [
     _config(4, 2, BLOCK_B=16, BLOCK_K=32),
     _config(4, 3, BLOCK_B=16, BLOCK_K=64),
@@ -462,40 +504,102 @@ _TRANSPORT_CONFIGS = [
 ]
 
 
+def fused_configs() -> list[triton.Config]:
+    """The fused loss kernel's autotuning list (before pruning), for tests and benchmarks."""
+    return list(_FUSED_CONFIGS)
+
+
+def transport_configs() -> list[triton.Config]:
+    """The transport kernel's autotuning list (before pruning)."""
+    return list(_TRANSPORT_CONFIGS)
+
+
+# One autotuner per compute capability: pruning depends on the target (and Triton's version).
 @functools.cache
-def _tuned_fused_kernel():
-    # Built on first GPU use only: the interpreter runs one fixed configuration instead.
+def _tuned_fused_kernel(arch: int):
     return triton.autotune(
         configs=_FUSED_CONFIGS,
         key=["B_BUCKET", "D", "DP", "HAS_BIAS", "COMPUTE_GRAD", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_fused},
+        prune_configs_by={"early_config_prune": functools.partial(_prune_fused, arch=arch)},
     )(_cosine_loss_kernel)
 
 
 @functools.cache
-def _tuned_hist_kernel():
+def _tuned_hist_kernel(arch: int):
     # A second autotuner over the same kernel: autotuning re-runs a launch once per config, so
     # the histogram has to be zeroed before each of those runs (and before the real one).
     return triton.autotune(
         configs=_FUSED_CONFIGS,
         key=["B_BUCKET", "D", "DP", "HAS_BIAS", "INPUT_PRECISION", "LARGEST", "HIST_BITS"],
-        prune_configs_by={"early_config_prune": _prune_fused},
+        prune_configs_by={"early_config_prune": functools.partial(_prune_fused, arch=arch)},
         reset_to_zero=["hist_ptr"],
     )(_cosine_loss_kernel)
 
 
 @functools.cache
-def _tuned_transport_kernel():
+def _tuned_transport_kernel(arch: int):
     return triton.autotune(
         configs=_TRANSPORT_CONFIGS,
         key=["B_BUCKET", "D", "DP", "HAS_BIAS", "INPUT_PRECISION"],
-        prune_configs_by={"early_config_prune": _prune_transport},
+        prune_configs_by={"early_config_prune": functools.partial(_prune_transport, arch=arch)},
     )(_transport_kernel)
 
 
-def _dot_mode(p: Tensor) -> tuple[bool, str]:
-    """(LOWP_DOT, INPUT_PRECISION) for the GEMM on p's dtype."""
+@functools.cache
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _arch_of(t: Tensor) -> int | None:
+    """Compute capability of t's GPU as 80, 90, ...; None under the interpreter."""
     if _INTERPRETED:
+        return None
+    return _device_arch(t.device.index if t.device.index is not None else 0)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch exactly as a launcher makes it, without running it.
+
+    ``kernel`` is the JIT function, ``args`` its positional arguments, ``meta`` the constexpr
+    keywords, ``grid`` maps a config's keywords to the grid. ``tuner`` is the autotuner the
+    launcher calls (None for a fixed configuration); ``candidates()`` lists the configurations
+    that can run: the autotuner's list after its own pruning, or the one fixed configuration.
+    ``launch_candidates`` and the compile gate (benchmarks/compile_gate.py) read these.
+    """
+
+    kernel: object
+    args: tuple
+    meta: dict
+    grid: Callable[[dict], tuple]
+    tuner: object | None = None
+    fixed: triton.Config | None = None
+
+    def candidates(self) -> list[triton.Config]:
+        if self.tuner is None:
+            return [self.fixed]
+        # What Autotuner.run and Autotuner.warmup do before benchmarking.
+        self.tuner.nargs = dict(zip(self.tuner.arg_names, self.args, strict=False))
+        try:
+            return list(self.tuner.prune_configs(dict(self.meta)))
+        finally:
+            self.tuner.nargs = None
+
+    def run(self, config: triton.Config | None = None):
+        """Launch: through the autotuner, or with ``config`` (one of ``candidates()``)."""
+        if config is None and self.tuner is not None:
+            return self.tuner[self.grid](*self.args, **self.meta)
+        config = config or self.fixed
+        kwargs = {**self.meta, **config.all_kwargs()}
+        if _INTERPRETED:  # the interpreter accepts no launch options
+            kwargs = {**self.meta, **config.kwargs}
+        return self.kernel[self.grid(kwargs)](*self.args, **kwargs)
+
+
+def _dot_mode(p: Tensor, arch: int | None) -> tuple[bool, str]:
+    """(LOWP_DOT, INPUT_PRECISION) for the GEMM on p's dtype."""
+    if arch is None:
         return False, "ieee"  # no 16-bit tl.dot in the interpreter; float32 is exact enough
     if p.dtype in _SIXTEEN_BIT:
         return True, "tf32"  # precision only matters for float32 operands
@@ -567,51 +671,54 @@ def _loss_outputs(z: Tensor, compute_grad: bool) -> tuple[Tensor, Tensor]:
     return loss, grad
 
 
+def _interpreter_block_k(dp: int) -> int:
+    # Few, wide K steps: every interpreted op is a numpy call, so fewer steps run faster.
+    return min(_pow2_at_least(dp, _MIN_DOT), _INTERPRETER_MAX_BLOCK_K)
+
+
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launch plans: what each launcher launches, for a given target (arch None: the interpreter).
 # --------------------------------------------------------------------------------------------
 
 
-def transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
-    """float32 ``[B, d] = (p.float() - mean) @ matrix (+ bias)``; p may be strided."""
-    _check_device(p, mean, matrix, bias)
+def transport_launch(
+    p: Tensor, mean: Tensor, matrix: Tensor, bias: Tensor | None, y: Tensor, arch: int | None
+) -> Launch:
+    """The launch of ``transport`` writing into the float32 [B, d] ``y``."""
     batch, dp = p.shape
     d = matrix.shape[1]
     mean, matrix, bias_arg = _transport_params(p, mean, matrix, bias, d)
-    y = torch.empty((batch, d), dtype=torch.float32, device=p.device)
-    if batch == 0 or d == 0:
-        return y
-    lowp, precision = _dot_mode(p)
+    lowp, precision = _dot_mode(p, arch)
     matrix = _dot_matrix(matrix, p.dtype, lowp)
     args = (p, mean, matrix, bias_arg, y, batch, d, dp, _b_bucket(batch))
     args += (p.stride(0), p.stride(1), matrix.stride(0), matrix.stride(1))
     meta = dict(HAS_BIAS=bias is not None, LOWP_DOT=lowp, INPUT_PRECISION=precision)
-    with _device_guard(p):
-        if _INTERPRETED:
-            block_b, block_k = _INTERPRETER_BLOCK_B, _interpreter_block_k(dp)
-            block_d = min(_pow2_at_least(d, _MIN_DOT), _INTERPRETER_MAX_TILE_D)
-            grid = (triton.cdiv(batch, block_b), triton.cdiv(d, block_d))
-            _transport_kernel[grid](
-                *args, **meta, BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_K=block_k
-            )
-        else:
-            _tuned_transport_kernel()[
-                lambda m: (triton.cdiv(batch, m["BLOCK_B"]), triton.cdiv(d, m["BLOCK_D"]))
-            ](*args, **meta)
-    return y
+
+    def grid(m):
+        return (triton.cdiv(batch, m["BLOCK_B"]), triton.cdiv(d, m["BLOCK_D"]))
+
+    if arch is None:
+        block_d = min(_pow2_at_least(d, _MIN_DOT), _INTERPRETER_MAX_TILE_D)
+        block_k = _interpreter_block_k(dp)
+        fixed = _config(4, 3, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_D=block_d, BLOCK_K=block_k)
+        return Launch(_transport_kernel, args, meta, grid, fixed=fixed)
+    return Launch(_transport_kernel, args, meta, grid, tuner=_tuned_transport_kernel(arch))
 
 
-def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tuple[Tensor, Tensor]:
-    """(float32 loss [B], grad [B, d] in z's dtype or empty); z and y may be strided."""
-    _check_device(z, y)
-    assert z.dim() == 2 and y.shape == z.shape
+def cosine_loss_launch(
+    z: Tensor,
+    y: Tensor,
+    eps: float,
+    compute_grad: bool,
+    loss: Tensor,
+    grad: Tensor,
+    arch: int | None,
+) -> Launch:
+    """The launch of the plain cosine loss (a block-size heuristic, no autotuning)."""
     batch, d = z.shape
-    loss, grad = _loss_outputs(z, compute_grad)
-    if batch == 0:
-        return loss, grad
-    max_tile = _INTERPRETER_MAX_TILE_D if _INTERPRETED else _LOSS_MAX_TILE_D
+    max_tile = _INTERPRETER_MAX_TILE_D if arch is None else _LOSS_MAX_TILE_D
     block_d = min(_pow2_at_least(d, _MIN_DOT), max_tile)
-    if _INTERPRETED:
+    if arch is None:
         block_b, num_warps = _INTERPRETER_BLOCK_B, 4
     else:
         # Up to 4096 elements per tile: enough loads in flight per program, and many programs
@@ -621,62 +728,27 @@ def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tup
     # y stands in for the never-read transport pointers; loss for an absent gradient/histogram.
     args = (z, y, y, y, y, y, loss, grad if compute_grad else loss, loss, batch, d, 0, 0)
     args += (z.stride(0), z.stride(1), y.stride(0), y.stride(1), 0, 0, 0, 0, float(eps))
-    with _device_guard(z):
-        _cosine_loss_kernel[(triton.cdiv(batch, block_b),)](
-            *args,
-            FUSED=False,
-            HAS_BIAS=False,
-            COMPUTE_GRAD=compute_grad,
-            HIST=False,
-            LARGEST=True,
-            HIST_BITS=HIST_BITS,
-            SINGLE_TILE=d <= block_d,
-            LOWP_DOT=False,
-            INPUT_PRECISION="ieee",
-            BLOCK_B=block_b,
-            BLOCK_D=block_d,
-            BLOCK_K=_MIN_DOT,
-            num_warps=num_warps,
-        )
-    return loss, grad
+    meta = dict(
+        FUSED=False,
+        HAS_BIAS=False,
+        COMPUTE_GRAD=compute_grad,
+        HIST=False,
+        LARGEST=True,
+        HIST_BITS=HIST_BITS,
+        SINGLE_TILE=d <= block_d,
+        LOWP_DOT=False,
+        INPUT_PRECISION="ieee",
+        BLOCK_D=block_d,
+        BLOCK_K=_MIN_DOT,
+    )
+    # Triton's default pipelining depth: this kernel has no loop over K to pipeline.
+    fixed = _config(num_warps, 3, BLOCK_B=block_b)
+    return Launch(
+        _cosine_loss_kernel, args, meta, lambda m: (triton.cdiv(batch, m["BLOCK_B"]),), fixed=fixed
+    )
 
 
-def transported_cosine_loss_fwd(
-    z: Tensor,
-    p: Tensor,
-    mean: Tensor,
-    matrix: Tensor,
-    bias: Tensor | None,
-    eps: float,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    """``cosine_loss_fwd(z, transport(p, mean, matrix, bias))`` without materialising y."""
-    loss, grad, _ = _fused_loss(z, p, mean, matrix, bias, eps, compute_grad, None)
-    return loss, grad
-
-
-def transported_cosine_loss_hist(
-    z: Tensor,
-    p: Tensor,
-    mean: Tensor,
-    matrix: Tensor,
-    bias: Tensor | None,
-    eps: float,
-    largest: bool,
-    hist_bits: int = HIST_BITS,
-) -> tuple[Tensor, Tensor]:
-    """(float32 loss [B], int32 histogram [2**hist_bits]) in one pass over ``p``.
-
-    Bin ``b`` counts the rows whose order key (see ``_order_key``; reversed unless ``largest``)
-    has ``b`` as its top ``hist_bits`` bits: the first pass of a radix select of the losses.
-    """
-    assert 1 <= hist_bits <= 16 and z.shape[0] < 2**31  # int32 counts, bins in one int32
-    hist = torch.zeros(2**hist_bits, dtype=torch.int32, device=z.device)
-    loss, _, hist = _fused_loss(z, p, mean, matrix, bias, eps, False, (hist, largest, hist_bits))
-    return loss, hist
-
-
-def _fused_loss(
+def fused_loss_launch(
     z: Tensor,
     p: Tensor,
     mean: Tensor,
@@ -685,19 +757,19 @@ def _fused_loss(
     eps: float,
     compute_grad: bool,
     histogram: tuple[Tensor, bool, int] | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Launch the fused kernel; ``histogram`` = (zeroed int32 bins, largest, bits) or None."""
-    _check_device(z, p, mean, matrix, bias)
-    assert z.dim() == 2 and p.dim() == 2 and p.shape[0] == z.shape[0]
+    loss: Tensor,
+    grad: Tensor,
+    arch: int | None,
+    config: triton.Config | None = None,
+) -> Launch:
+    """The launch of the fused kernel; ``histogram`` = (zeroed int32 bins, largest, bits) or
+    None. ``config`` fixes the tile (tests and per-config benchmarks) instead of autotuning."""
     batch, d = z.shape
     dp = p.shape[1]
     mean, matrix, bias_arg = _transport_params(p, mean, matrix, bias, d)
-    loss, grad = _loss_outputs(z, compute_grad)
     hist, largest, hist_bits = histogram if histogram is not None else (None, True, HIST_BITS)
-    if batch == 0:
-        return loss, grad, hist
     single = d <= _FUSED_MAX_SINGLE_D
-    lowp, precision = _dot_mode(p)
+    lowp, precision = _dot_mode(p, arch)
     matrix = _dot_matrix(matrix, p.dtype, lowp)
     # loss stands in for an absent gradient or histogram (never written then).
     args = (z, z, p, mean, matrix, bias_arg, loss, grad if compute_grad else loss)
@@ -716,18 +788,112 @@ def _fused_loss(
         INPUT_PRECISION=precision,
         BLOCK_D=_pow2_at_least(d, _MIN_DOT) if single else _fused_tile_d(lowp),
     )
+
+    def grid(m):
+        return (triton.cdiv(batch, m["BLOCK_B"]),)
+
+    if config is not None:
+        return Launch(_cosine_loss_kernel, args, meta, grid, fixed=config)
+    if arch is None:
+        fixed = _config(4, 3, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_K=_interpreter_block_k(dp))
+        return Launch(_cosine_loss_kernel, args, meta, grid, fixed=fixed)
+    tuner = _tuned_fused_kernel(arch) if hist is None else _tuned_hist_kernel(arch)
+    return Launch(_cosine_loss_kernel, args, meta, grid, tuner=tuner)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def transport(p: Tensor, mean: Tensor, matrix: Tensor, bias: Tensor | None) -> Tensor:
+    """float32 ``[B, d] = (p.float() - mean) @ matrix (+ bias)``; p may be strided."""
+    _check_device(p, mean, matrix, bias)
+    batch = p.shape[0]
+    d = matrix.shape[1]
+    y = torch.empty((batch, d), dtype=torch.float32, device=p.device)
+    if batch == 0 or d == 0:
+        return y
+    with _device_guard(p):
+        transport_launch(p, mean, matrix, bias, y, _arch_of(p)).run()
+    return y
+
+
+def cosine_loss_fwd(z: Tensor, y: Tensor, eps: float, compute_grad: bool) -> tuple[Tensor, Tensor]:
+    """(float32 loss [B], grad [B, d] in z's dtype or empty); z and y may be strided."""
+    _check_device(z, y)
+    assert z.dim() == 2 and y.shape == z.shape
+    loss, grad = _loss_outputs(z, compute_grad)
+    if z.shape[0] == 0:
+        return loss, grad
     with _device_guard(z):
-        if _INTERPRETED:
-            grid = (triton.cdiv(batch, _INTERPRETER_BLOCK_B),)
-            _cosine_loss_kernel[grid](
-                *args, **meta, BLOCK_B=_INTERPRETER_BLOCK_B, BLOCK_K=_interpreter_block_k(dp)
-            )
-        else:
-            tuned = _tuned_fused_kernel() if hist is None else _tuned_hist_kernel()
-            tuned[lambda m: (triton.cdiv(batch, m["BLOCK_B"]),)](*args, **meta)
+        cosine_loss_launch(z, y, eps, compute_grad, loss, grad, _arch_of(z)).run()
+    return loss, grad
+
+
+def transported_cosine_loss_fwd(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    compute_grad: bool,
+    *,
+    config: triton.Config | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``cosine_loss_fwd(z, transport(p, mean, matrix, bias))`` without materialising y.
+
+    ``config`` (one of ``fused_configs()``) runs that tile instead of the autotuner's pick."""
+    loss, grad, _ = _fused_loss(z, p, mean, matrix, bias, eps, compute_grad, None, config)
+    return loss, grad
+
+
+def transported_cosine_loss_hist(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    largest: bool,
+    hist_bits: int = HIST_BITS,
+    *,
+    config: triton.Config | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(float32 loss [B], int32 histogram [2**hist_bits]) in one pass over ``p``.
+
+    Bin ``b`` counts the rows whose order key (see ``_order_key``; reversed unless ``largest``)
+    has ``b`` as its top ``hist_bits`` bits: the first pass of a radix select of the losses.
+    """
+    assert 1 <= hist_bits <= 16 and z.shape[0] < 2**31  # int32 counts, bins in one int32
+    hist = torch.zeros(2**hist_bits, dtype=torch.int32, device=z.device)
+    histogram = (hist, largest, hist_bits)
+    loss, _, hist = _fused_loss(z, p, mean, matrix, bias, eps, False, histogram, config)
+    return loss, hist
+
+
+def _fused_loss(
+    z: Tensor,
+    p: Tensor,
+    mean: Tensor,
+    matrix: Tensor,
+    bias: Tensor | None,
+    eps: float,
+    compute_grad: bool,
+    histogram: tuple[Tensor, bool, int] | None,
+    config: triton.Config | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Launch the fused kernel; ``histogram`` = (zeroed int32 bins, largest, bits) or None."""
+    _check_device(z, p, mean, matrix, bias)
+    assert z.dim() == 2 and p.dim() == 2 and p.shape[0] == z.shape[0]
+    loss, grad = _loss_outputs(z, compute_grad)
+    hist = histogram[0] if histogram is not None else None
+    if z.shape[0] == 0:
+        return loss, grad, hist
+    launch = fused_loss_launch(
+        z, p, mean, matrix, bias, eps, compute_grad, histogram, loss, grad, _arch_of(z), config
+    )
+    with _device_guard(z):
+        launch.run()
     return loss, grad, hist
-
-
-def _interpreter_block_k(dp: int) -> int:
-    # Few, wide K steps: every interpreted op is a numpy call, so fewer steps run faster.
-    return min(_pow2_at_least(dp, _MIN_DOT), _INTERPRETER_MAX_BLOCK_K)
