@@ -39,9 +39,12 @@ class StepEvaluations:
         with ``step == switch_step``); returns the steps of the pending snapshots to evaluate
         now (their states: :meth:`take`), and whether the live backbone is due is
         :meth:`live_due`. Keeps a snapshot of ``backbone`` when one is due."""
-        if self.window is None or switch_step is not None:
-            return [s for s, _ in self.snapshots]
+        if self.window is None:
+            return []
         before = self.window[0]
+        if switch_step is not None:
+            self.snapshots = [(s, st) for s, st in self.snapshots if switch_step - s <= before]
+            return [s for s, _ in self.snapshots]
         if step % self.every == 0 and before > 0:
             state = {k: v.detach().to("cpu", copy=True) for k, v in backbone.state_dict().items()}
             self.snapshots.append((step, state))
