@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
+    """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
     args = parse_args(argv)
     sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.aggregate_only:
-        features = fit_features()
+        features = fit_features(python)
         if "--recipe" not in features:
             raise SystemExit("study_switch: this trainer has no --recipe (official) option")
         runs = build_switch_plan(
@@ -160,7 +161,13 @@ def main(argv: list[str] | None = None) -> int:
             }
 
         failed = run_study(
-            runs, out, jobs=args.jobs, environment=env, on_record=aggregate, log=_log
+            runs,
+            out,
+            jobs=args.jobs,
+            python=python,
+            environment=env,
+            on_record=aggregate,
+            log=_log,
         )
         if failed:
             _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
