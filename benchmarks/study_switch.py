@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--parts", type=_parts, default=PARTS, help=f"comma-separated, of {', '.join(PARTS)}"
     )
     parser.add_argument(
+        "--rows", type=lambda text: text.split(","), default=None,
+        help="only these rows (comma-separated names; default: every row of --parts)",
+    )  # fmt: skip
+    parser.add_argument(
         "--best", default=None, help="transition of the long horizon's best row (default blend)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             features=features, data_dir=args.data_dir,
             switch="const:0.5" if args.quick else None,
         )  # fmt: skip
+        if args.rows is not None:
+            unknown = sorted(set(args.rows) - set(order))
+            if unknown:
+                raise SystemExit(f"study_switch: --rows: unknown row(s) {', '.join(unknown)}")
+            runs = [run for run in runs if run.row in args.rows]
         print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
         if args.plan_only:
             return 0

@@ -141,7 +141,7 @@ FAKE_FIT = textwrap.dedent(
 )
 
 
-QUICK_ARGS = ["--quick", "--seeds", "0,1", "--out"]
+QUICK_ARGS = ["--quick", "--seeds", "1", "--out"]
 
 
 def test_the_script_runs_the_quick_grid_with_a_stand_in_trainer(tmp_path: Path) -> None:
@@ -152,13 +152,20 @@ def test_the_script_runs_the_quick_grid_with_a_stand_in_trainer(tmp_path: Path) 
     assert study_switch.main(QUICK_ARGS + [str(out)], python=str(script)) == 0
     lines = (out / "switch.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 2 * 8 + 4  # factors and horizon at 2 seeds, the long part at one
+    assert len(records) == 8 + 4  # factors, horizon and the long part
     factor = next(r for r in records if r["row"] == "switch-a-hard")
     assert len(factor["step_curve"]) == 8 and factor["switch_transition"] == "hard"
     assert (out / "switch.png").stat().st_size > 0
     table = (out / "switch.md").read_text()
-    assert "no verdict: switch-a-hard has 2 seed(s), the rule needs 3" in table
-    # A rerun finds every record and runs nothing.
+    assert "no verdict: switch-a-hard has 1 seed(s), the rule needs 3" in table
+    # --rows picks rows; a rerun finds every record and runs nothing.
+    assert study_switch.main(QUICK_ARGS + [str(tmp_path / "one"), "--rows", "byol-100"],
+                             python=str(script)) == 0  # fmt: skip
+    assert {r.name for r in (tmp_path / "one" / "records").iterdir()} == {
+        "byol-100-seed0.json"
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match="unknown row"):
+        study_switch.main(QUICK_ARGS + [str(out), "--rows", "nope"], python=str(script))
     before = (out / "switch.jsonl").read_text()
     assert study_switch.main(QUICK_ARGS + [str(out)], python=str(script)) == 0
     assert (out / "switch.jsonl").read_text() == before
