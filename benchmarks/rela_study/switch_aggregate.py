@@ -204,7 +204,8 @@ def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], eve
     axes[0].set_xlabel("optimizer steps since the ReLA -> BYOL switch")
     axes[0].set_ylabel("kNN top-1 (%, 5,000-image bank), mean ± std over seeds")
     axes[0].grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, loc="lower right")
     positions = range(len(summaries))
     shown = []
     for offset, key, name in ((-0.2, "knn", "final kNN"), (0.2, "probe", "official probe")):
