@@ -5,9 +5,9 @@ against the steps since the switch with bands over seeds.
 The *drop* of a run is the peak kNN at or before the switch minus the lowest kNN after it, both
 from the ``--eval-steps`` points (``step_curve`` of the record, on the fixed per-epoch bank). A
 step curve point's ``since_switch`` is the number of BYOL-phase steps taken (0: the state the
-ReLA phase ended with). Points from runs whose switch steps differ are put on a common axis by
-rounding ``since_switch`` to the evaluation interval (snapshots before the switch fall between
-multiples of it).
+ReLA phase ended with). Points from runs whose switch steps differ are put on a common axis: the
+snapshots before the switch fall between multiples of the evaluation interval and are plotted at
+the multiple at or below them.
 """
 
 from __future__ import annotations
@@ -156,6 +156,14 @@ def default_verdict(
     return "; ".join(lines) + f". Verdict: {verdict}"
 
 
+def _offset(since: int, every: int) -> int:
+    """The plot's x of a point: after the switch the points lie on multiples of ``every``;
+    a snapshot before it goes to the multiple at or below it (never onto offset 0)."""
+    if since >= 0:
+        return every * round(since / every)
+    return -every * math.ceil(-since / every)
+
+
 def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...]:
     """Mean and std of kNN (%) over seeds per rounded offset, where every seed has a point."""
     per_offset: dict[int, list[float]] = {}
@@ -164,7 +172,7 @@ def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...
         for point in record.get("step_curve") or []:
             if point.get("knn_acc") is None or point.get("since_switch") is None:
                 continue
-            offset = every * round(point["since_switch"] / every)
+            offset = _offset(point["since_switch"], every)
             seen[offset] = 100 * point["knn_acc"]
         for offset, value in seen.items():
             per_offset.setdefault(offset, []).append(value)
