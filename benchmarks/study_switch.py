@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these rows (comma-separated names; default: every row of --parts)",
     )  # fmt: skip
     parser.add_argument(
-        "--best", default=None, help="transition of the long horizon's best row (default blend)"
+        "--best", default=None, help="transition of the long horizon's best row (default keep-views)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     args = parse_args(argv)
     sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
-    best = args.best or f"blend:{steps.blend}"
+    # The transition that kept the most of the ReLA phase at 15 epochs (docs/switch.md).
+    best = args.best or "keep-views"
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     results = args.results or (
         args.out / "switch.jsonl" if args.quick else RESULTS / "switch.jsonl"
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     rows = switch_rows(steps, best)
     order = [row.name for row in rows]
     candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
-    long_pairs = {HARD_ROW: "long-rela-50-hard", "switch-f-blend": "long-rela-50-best"}
+    # The long horizon's "best" row runs --best: it pairs with the factor row of that transition.
+    best_row = next((r.name for r in rows if r.part == "factors" and r.transition == best), None)
+    long_pairs = {HARD_ROW: "long-rela-50-hard"}
+    if best_row is not None:
+        long_pairs[best_row] = "long-rela-50-best"
 
     def aggregate() -> None:
         records = load_records(out)
