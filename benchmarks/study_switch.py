@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these rows (comma-separated names; default: every row of --parts)",
     )  # fmt: skip
     parser.add_argument(
-        "--best", default=None, help="transition of the long horizon's best row (default keep-views)"
+        "--best", default=None, help="the long horizon's best row's transition (keep-views)"
     )
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
