@@ -224,6 +224,7 @@ def fit_pca_whitening(
     *,
     device: torch.device | str | None = None,
     gemm_dtype: torch.dtype = torch.float64,
+    clip_to_rank: bool = False,
 ) -> Transport:
     """The ReLA-D transport: PCA whitening of prior embeddings down to ``dim`` components.
 
@@ -244,10 +245,15 @@ def fit_pca_whitening(
         gemm_dtype: dtype of each chunk's Gram GEMM (the merge is always float64). float64, the
             default, keeps the covariance exact; float32 is faster and less accurate on the
             smallest kept components (see ``_Moments``).
+        clip_to_rank: when fewer than ``dim`` components have non-negligible variance (more
+            than 1e-6 x the largest), keep only those instead of raising: the transport's
+            ``out_dim`` is then the usable rank (compare it with ``dim`` to warn). Whitening a
+            (near-)zero-variance component would only scale numerical noise to unit variance.
 
     Raises:
         ValueError: ``dim`` out of range, fewer than 2 rows, non-finite values (naming the row),
-            an incomplete store, or a kept component with (near-)zero variance.
+            an incomplete store, or (without ``clip_to_rank``) a kept component with (near-)zero
+            variance.
     """
     where = "rk.fit_pca_whitening"
     dim = check_int(where, "dim", dim, 1)
@@ -274,8 +280,11 @@ def fit_pca_whitening(
         raise ValueError(f"{where}: all {moments.n} embeddings are identical (zero variance)")
     kept = eigenvalues[:dim]
     floor = largest * _MIN_RELATIVE_VARIANCE
-    if float(kept[-1]) <= floor:
-        usable = int((eigenvalues > floor).sum())
+    usable = int((eigenvalues > floor).sum())
+    if float(kept[-1]) <= floor and clip_to_rank:
+        dim = usable  # >= 1: the largest eigenvalue is above the floor
+        kept = eigenvalues[:dim]
+    elif float(kept[-1]) <= floor:
         raise ValueError(
             f"{where}: only {usable} principal components have non-negligible variance "
             f"(> {_MIN_RELATIVE_VARIANCE:g} x the largest), but dim={dim} were requested; the "

@@ -52,7 +52,7 @@ INT_AT_LEAST_ONE = (
     "image_size", "width", "proj_hidden", "proj_dim", "epochs", "accum_steps", "prefetch",
     "rela_dim", "knn_k",
 )  # fmt: skip
-INT_AT_LEAST_ZERO = ("workers", "seed", "eval_every", "probe_epochs")
+INT_AT_LEAST_ZERO = ("workers", "seed", "eval_every", "probe_epochs", "eval_steps")
 OPTIONAL_INT = (
     "train_subset", "val_subset", "load_size", "threads", "global_batch", "eval_bank"
 )  # fmt: skip
@@ -91,6 +91,8 @@ STRINGS = {
     "arch": "resnet7",
     "device": "cuda:x",
     "switch": "const:2",
+    "switch_transition": "bogus",
+    "eval_steps_window": "x",
     "prior": "",
     "prior_store": " ",
     "data_dir": "",

@@ -90,6 +90,9 @@ def make_record(
         "budget": summary.get("budget"),
         "selection": summary.get("selection"),
         "curve": curve,
+        # --eval-steps points (issue 18): kNN against steps since the switch.
+        "step_curve": summary.get("step_evaluations") or [],
+        "switch_transition": summary.get("switch_transition"),
         "run_seconds": round(seconds, 1),
         # CPU time of the fit process (None when only its record was missing): on a busy
         # machine the wall time overstates what the run needs, this does not.

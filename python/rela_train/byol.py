@@ -86,6 +86,13 @@ class BYOL(nn.Module):
         return self.target_projector(self.target_backbone(x))
 
     @torch.no_grad()
+    def reset_target(self) -> None:
+        """The target backbone and projector become exact copies of the online ones
+        (``--switch-transition reset-target``)."""
+        self.target_backbone.load_state_dict(self.backbone.state_dict())
+        self.target_projector.load_state_dict(self.projector.state_dict())
+
+    @torch.no_grad()
     def update_target(self, tau: float) -> None:
         """``target <- tau * target + (1 - tau) * online`` for parameters and float buffers;
         integer buffers (BatchNorm's batch counter) are copied."""

@@ -94,6 +94,8 @@ def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
         "switch": trainer.switch.state_dict(),
         "counters": dataclasses.asdict(counters),
         "evaluations": trainer.evaluations,
+        # --eval-steps: pending snapshots and results (absent from older checkpoints).
+        "step_evals": None if trainer.step_evals is None else trainer.step_evals.state_dict(),
         "world_size": trainer.world,
         "feature_dim": trainer.learner.feature_dim,
         "channels": trainer.train_source.channels,
@@ -134,6 +136,8 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.counters = Counters(**saved)
     trainer.train_source.skipped = trainer.counters.skipped_images
     trainer.evaluations = list(state["evaluations"])
+    if trainer.step_evals is not None and state.get("step_evals") is not None:
+        trainer.step_evals.load_state_dict(state["step_evals"])
     # Drop metric lines written after the checkpoint: the resumed run rewrites them.
     metrics = trainer.run_dir / "metrics.jsonl"
     if trainer.main and metrics.exists():

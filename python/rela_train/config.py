@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = [
     "add_config_arguments",
     "apply_recipe",
     "config_from_args",
+    "parse_step_window",
     "parse_switch",
 ]
 
@@ -217,6 +219,14 @@ class TrainConfig:
         default="adaptive",
         metadata=_opt("ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never"),
     )
+    switch_transition: str = field(
+        default="hard",
+        metadata=_opt(
+            "what happens at the ReLA -> BYOL switch: hard (the official code), or parts joined "
+            "by +: blend:STEPS, reset-target, warm-heads:STEPS, keep-views, lr-drop:STEPS "
+            "(docs/switch.md)"
+        ),
+    )
     const_switch: str = field(
         default="step",
         metadata=_opt(
@@ -283,6 +293,20 @@ class TrainConfig:
     knn_t: float = field(default=0.1, metadata=_opt("kNN temperature"))
     eval_every: int = field(
         default=1, metadata=_opt("kNN evaluation every this many epochs (0: only at the end)")
+    )
+    eval_steps: int = field(
+        default=0,
+        metadata=_opt(
+            "also kNN on the eval bank every this many optimizer steps (0: off); not counted as "
+            "training time, recorded as step_eval lines and in the summary"
+        ),
+    )
+    eval_steps_window: str | None = field(
+        default=None,
+        metadata=_opt(
+            "BEFORE:AFTER: the --eval-steps evaluations only from BEFORE steps before the ReLA "
+            "-> BYOL switch (snapshots, evaluated at the switch) to AFTER steps after it"
+        ),
     )
     eval_bank: int | None = field(
         default=None,
@@ -468,6 +492,7 @@ class TrainConfig:
             f"does not apply to --policy inbatch (every batch is scored), got {self.anneal}",
         )
         parse_switch(self.switch)
+        self._validate_transition_and_step_evals(need)
         need(
             math.isfinite(self.budget) and 0 < self.budget <= 1,
             "budget",
@@ -481,6 +506,45 @@ class TrainConfig:
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
         return self
+
+    def _validate_transition_and_step_evals(self, need: Callable[[bool, str, str], None]) -> None:
+        from rela_train.transition import parse_transition
+
+        if not parse_transition(self.switch_transition).hard:
+            need(
+                self.rela,
+                "switch_transition",
+                f"{self.switch_transition!r} needs ReLA (--prior or --prior-store)",
+            )
+            need(
+                self.switch != "never",
+                "switch_transition",
+                f"{self.switch_transition!r} needs a switch, but --switch is never",
+            )
+        need(self.eval_steps >= 0, "eval_steps", f"must be >= 0, got {self.eval_steps}")
+        if self.eval_steps_window is not None:
+            parse_step_window(self.eval_steps_window)
+            need(
+                self.eval_steps >= 1,
+                "eval_steps_window",
+                f"{self.eval_steps_window!r} needs --eval-steps N >= 1",
+            )
+            need(
+                self.rela and self.switch != "never",
+                "eval_steps_window",
+                f"{self.eval_steps_window!r} is relative to the switch: needs ReLA with a switch",
+            )
+
+
+def parse_step_window(text: str) -> tuple[int, int]:
+    """``BEFORE:AFTER`` (whole numbers >= 0) -> ``(before, after)``; raises ValueError naming
+    ``--eval-steps-window``."""
+    before, colon, after = text.partition(":")
+    if not (colon and before.isdigit() and after.isdigit()):
+        raise ValueError(
+            f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
+        )
+    return int(before), int(after)
 
 
 # Settings added after config.json files were first written: a file without the key ran with
@@ -500,6 +564,9 @@ LEGACY_VALUES: dict[str, Any] = {
     "switch_scores": "keep",
     "inbatch_switch_loss": "kept",
     "probe": "lbfgs",
+    "switch_transition": "hard",
+    "eval_steps": 0,
+    "eval_steps_window": None,
 }
 
 # The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
@@ -522,6 +589,7 @@ OFFICIAL_RECIPE: dict[str, Any] = {
     "prior_preprocess": "official",
     "probe": "official",
     "probe_epochs": 100,
+    "switch_transition": "hard",
 }
 
 # The official code turns blur off for CIFAR (32 px) only.

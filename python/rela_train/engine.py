@@ -31,6 +31,7 @@ per-rank batch adapted) at the same position of the same epoch.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -63,7 +64,7 @@ from rela_train.checkpoint import (
     restore,
     save_checkpoint,
 )
-from rela_train.config import RESUME_SETTINGS, TrainConfig
+from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_step_window
 from rela_train.data.sources import Batch, FolderSource, Source
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import evaluate_backbone
@@ -77,6 +78,8 @@ from rela_train.runtime import (
     resolve_device,
 )
 from rela_train.runtime import setup as setup_distributed
+from rela_train.step_evals import StepEvaluations
+from rela_train.transition import parse_transition
 
 __all__ = ["TIME_FIELDS", "Hooks", "RunResult", "StepAgreement", "StopSignal", "Trainer"]
 
@@ -230,6 +233,18 @@ class Trainer:
         self.optimizer = parts.optimizer
         self.switch = parts.switch
         self.augment = parts.augment
+        self.transition = parse_transition(config.switch_transition)
+        self.step_evals = (
+            StepEvaluations(
+                config.eval_steps,
+                None
+                if config.eval_steps_window is None
+                else parse_step_window(config.eval_steps_window),
+            )
+            if config.eval_steps
+            else None
+        )
+        self._scratch_backbone: nn.Module | None = None  # evaluates step-eval snapshots
         # Scores of this epoch's steps, written to the score table at the next flush_scores.
         self._pending_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.counters = Counters()  # restored on resume
@@ -284,6 +299,13 @@ class Trainer:
     def phase(self) -> str:
         return "byol" if self.switch.switched else "rela"
 
+    def steps_since_switch(self) -> int | None:
+        """Optimizer steps taken since the switch (0 in the first BYOL-phase step); None before
+        it and in BYOL-only runs. What every ``--switch-transition`` is a function of."""
+        if self.counters.switch_step is None or not self.switch.switched:
+            return None
+        return self.counters.global_step - self.counters.switch_step
+
     def _autocast(self):
         if self.autocast:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -330,7 +352,7 @@ class Trainer:
     def _views(self, batch: Batch, g: torch.Generator) -> list[torch.Tensor]:
         """The normalised views of a batch on the device: the photometric half only when the
         loader already cropped them, the whole augmentation otherwise."""
-        phase = self.phase
+        phase = self.transition.view_phase(self.phase)
         if batch.views is not None:
             crops = batch.views.to(self.device, non_blocking=True)
             views = self.augment[phase].photometric(crops, g)
@@ -339,7 +361,9 @@ class Trainer:
             views = self.augment[phase](images, g)
         return self._memory_format(views)
 
-    def _micro_step(self, batch: Batch, g: torch.Generator, scale: float) -> torch.Tensor:
+    def _micro_step(
+        self, batch: Batch, g: torch.Generator, scale: float, since: int | None
+    ) -> torch.Tensor:
         """Forward and backward one micro-batch; returns float64 ``[loss sum, rows, probe loss
         sum, probe hits, switch loss sum, switch rows]`` (the last two differ from the first two
         with ``inbatch`` and ``--inbatch-switch-loss scored`` only)."""
@@ -347,7 +371,8 @@ class Trainer:
         indices = batch.indices
         views = self._views(batch, g)
         prior = None
-        if phase == "rela":
+        rela_weight = self.transition.rela_weight(since)  # a blend computes both losses
+        if phase == "rela" or rela_weight > 0:
             assert self.prior is not None
             prior = self.prior.rows(indices, self.device)
         if self.inbatch:
@@ -364,7 +389,10 @@ class Trainer:
             weights = weights * valid  # rows of images the prior could not read: no target
         check = self.device.type != "cuda"  # finiteness checks cost a host sync on CUDA
         with self._autocast():
-            per_sample, score, logits = self.objective(views, phase, prior, check)
+            per_sample, score, logits = self.objective(
+                views, phase, prior, check,
+                rela_weight=rela_weight, freeze_backbone=self.transition.freeze_backbone(since),
+            )  # fmt: skip
             probe_loss = F.cross_entropy(logits, labels)
         loss = (per_sample * weights).mean() + probe_loss
         (loss * scale).backward()
@@ -395,11 +423,51 @@ class Trainer:
             return
         if self.config.switch_scores == "reset":
             self._reset_scores()
+        if self.transition.reset_target:
+            self.learner.byol.reset_target()
         self.counters.switch_step = self.counters.global_step
         self.counters.switch_epoch = self.counters.epoch
         rho = "" if math.isnan(self.switch.rho) else f" (rho={self.switch.rho:.5f})"
         step, epoch = self.counters.global_step, self.counters.epoch
         self.log(f"switch to BYOL after step {step}, epoch {epoch + 1}{rho}")
+
+    def _step_evaluations(self) -> None:
+        """``--eval-steps``: the kNN evaluations due after this step (see
+        :mod:`rela_train.step_evals`), each a ``step_eval`` line of metrics.jsonl."""
+        evals = self.step_evals
+        if evals is None:
+            return
+        step, switch_step = self.counters.global_step, self.counters.switch_step
+        backbone = self.learner.byol.backbone
+        due = evals.after_step(step, switch_step, backbone)
+        if due:
+            for snapshot_step, state in evals.take():
+                if switch_step is not None and snapshot_step >= switch_step:
+                    continue  # the live evaluation at offset 0 stands for it
+                if self._scratch_backbone is None:
+                    self._scratch_backbone = copy.deepcopy(backbone)
+                self._scratch_backbone.load_state_dict(state)
+                self._step_eval_record(snapshot_step, switch_step, self._scratch_backbone)
+        if evals.live_due(step, switch_step):
+            self._step_eval_record(step, switch_step, None)
+
+    def _step_eval_record(
+        self, step: int, switch_step: int | None, backbone: nn.Module | None
+    ) -> None:
+        record: dict[str, Any] = {"event": "step_eval", "step": step}
+        if self.main:
+            result = self.evaluate(final=False, backbone=backbone)
+            record["knn_acc"] = result["knn_acc"]
+            record["eval_time"] = result["eval_time"]
+        record["since_switch"] = None if switch_step is None else step - switch_step
+        rela = switch_step is None or step <= switch_step
+        record["phase"] = "rela" if rela and self.config.rela else "byol"
+        self.step_evals.records.append(
+            {k: record.get(k) for k in ("step", "since_switch", "phase", "knn_acc")}
+        )
+        self._write_metrics(record)
+        if self.world > 1:
+            dist.barrier()
 
     def _reset_scores(self) -> None:
         """At the switch, loss-based policies start over with BYOL losses: the ReLA-phase scores
@@ -419,9 +487,10 @@ class Trainer:
         distributed); returns the step's metrics record."""
         config = self.config
         phase = self.phase
+        since = self.steps_since_switch()
         factor = scheduled_lr_factor(
             config.lr_schedule, self.counters.global_step, self.total_steps, self.warmup_steps
-        )
+        ) * self.transition.lr_multiplier(since)
         set_learning_rates(self.optimizer, factor, fixed=("probe",))
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(6, dtype=torch.float64, device=self.device)
@@ -435,7 +504,7 @@ class Trainer:
             # Gradients are all-reduced (by DDP) only in the step's last backward pass.
             last = micro == len(batches) - 1
             with self.objective.no_sync() if ddp and not last else nullcontext():
-                totals += self._micro_step(batch, g, scale)
+                totals += self._micro_step(batch, g, scale, since)
         if self.world > 1:
             dist.all_reduce(totals)
         self.optimizer.step()
@@ -457,7 +526,15 @@ class Trainer:
             self._switched()
         lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == "byol")
         rho = self.switch.rho
+        transition = {}
+        if since is not None and not self.transition.hard:
+            transition = {
+                "since_switch": since,
+                "rela_weight": self.transition.rela_weight(since),
+                "backbone_frozen": self.transition.freeze_backbone(since),
+            }
         return {
+            **transition,
             "step": self.counters.global_step,
             "epoch": self.counters.epoch,
             "phase": phase,
@@ -474,10 +551,11 @@ class Trainer:
     # Evaluation
     # ------------------------------------------------------------------------------------------
 
-    def evaluate(self, *, final: bool) -> dict[str, Any]:
-        """kNN accuracy (per epoch: on the eval bank); at the end also the linear probe."""
+    def evaluate(self, *, final: bool, backbone: nn.Module | None = None) -> dict[str, Any]:
+        """kNN accuracy (per epoch: on the eval bank); at the end also the linear probe.
+        ``backbone``: another network than the run's (a step-eval snapshot)."""
         try:
-            return self._evaluate(final)
+            return self._evaluate(final, backbone or self.learner.byol.backbone)
         finally:
             # Evaluation's decoding processes are not kept between evaluations (the training
             # source's are: they serve every epoch).
@@ -485,7 +563,7 @@ class Trainer:
                 if source is not None and source is not self.train_source:
                     source.close()
 
-    def _evaluate(self, final: bool) -> dict[str, Any]:
+    def _evaluate(self, final: bool, backbone: nn.Module) -> dict[str, Any]:
         config = self.config
         start = time.perf_counter()
         bank, extra_bank = self.train_source, None
@@ -495,7 +573,7 @@ class Trainer:
             # The accuracy curve's last point uses the same bank as the per-epoch points.
             extra_bank = self._eval_bank_source()
         result = evaluate_backbone(
-            self.learner.byol.backbone,
+            backbone,
             bank,
             self.val_source,
             config=config,
@@ -534,7 +612,7 @@ class Trainer:
 
     def crop_plan(self) -> CropPlan:
         """How the loader crops this epoch's views (sources that crop in the loader)."""
-        specs = self.augment[self.phase].views
+        specs = self.augment[self.transition.view_phase(self.phase)].views
         return CropPlan(specs, self.config.image_size, self.config.seed, self.counters.epoch)
 
     def request_stop(self) -> None:
@@ -583,6 +661,7 @@ class Trainer:
                         and self.counters.switch_step is None
                     ):
                         self._switched()
+                        self._step_evaluations()  # the snapshots and offset 0
                     # A table without scores of the current objective (the first epoch, or
                     # right after the switch reset it) would rank by index: draw at random.
                     reset = (
@@ -680,6 +759,7 @@ class Trainer:
             record["img_per_s"] = rows / max(elapsed, 1e-9)
             record["train_time"] = self.counters.train_time
             self._write_metrics(record)
+            self._step_evaluations()  # after the clock stopped: not training time
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}", phase=record["phase"],
                 img_s=f"{record['img_per_s']:.0f}",
@@ -781,6 +861,8 @@ class Trainer:
                     {*self.train_source.unreadable(), *self.val_source.unreadable()}
                 ),
                 "evaluations": self.evaluations,
+                "switch_transition": config.switch_transition if config.rela else None,
+                "step_evaluations": [] if self.step_evals is None else self.step_evals.records,
                 "device": str(self.device),
                 "threads": torch.get_num_threads(),
             }

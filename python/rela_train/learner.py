@@ -11,6 +11,7 @@ from rela_train.byol import BYOL, byol_loss, hidden_width
 from rela_train.config import TrainConfig
 from rela_train.models import build_resnet
 from rela_train.rela import ReLAHead, rela_loss
+from rela_train.transition import frozen_statistics
 
 __all__ = ["Learner", "Objective", "build_learner"]
 
@@ -55,22 +56,47 @@ class Objective(nn.Module):
         self.target_map = target_map
 
     def forward(
-        self, views: list[torch.Tensor], phase: str, prior: torch.Tensor | None, check: bool
+        self,
+        views: list[torch.Tensor],
+        phase: str,
+        prior: torch.Tensor | None,
+        check: bool,
+        *,
+        rela_weight: float = 0.0,
+        freeze_backbone: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(per-sample loss, score in [0, 2], probe logits)``."""
+        """``(per-sample loss, score in [0, 2], probe logits)``.
+
+        In the BYOL phase, ``rela_weight > 0`` (a ``blend`` transition) adds the ReLA loss:
+        ``rela_weight * ReLA + (1 - rela_weight) * BYOL``, on the same views; ``freeze_backbone``
+        (``warm-heads``) computes the features without gradient and leaves BatchNorm's running
+        statistics as they are (:func:`rela_train.transition.frozen_statistics`)."""
         byol = self.learner.byol
-        target_map = self.target_map
-        f1 = byol.backbone(views[0])
-        f2 = byol.backbone(views[1])
+        if freeze_backbone:
+            with torch.no_grad(), frozen_statistics(byol.backbone):
+                f1 = byol.backbone(views[0])
+                f2 = byol.backbone(views[1])
+        else:
+            f1 = byol.backbone(views[0])
+            f2 = byol.backbone(views[1])
         if phase == "rela":
-            head = self.learner.rela_head
-            assert head is not None and prior is not None and target_map is not None
-            per_sample = rela_loss((head(f1), head(f2)), prior, target_map, check_finite=check)
+            per_sample = self._rela(f1, f2, prior, check)
             score = per_sample  # in [0, 2]
         else:
             q1, q2 = byol.predict(f1), byol.predict(f2)
             z1, z2 = byol.target(views[0]), byol.target(views[1])
             per_sample = byol_loss((q1, q2), (z1, z2), check_finite=check)
             score = per_sample / 4.0  # two 2 - 2cos terms: back to [0, 2], as ReLA's
+            if rela_weight > 0:
+                rela = self._rela(f1, f2, prior, check)
+                per_sample = rela_weight * rela + (1.0 - rela_weight) * per_sample
+                score = rela_weight * rela + (1.0 - rela_weight) * score
         logits = self.learner.probe(f1.detach().float())
         return per_sample, score, logits
+
+    def _rela(
+        self, f1: torch.Tensor, f2: torch.Tensor, prior: torch.Tensor | None, check: bool
+    ) -> torch.Tensor:
+        head, target_map = self.learner.rela_head, self.target_map
+        assert head is not None and prior is not None and target_map is not None
+        return rela_loss((head(f1), head(f2)), prior, target_map, check_finite=check)

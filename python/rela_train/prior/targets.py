@@ -25,14 +25,13 @@ from rela_train.prior.embedding import (
     TRANSPORT_FILE,
     embed,
     embed_tensors,
-    fit_transport,
     transport_width,
 )
 from rela_train.prior.loaders import ModelPrior, load_prior
 from rela_train.prior.sharding import report_setup_failure
 from rela_train.runtime import DistContext, agree_min
 
-__all__ = ["PriorTargets", "embed_with_all_ranks", "prepare_prior"]
+__all__ = ["PriorTargets", "embed_with_all_ranks", "fit_prior_transport", "prepare_prior"]
 
 # Stores up to this size are held in (device) memory; larger ones are read per batch.
 _IN_MEMORY_BYTES = 2 << 30
@@ -127,6 +126,24 @@ def embed_with_all_ranks(
             embed_tensors(source, loaded, path, log=log, peers=peers)
 
 
+def fit_prior_transport(
+    store: rk.EmbeddingStore, width: int, path: Path, prior: str, log: Callable[[str], None]
+) -> None:
+    """The transport of a computed prior, on the CPU (as always for in-memory data), clipped to
+    the embeddings' usable rank with a warning when that is below ``width``: a prior no wider
+    than the target width (``--rela-dim-rule min-width``) can have fewer non-degenerate
+    principal components than it has dimensions. The official code (``_pca_reduce``) whitens
+    those components silently, turning numerical noise into unit-variance targets."""
+    transport = rk.fit_pca_whitening(store, width, clip_to_rank=True)
+    if transport.out_dim < width:
+        log(
+            f"warning: --prior {prior}: only {transport.out_dim} of the {width} principal "
+            f"components requested have non-negligible variance (rank {transport.out_dim}); "
+            f"the ReLA targets are clipped to {transport.out_dim} dimensions"
+        )
+    transport.save(path)
+
+
 def prepare_prior(
     *,
     source: Source,
@@ -181,7 +198,7 @@ def prepare_prior(
         if not transport_path.is_file():
             width = transport_width(dim, store.dim, store.n)
             log(f"fitting PCA whitening: {store.dim} -> {width} dimensions")
-            fit_transport(store, width)  # on the CPU, as always for in-memory data
+            fit_prior_transport(store, width, transport_path, prior, log)
         transport = rk.Transport.load(transport_path)
     if transport.in_dim != store.dim:
         raise ValueError(

@@ -1,0 +1,232 @@
+"""Issue 18's switch study, aggregated: per run the drop around the switch, per row mean +- std
+over seeds, a markdown table, the rule for changing the default transition, and a plot of kNN
+against the steps since the switch with bands over seeds.
+
+The *drop* of a run is the peak kNN at or before the switch minus the lowest kNN after it, both
+from the ``--eval-steps`` points (``step_curve`` of the record, on the fixed per-epoch bank). A
+step curve point's ``since_switch`` is the number of BYOL-phase steps taken (0: the state the
+ReLA phase ended with). Points from runs whose switch steps differ are put on a common axis: the
+snapshots before the switch fall between multiples of the evaluation interval and are plotted at
+the multiple at or below them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rela_study.aggregate import mean_std
+
+from rela_kernels.atomic_io import atomic_write
+
+__all__ = [
+    "SwitchSummary",
+    "default_verdict",
+    "format_switch_markdown",
+    "plot_switch",
+    "run_drop",
+    "summarize_switch",
+]
+
+
+def run_drop(record: dict[str, Any]) -> dict[str, float] | None:
+    """``{"peak", "low", "drop"}`` (kNN %) of one run, or None without points on both sides."""
+    curve = [p for p in record.get("step_curve") or [] if p.get("knn_acc") is not None]
+    before = [100 * p["knn_acc"] for p in curve if p["since_switch"] <= 0]
+    after = [100 * p["knn_acc"] for p in curve if p["since_switch"] > 0]
+    if not before or not after:
+        return None
+    peak, low = max(before), min(after)
+    return {"peak": peak, "low": low, "drop": peak - low}
+
+
+@dataclass
+class SwitchSummary:
+    row: str
+    label: str
+    seeds: list[int]
+    stats: dict[str, tuple[float, float | None]]  # name -> (mean, std), in %
+    switch_steps: list[int | None]
+    records: list[dict[str, Any]]
+
+
+def summarize_switch(
+    records: list[dict[str, Any]], order: list[str] | None = None
+) -> list[SwitchSummary]:
+    """One summary per row (rows in ``order`` first): final kNN and official probe, and the
+    peak, low and drop around the switch where every seed of the row has them."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in order or []}
+    for record in records:
+        rows.setdefault(record["row"], []).append(record)
+    summaries = []
+    for name, group in rows.items():
+        if not group:
+            continue
+        group.sort(key=lambda record: record["seed"])
+        values: dict[str, list[float]] = {}
+        for record in group:
+            metrics = record["metrics"]
+            for key, out in (("knn_acc", "knn"), ("linear_acc_official", "probe")):
+                if metrics.get(key) is not None:
+                    values.setdefault(out, []).append(100 * metrics[key])
+            drop = run_drop(record)
+            for key, value in (drop or {}).items():
+                values.setdefault(key, []).append(value)
+        stats = {k: mean_std(v) for k, v in values.items() if len(v) == len(group)}
+        summaries.append(
+            SwitchSummary(
+                row=name,
+                label=group[0]["label"],
+                seeds=[record["seed"] for record in group],
+                stats=stats,
+                switch_steps=[record.get("switch_step") for record in group],
+                records=group,
+            )
+        )
+    return summaries
+
+
+def _cell(stat: tuple[float, float | None] | None) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+
+def format_switch_markdown(summaries: list[SwitchSummary]) -> str:
+    """Rows: seeds, peak before the switch, lowest after, drop, final kNN, official probe,
+    switch steps (kNN in %; mean ± sample std over seeds, no std for one seed)."""
+    header = ["row", "seeds", "peak before", "lowest after", "drop", "final kNN",
+              "official probe", "switch step(s)"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in summaries:
+        steps = ", ".join("none" if x is None else str(x) for x in s.switch_steps)
+        has_prior = any(record.get("prior") for record in s.records)
+        cells = [
+            s.label, ",".join(map(str, s.seeds)), _cell(s.stats.get("peak")),
+            _cell(s.stats.get("low")), _cell(s.stats.get("drop")), _cell(s.stats.get("knn")),
+            _cell(s.stats.get("probe")), steps if has_prior else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_verdict(
+    summaries: list[SwitchSummary], hard: str, candidates: list[str], long_pairs: dict[str, str]
+) -> str:
+    """Issue 18's rule for the default outside ``--recipe official``: a transition replaces
+    ``hard`` only if, at 3 or more seeds, its final kNN beats hard's by more than the larger of
+    the two seed stds at the study's epochs, and it is not worse at the long horizon
+    (``long_pairs``: candidate row -> its long row, plus ``hard`` -> hard's long row)."""
+    by_row = {s.row: s for s in summaries}
+    base = by_row.get(hard)
+    if base is None or len(base.seeds) < 3 or "knn" not in base.stats:
+        have = 0 if base is None else len(base.seeds)
+        return f"no verdict: {hard} has {have} seed(s), the rule needs 3"
+    lines = []
+    winners = []
+    for name in candidates:
+        s = by_row.get(name)
+        if s is None or len(s.seeds) < 3 or "knn" not in s.stats:
+            lines.append(f"{name}: {0 if s is None else len(s.seeds)} seed(s), needs 3")
+            continue
+        gain = s.stats["knn"][0] - base.stats["knn"][0]
+        spread = max(s.stats["knn"][1] or 0.0, base.stats["knn"][1] or 0.0)
+        ok = gain > spread
+        note = f"{name}: {gain:+.2f} kNN points vs {hard} (seed std {spread:.2f})"
+        if ok:
+            long_row, long_hard = (
+                by_row.get(long_pairs.get(name, "")),
+                by_row.get(long_pairs.get(hard, "")),
+            )
+            if long_row is None or long_hard is None:
+                note += "; long horizon not measured"
+                ok = False
+            elif long_row.stats["knn"][0] < long_hard.stats["knn"][0]:
+                note += "; worse at the long horizon"
+                ok = False
+        lines.append(note + ("; MEETS the rule" if ok else ""))
+        if ok:
+            winners.append((gain, name))
+    verdict = f"change the default to {max(winners)[1]}" if winners else f"keep {hard}"
+    return "; ".join(lines) + f". Verdict: {verdict}"
+
+
+def _offset(since: int, every: int) -> int:
+    """The plot's x of a point: after the switch the points lie on multiples of ``every``;
+    a snapshot before it goes to the multiple at or below it (never onto offset 0)."""
+    if since >= 0:
+        return every * round(since / every)
+    return -every * math.ceil(-since / every)
+
+
+def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...]:
+    """Mean and std of kNN (%) over seeds per rounded offset, where every seed has a point."""
+    per_offset: dict[int, list[float]] = {}
+    for record in records:
+        seen: dict[int, float] = {}
+        for point in record.get("step_curve") or []:
+            if point.get("knn_acc") is None or point.get("since_switch") is None:
+                continue
+            offset = _offset(point["since_switch"], every)
+            seen[offset] = 100 * point["knn_acc"]
+        for offset, value in seen.items():
+            per_offset.setdefault(offset, []).append(value)
+    xs, ys, errors = [], [], []
+    for offset in sorted(per_offset):
+        values = per_offset[offset]
+        if len(values) != len(records):
+            continue
+        xs.append(float(offset))
+        ys.append(statistics.fmean(values))
+        errors.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    return xs, ys, errors
+
+
+def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], every: int) -> Path:
+    """Left: kNN against steps since the switch (mean, band = ± std over seeds) for each row
+    with a step curve. Right: final kNN and official probe per row with error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    figure, axes = plt.subplots(1, 2, figsize=(16, 6), constrained_layout=True)
+    colors = plt.cm.tab10.colors
+    curved = [s for s in summaries if any(r.get("step_curve") for r in s.records)]
+    for index, s in enumerate(curved):
+        xs, ys, errors = _binned(s.records, every)
+        if not xs:
+            continue
+        color = colors[index % len(colors)]
+        axes[0].plot(xs, ys, marker="o", ms=3, color=color, label=f"{s.label} (n={len(s.seeds)})")
+        low = [y - e for y, e in zip(ys, errors, strict=True)]
+        high = [y + e for y, e in zip(ys, errors, strict=True)]
+        axes[0].fill_between(xs, low, high, color=color, alpha=0.15)
+    axes[0].axvline(0, color="gray", lw=1, ls="--")
+    axes[0].set_xlabel("optimizer steps since the ReLA -> BYOL switch")
+    axes[0].set_ylabel("kNN top-1 (%, 5,000-image bank), mean ± std over seeds")
+    axes[0].grid(alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, loc="lower right")
+    positions = range(len(summaries))
+    shown = []
+    for offset, key, name in ((-0.2, "knn", "final kNN"), (0.2, "probe", "official probe")):
+        means = [s.stats[key][0] if key in s.stats else math.nan for s in summaries]
+        errors = [(s.stats[key][1] or 0.0) if key in s.stats else 0.0 for s in summaries]
+        axes[1].bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3,
+                    label=name)  # fmt: skip
+        shown += [m for m in means if not math.isnan(m)]
+    axes[1].set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
+    axes[1].set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
+    if shown:
+        axes[1].set_ylim(max(0.0, min(shown) - 8), min(100.0, max(shown) + 4))
+    axes[1].legend()
+    atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
+    plt.close(figure)
+    return out

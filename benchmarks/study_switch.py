@@ -1,0 +1,205 @@
+"""Issue 18's switch study: what the ReLA -> BYOL switch costs, and which transition keeps the
+ReLA phase's gain (docs/switch.md).
+
+Same data, recipe and sizes as issue 12's study (``study_rela.py``): Fashion-MNIST, 18,000
+training images, 15 epochs, batch 32, official recipe, ReLA 50% with the pixel prior. Parts
+(``benchmarks/rela_study/switch_grid.py``), run in this order, two single-thread runs at a time:
+
+* ``factors``: one transition at a time (hard, reset-target, warm-heads, keep-views, lr-drop,
+  blend), kNN on the 5,000-image bank every 100 steps from 300 before the switch to 1,000 after;
+* ``horizon``: BYOL 100% and ReLA 50% that never switches;
+* ``long``: BYOL 100%, ReLA 50% hard, with ``--best``, and never, at 3 x the epochs.
+
+Outputs: one record per run in ``OUT/records/`` (atomic), all of them in one JSONL (default
+``benchmarks/results/switch.jsonl``; ``--quick``: ``OUT/switch.jsonl``), a markdown table with the
+drop around the switch (``OUT/switch.md``, also printed) and a plot of kNN against steps since the
+switch with bands over seeds (default ``benchmarks/results/switch.png``). A killed study resumes
+where it stopped: rerun the same command.
+
+    .venv/bin/python benchmarks/study_switch.py --quick --out runs/switch-quick    # minutes
+    .venv/bin/python benchmarks/study_switch.py --out runs/switch                  # the grid
+    .venv/bin/python benchmarks/study_switch.py --out runs/switch --aggregate-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment  # noqa: E402
+from rela_study.grid import DEFAULT_SIZES, QUICK_SIZES, format_plan, with_overrides  # noqa: E402
+from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
+from rela_study.runner import fit_features, run_study  # noqa: E402
+from rela_study.switch_aggregate import (  # noqa: E402
+    default_verdict,
+    format_switch_markdown,
+    plot_switch,
+    summarize_switch,
+)
+from rela_study.switch_grid import (  # noqa: E402
+    PARTS,
+    QUICK_STEPS,
+    STUDY_STEPS,
+    build_switch_plan,
+    switch_rows,
+)
+
+from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
+
+HARD_ROW = "switch-a-hard"
+
+
+def _log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7``."""
+    try:
+        values = [int(part) for part in text.split(",")] if "," in text else None
+        if values is None:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            values = list(range(count))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed count >= 1 or a comma-separated list of seeds, got {text!r}"
+        ) from None
+    return values
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    parts = tuple(text.split(","))
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown part(s) {', '.join(unknown)}; expected some of {', '.join(PARTS)}"
+        )
+    return parts
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="study directory (resumed)")
+    parser.add_argument("--quick", action="store_true", help="every row, one seed, tiny sizes")
+    parser.add_argument("--seeds", type=_ints, default=None, help="count or list (default 3)")
+    parser.add_argument(
+        "--long-seeds", type=_ints, default=None, help="the long horizon's (default: first seed)"
+    )
+    parser.add_argument(
+        "--parts", type=_parts, default=PARTS, help=f"comma-separated, of {', '.join(PARTS)}"
+    )
+    parser.add_argument(
+        "--rows", type=lambda text: text.split(","), default=None,
+        help="only these rows (comma-separated names; default: every row of --parts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--best", default=None, help="the long horizon's best row's transition (keep-views)"
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
+    parser.add_argument("--results", type=Path, default=None, help="JSONL of all records")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG")
+    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
+    parser.add_argument("--aggregate-only", action="store_true", help="only table, JSONL, plot")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--jobs and --epochs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
+    """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
+    args = parse_args(argv)
+    sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
+    steps = QUICK_STEPS if args.quick else STUDY_STEPS
+    # The transition that kept the most of the ReLA phase at 15 epochs (docs/switch.md).
+    best = args.best or "keep-views"
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    results = args.results or (
+        args.out / "switch.jsonl" if args.quick else RESULTS / "switch.jsonl"
+    )
+    plot = args.plot or (args.out / "switch.png" if args.quick else RESULTS / "switch.png")
+    out = args.out.resolve()
+    rows = switch_rows(steps, best)
+    order = [row.name for row in rows]
+    candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
+    # The long horizon's "best" row runs --best: it pairs with the factor row of that transition.
+    best_row = next((r.name for r in rows if r.part == "factors" and r.transition == best), None)
+    long_pairs = {HARD_ROW: "long-rela-50-hard"}
+    if best_row is not None:
+        long_pairs[best_row] = "long-rela-50-best"
+
+    def aggregate() -> None:
+        records = load_records(out)
+        write_jsonl(results, records)
+        summaries = summarize_switch(records, order)
+        if summaries:
+            table = format_switch_markdown(summaries)
+            verdict = default_verdict(summaries, HARD_ROW, candidates, long_pairs)
+            atomic_write_text(out / "switch.md", f"{table}\n\n{verdict}\n")
+            plot_switch(summaries, plot, steps.eval_every)
+
+    failed: list[str] = []
+    if not args.aggregate_only:
+        features = fit_features(python)
+        if "--recipe" not in features:
+            raise SystemExit("study_switch: this trainer has no --recipe (official) option")
+        runs = build_switch_plan(
+            sizes, steps, seeds, parts=args.parts, long_seeds=args.long_seeds, best=best,
+            features=features, data_dir=args.data_dir,
+            switch="const:0.5" if args.quick else None,
+        )  # fmt: skip
+        if args.rows is not None:
+            unknown = sorted(set(args.rows) - set(order))
+            if unknown:
+                raise SystemExit(f"study_switch: --rows: unknown row(s) {', '.join(unknown)}")
+            runs = [run for run in runs if run.row in args.rows]
+        print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
+        if args.plan_only:
+            return 0
+
+        def env() -> dict:
+            return {
+                **environment("cpu"),
+                "threads_per_run": 1,
+                "parallel_runs": args.jobs,
+                "quick": args.quick,
+                "best": best,
+            }
+
+        failed = run_study(
+            runs,
+            out,
+            jobs=args.jobs,
+            python=python,
+            environment=env,
+            on_record=aggregate,
+            log=_log,
+        )
+        if failed:
+            _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+    aggregate()
+    if (out / "switch.md").is_file():
+        print((out / "switch.md").read_text(encoding="utf-8"))
+        print(f"records: {results}\nplot: {plot}")
+    return 1 if failed else 0
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the study like Ctrl-C
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("study stopped; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,171 @@
+"""Issue 18's switch study machinery (benchmarks/study_switch.py) in seconds: the plan's rows,
+flags and order, the drop of a run, the table, the default rule, the plot, and the whole script
+driven with a stand-in trainer (a script that writes a finished run's summary)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import study_switch  # noqa: E402
+from rela_study import grid, switch_aggregate, switch_grid  # noqa: E402
+
+FEATURES = {"--recipe", "--probe", "--anneal"}
+
+
+def _flag(run: grid.RunSpec, name: str) -> str | None:
+    flags = list(run.flags)
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+def test_plan_parts_rows_flags_and_order() -> None:
+    steps = switch_grid.STUDY_STEPS
+    plan = switch_grid.build_switch_plan(
+        grid.DEFAULT_SIZES, steps, [0, 1, 2], best="blend:500", features=FEATURES
+    )
+    factors = [run for run in plan if run.row.startswith("switch-")]
+    assert len(factors) == 6 * 3 and len(plan) == 6 * 3 + 2 * 3 + 4
+    # The first seed of every factor runs first, then the next seed.
+    assert [run.seed for run in plan[:6]] == [0] * 6 and plan[6].seed == 1
+    assert {_flag(run, "--switch-transition") for run in factors} == {
+        "hard", "reset-target", "warm-heads:300", "keep-views", "lr-drop:300", "blend:500",
+    }  # fmt: skip
+    for run in factors:
+        assert _flag(run, "--eval-steps") == "100" and _flag(run, "--eval-steps-window") == (
+            "300:1000"
+        )
+        assert _flag(run, "--switch") is None  # the adaptive rule, as issue 12's study
+        assert _flag(run, "--recipe") == "official" and _flag(run, "--prior") == "pixels:16"
+        assert _flag(run, "--budget") == "0.5" and _flag(run, "--epochs") == "15"
+    never = [run for run in plan if "never" in run.row]
+    assert all(_flag(run, "--switch") == "never" for run in never)
+    assert all(_flag(run, "--switch-transition") is None for run in never)
+    byol = [run for run in plan if "byol" in run.row]
+    assert all(_flag(run, "--prior") is None and _flag(run, "--budget") == "1" for run in byol)
+    long = [run for run in plan if run.row.startswith("long-")]
+    assert [run.seed for run in long] == [0] * 4 and plan[-4:] == long
+    assert {_flag(run, "--epochs") for run in long} == {"45"}
+    best = next(run for run in long if run.row == "long-rela-50-best")
+    assert _flag(best, "--switch-transition") == "blend:500"
+    only = switch_grid.build_switch_plan(
+        grid.QUICK_SIZES, switch_grid.QUICK_STEPS, [0], parts=("long",), long_seeds=[3, 4],
+        best="reset-target", features=FEATURES, switch="const:0.5",
+    )  # fmt: skip
+    assert [run.seed for run in only] == [3] * 4 + [4] * 4
+    assert all(_flag(r, "--switch") in ("const:0.5", "never") for r in only if r.prior)
+    with pytest.raises(ValueError, match="--parts"):
+        switch_grid.build_switch_plan(
+            grid.QUICK_SIZES, switch_grid.QUICK_STEPS, [0], parts=("nope",), best="hard",
+            features=FEATURES,
+        )  # fmt: skip
+
+
+def _record(row: str, seed: int, knn: float, curve: list[tuple[int, float]]) -> dict:
+    return {
+        "row": row, "label": row, "seed": seed, "prior": "pixels:16", "switch_step": 100 + seed,
+        "metrics": {"knn_acc": knn, "linear_acc_official": knn + 0.02},
+        "step_curve": [{"since_switch": s, "knn_acc": k} for s, k in curve],
+    }  # fmt: skip
+
+
+def test_drop_table_and_verdict() -> None:
+    assert switch_aggregate.run_drop(_record("r", 0, 0.8, [(-3, 0.8)])) is None
+    drop = switch_aggregate.run_drop(
+        _record("r", 0, 0.8, [(-287, 0.79), (0, 0.81), (100, 0.76), (200, 0.78)])
+    )
+    assert drop == pytest.approx({"peak": 81.0, "low": 76.0, "drop": 5.0})
+    records = [
+        _record("switch-a-hard", s, 0.79 + 0.001 * s, [(-250, 0.8), (0, 0.8), (100, 0.75)])
+        for s in range(3)
+    ] + [
+        _record("switch-f-blend", s, 0.81 + 0.001 * s, [(-250, 0.8), (0, 0.8), (100, 0.79)])
+        for s in range(3)
+    ]  # fmt: skip
+    summaries = switch_aggregate.summarize_switch(records, ["switch-a-hard", "switch-f-blend"])
+    assert [s.row for s in summaries] == ["switch-a-hard", "switch-f-blend"]
+    assert summaries[0].stats["drop"][0] == pytest.approx(5.0)
+    assert summaries[1].stats["knn"] == pytest.approx((81.1, 0.1))
+    table = switch_aggregate.format_switch_markdown(summaries)
+    assert (
+        "| switch-f-blend | 0,1,2 | 80.00 ± 0.00 | 79.00 ± 0.00 | 1.00 ± 0.00 | 81.10 ± 0.10"
+        in (table)
+    )
+    pairs = {"switch-a-hard": "long-hard", "switch-f-blend": "long-blend"}
+    verdict = switch_aggregate.default_verdict(
+        summaries, "switch-a-hard", ["switch-f-blend"], pairs
+    )
+    assert "long horizon not measured" in verdict and verdict.endswith("keep switch-a-hard")
+    long = [_record("long-hard", 0, 0.83, []), _record("long-blend", 0, 0.84, [])]
+    summaries = switch_aggregate.summarize_switch(records + long)
+    verdict = switch_aggregate.default_verdict(
+        summaries, "switch-a-hard", ["switch-f-blend"], pairs
+    )
+    assert verdict.endswith("change the default to switch-f-blend")
+    two_seeds = switch_aggregate.summarize_switch(records[:2])
+    assert "needs 3" in switch_aggregate.default_verdict(
+        two_seeds, "switch-a-hard", ["switch-f-blend"], pairs
+    )
+
+
+FAKE_FIT = textwrap.dedent(
+    """\
+    #!{python}
+    # Stands in for `python -m rela_train fit ...`: writes a finished run's summary.
+    import json, sys
+    from pathlib import Path
+    args = sys.argv[1:]
+    if "--help" in args:
+        print("usage: rela-train fit [--recipe RECIPE] [--probe PROBE]")
+        sys.exit(0)
+    out = Path(args[args.index("--out") + 1])
+    out.mkdir(parents=True)
+    prior = "--prior" in args and "never" not in args
+    seed = int(args[args.index("--seed") + 1])
+    curve = [{{"step": 10 * i, "since_switch": 10 * i - 30, "knn_acc": 0.7 + 0.01 * seed}}
+             for i in range(8)] if "--eval-steps" in args else []
+    summary = {{
+        "knn_acc": 0.75, "linear_acc_official": 0.8, "samples_seen": 100, "train_time": 1.0,
+        "wall_time": 1.0, "steps": 10, "switch_step": 30 if prior else None,
+        "switch_transition": "hard", "step_evaluations": curve, "evaluations": [],
+    }}
+    (out / "summary.json").write_text(json.dumps(summary))
+    """
+)
+
+
+QUICK_ARGS = ["--quick", "--seeds", "1", "--out"]
+
+
+def test_the_script_runs_the_quick_grid_with_a_stand_in_trainer(tmp_path: Path) -> None:
+    script = tmp_path / "fake_python"
+    script.write_text(FAKE_FIT.format(python=sys.executable))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "study"
+    assert study_switch.main(QUICK_ARGS + [str(out)], python=str(script)) == 0
+    lines = (out / "switch.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 8 + 4  # factors, horizon and the long part
+    factor = next(r for r in records if r["row"] == "switch-a-hard")
+    assert len(factor["step_curve"]) == 8 and factor["switch_transition"] == "hard"
+    assert (out / "switch.png").stat().st_size > 0
+    table = (out / "switch.md").read_text()
+    assert "no verdict: switch-a-hard has 1 seed(s), the rule needs 3" in table
+    # --rows picks rows; a rerun finds every record and runs nothing.
+    assert study_switch.main(QUICK_ARGS + [str(tmp_path / "one"), "--rows", "byol-100"],
+                             python=str(script)) == 0  # fmt: skip
+    assert {r.name for r in (tmp_path / "one" / "records").iterdir()} == {
+        "byol-100-seed0.json"
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match="unknown row"):
+        study_switch.main(QUICK_ARGS + [str(out), "--rows", "nope"], python=str(script))
+    before = (out / "switch.jsonl").read_text()
+    assert study_switch.main(QUICK_ARGS + [str(out)], python=str(script)) == 0
+    assert (out / "switch.jsonl").read_text() == before
