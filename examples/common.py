@@ -78,8 +78,8 @@ def synthetic(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch
     of it), shifted by up to 4 px, plus noise. The templates depend only on ``classes`` (train and test share them)."""
     fixed = torch.Generator().manual_seed(1234)
     shared = torch.rand(1, 1, 7, 7, generator=fixed)
-    templates = shared + 0.35 * torch.rand(classes, 1, 7, 7, generator=fixed)  # alike classes
-    templates = F.interpolate(templates, size=28, mode="bilinear", align_corners=False) / 1.35
+    templates = shared + 0.6 * torch.rand(classes, 1, 7, 7, generator=fixed)  # alike classes
+    templates = F.interpolate(templates, size=28, mode="bilinear", align_corners=False) / 1.6
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(classes, (n,), generator=g)
     images = templates[labels]
