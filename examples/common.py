@@ -75,7 +75,8 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def synthetic(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Learnable stand-in images: one smooth random template per class (the classes share most
-    of it), shifted by up to 4 px, plus noise. The templates depend only on ``classes`` (train and test share them)."""
+    of it), shifted by up to 4 px, plus noise. The templates depend only on ``classes``: train
+    and test share them."""
     fixed = torch.Generator().manual_seed(1234)
     shared = torch.rand(1, 1, 7, 7, generator=fixed)
     templates = shared + 0.6 * torch.rand(classes, 1, 7, 7, generator=fixed)  # alike classes
@@ -85,7 +86,10 @@ def synthetic(n: int, seed: int, classes: int = 10) -> tuple[torch.Tensor, torch
     images = templates[labels]
     shifts = torch.randint(-4, 5, (n, 2), generator=g)
     images = torch.stack(
-        [torch.roll(img, (int(dy), int(dx)), dims=(1, 2)) for img, (dy, dx) in zip(images, shifts)]
+        [
+            torch.roll(img, (int(dy), int(dx)), dims=(1, 2))
+            for img, (dy, dx) in zip(images, shifts, strict=True)
+        ]
     )
     images = (images + 0.3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
     return images, labels
@@ -96,7 +100,11 @@ def load_data(args: argparse.Namespace, prog: str, train: int | None, test: int 
     default location when present, else synthetic data; ``train``/``test`` cap the sizes (a fixed
     random subset; None: all)."""
     directory = args.data_dir
-    if directory is None and not args.synthetic and _idx_path(DEFAULT_DATA_DIR, FILES["train_images"]):
+    if (
+        directory is None
+        and not args.synthetic
+        and _idx_path(DEFAULT_DATA_DIR, FILES["train_images"])
+    ):
         directory = DEFAULT_DATA_DIR
     if directory is None:
         n_train, n_test = train or 60_000, test or 10_000
