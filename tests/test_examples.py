@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,10 @@ def test_a_missing_data_directory_is_one_line(script: str, tmp_path: Path) -> No
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith(f"{script}: error: --data-dir") and str(missing) in lines[0]
+
+
+def test_examples_use_only_the_public_engine() -> None:
+    """The examples are what other people's code looks like: no trainer, no private module."""
+    forbidden = re.compile(r"^\s*(from|import)\s+(rela_train\b|rela_kernels\._)", re.MULTILINE)
+    offenders = [p.name for p in EXAMPLES.glob("*.py") if forbidden.search(p.read_text())]
+    assert offenders == []
