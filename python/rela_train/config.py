@@ -127,8 +127,8 @@ class TrainConfig:
     recipe: str = field(
         default="default",
         metadata=_opt(
-            "default (this project's BYOL recipe) or official (the official ReLA code's: see the "
-            "README); the recipe sets only the settings not given as flags",
+            "default (this project's BYOL recipe) or official (the official ReLA code's: see "
+            "docs/trainer.md); the recipe sets only the settings not given as flags",
             choices=RECIPES,
         ),
     )
