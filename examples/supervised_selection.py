@@ -65,9 +65,10 @@ def train(method: str, data: Data, args: argparse.Namespace, seed: int) -> dict[
     model = classifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
     n, epochs, batch = len(data.train_y), args.epochs, args.batch_size
-    # Per-sample last loss, for InfoBatch. Unseen samples start above the first losses (cross
-    # entropy over 10 classes starts near ln 10 = 2.3), so they count as hard until scored.
-    table = rk.ScoreTable(n, init=3.0)
+    # Per-sample last loss, for InfoBatch. Unseen samples start at --score-init, by default
+    # above the first losses (cross entropy over 10 classes starts near ln 10 = 2.3), so they
+    # count as hard until scored.
+    table = rk.ScoreTable(n, init=args.score_init)
     sampler = rk.SubsetSampler(
         n, args.budget, "infobatch", score_table=table, seed=seed, anneal=0.125, epochs=epochs
     )
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--seeds", type=int, default=1, help="runs per method (mean ± std)")
     parser.add_argument("--budget", type=float, default=0.5, help="InfoBatch: kept fraction")
     parser.add_argument("--keep", type=float, default=0.5, help="in-batch: kept fraction")
+    parser.add_argument(
+        "--score-init", type=float, default=3.0, help="InfoBatch: score of unseen samples"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="back-propagated batch")
     parser.add_argument("--lr", type=float, default=2e-3)
     add_common_arguments(parser)
