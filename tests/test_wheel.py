@@ -50,6 +50,7 @@ print("ok", rk.__file__)
 def test_the_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None:
     pytest.importorskip("build", reason="`make install` installs build")
     src = tmp_path / "src"
+    src.mkdir()
     for name in SOURCES:
         source = ROOT / name
         if source.is_dir():
