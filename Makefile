@@ -8,7 +8,10 @@ PYTHON ?= $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
-TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow matplotlib simplejpeg
+# setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
+# what the TensorBoard, example and wheel tests use.
+TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow \
+  matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
 SKIP_DEPS ?= 0
@@ -26,11 +29,14 @@ interpreter:
 	fi
 
 # torch is installed only when none is importable: on a GPU machine the CUDA build already there
-# is kept, and a plain `pip install torch` (several GB of CUDA wheels) never happens here.
+# is kept, and a plain `pip install torch` (several GB of CUDA wheels) never happens here. The
+# tools are installed with the torch already there pinned (`torch==<its version>`), so a tool
+# that depends on torch (lightning) can never replace it: pip fails instead.
 $(STAMP): $(SOURCES) | interpreter
 	@if [ "$(SKIP_DEPS)" != 1 ]; then \
 	  $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"; \
-	  $(PIP) install "$(TRITON_SPEC)" $(TOOLS); \
+	  $(PIP) install "$(TRITON_SPEC)" $(TOOLS) \
+	    "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	fi
 	$(PIP) install --no-build-isolation --no-deps -e .
 	@mkdir -p $(dir $@) && touch $@

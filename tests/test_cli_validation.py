@@ -97,6 +97,7 @@ STRINGS = {
     "prior_store": " ",
     "data_dir": "",
     "val_dir": "",
+    "tensorboard": "",
 }
 BOOLEAN_SWITCHES = ("small_images", "channels_last", "compile", "sync_bn", "progress")
 

@@ -52,7 +52,7 @@ class Sizes:
 
 # Sized from measured per-epoch times so that the default grid fits in 90 minutes with two
 # single-thread runs side by side, and the ReLA runs at 50% take enough optimizer steps for the
-# adaptive switch to fire well before the end (see the README's study section).
+# adaptive switch to fire well before the end (see docs/study.md).
 DEFAULT_SIZES = Sizes(
     train_subset=18000,
     val_subset=5000,
@@ -257,7 +257,7 @@ def build_plan(
 # the cost of a sample of the transported prior's training (width 32 at 32 px) relative to
 # that, the fixed cost of a run (start-up, per-epoch kNN, final kNN and linear probe) and of
 # embedding the training images with a network prior (width 32 at 32 px), measured on the
-# 2-core CPU VM; see the README's study section. A busy machine stretches the wall time.
+# 2-core CPU VM; see docs/study.md. A busy machine stretches the wall time.
 SECONDS_PER_SAMPLE = {"byol": 1.5e-3, "rela": 1.25e-3}
 PRETRAIN_RELATIVE_COST = 8.0
 SECONDS_PER_RUN = 40.0

@@ -52,7 +52,7 @@ SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
-RESUME_SETTINGS = ("progress", "threads")
+RESUME_SETTINGS = ("progress", "threads", "tensorboard")
 DECODERS = ("auto", "pil", "simplejpeg")
 
 
@@ -129,8 +129,8 @@ class TrainConfig:
     recipe: str = field(
         default="default",
         metadata=_opt(
-            "default (this project's BYOL recipe) or official (the official ReLA code's: see the "
-            "README); the recipe sets only the settings not given as flags",
+            "default (this project's BYOL recipe) or official (the official ReLA code's: see "
+            "docs/trainer.md); the recipe sets only the settings not given as flags",
             choices=RECIPES,
         ),
     )
@@ -328,6 +328,17 @@ class TrainConfig:
         ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
+    tensorboard: str | None = field(
+        default=None,
+        metadata=_opt(
+            "also write the metrics as TensorBoard scalars to DIR (relative to the run "
+            "directory; without DIR: RUN/tensorboard); needs pip install "
+            "'rela-kernels[tensorboard]'",
+            nargs="?",
+            const="tensorboard",
+            metavar="DIR",
+        ),
+    )
 
     # ------------------------------------------------------------------------------------------
 
@@ -431,7 +442,7 @@ class TrainConfig:
             "device",
             f"expected auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
-        for name in ("prior", "prior_store", "data_dir", "val_dir"):
+        for name in ("prior", "prior_store", "data_dir", "val_dir", "tensorboard"):
             value = getattr(self, name)
             need(value is None or value.strip() != "", name, f"must not be empty, got {value!r}")
         need(
@@ -694,9 +705,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 help=help_text,
             )  # fmt: skip
         else:
+            extra = {k: f.metadata[k] for k in ("nargs", "const") if k in f.metadata}
+            metavar = f.metadata.get("metavar", f.name.upper())
             group.add_argument(
                 *flags, dest=f.name, type=kind, choices=choices, default=None,
-                metavar=f.name.upper() if choices is None else None, help=help_text,
+                metavar=metavar if choices is None else None, help=help_text, **extra,
             )  # fmt: skip
 
 

@@ -79,6 +79,7 @@ from rela_train.runtime import (
 )
 from rela_train.runtime import setup as setup_distributed
 from rela_train.step_evals import StepEvaluations
+from rela_train.tensorboard_log import TensorBoardLog, check_tensorboard, tensorboard_dir
 from rela_train.transition import parse_transition
 
 __all__ = ["TIME_FIELDS", "Hooks", "RunResult", "StepAgreement", "StopSignal", "Trainer"]
@@ -172,6 +173,9 @@ class Trainer:
             check_checkpoint_config(self._resume_state, config, self.run_dir)
         else:
             RunDirectory.check_new(self.run_dir)  # before anything is created
+        self._tensorboard: TensorBoardLog | None = None
+        if config.tensorboard is not None:
+            check_tensorboard(tensorboard_dir(config.tensorboard, self.run_dir), new=not resume)
         self._run_directory: RunDirectory | None = None
         self.train_source: Source | None = None
         self.val_source: Source | None = None
@@ -290,6 +294,8 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._tensorboard is not None:
+            self._tensorboard.write(record)
 
     # ------------------------------------------------------------------------------------------
     # One step
@@ -629,6 +635,8 @@ class Trainer:
                 raise DistributedError(describe_failure(self.dist, error, checkpoint)) from error
             raise
         finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
             self._close_sources()
             if self._run_directory is not None:
                 self._run_directory.release()
@@ -637,7 +645,8 @@ class Trainer:
     def _train(self) -> RunResult:
         config = self.config
         self._wall_start = time.perf_counter()
-        if self._resume_state is not None:
+        resumed = self._resume_state is not None
+        if resumed:
             restore(self, self._resume_state)
             self._resume_state = None
             self.log(
@@ -652,6 +661,12 @@ class Trainer:
                 atomic_write_text(self.run_dir / "config.json", config.to_json())
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             mid_epoch = False
+        if self.main and config.tensorboard is not None:
+            # After a resume the steps past the checkpoint are replayed: purged, not doubled.
+            self._tensorboard = TensorBoardLog(
+                tensorboard_dir(config.tensorboard, self.run_dir),
+                resume_step=self.counters.global_step if resumed else None,
+            )
         self._log_start()
         with self.stop:
             while self.counters.epoch < config.epochs:

@@ -1,0 +1,139 @@
+"""The documentation executes and its links resolve.
+
+Every ```python block of README.md and docs/*.md runs, in a fresh namespace in a temporary
+directory. A deliberate fragment is marked ```python notest and says so on its first line
+(``# fragment: ...``), so a reader sees it is not meant to run; any other Python info string is
+an error, so a block can be neither silently skipped nor silently broken. Relative links (and
+their #anchors) in the same files must resolve, and docs/api.md names every public name of
+``rela_kernels``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import rela_kernels as rk
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)(?P<info>.*)$")
+PYTHON_INFO = re.compile(r"^(python3?|py|pycon|ipython)\b", re.IGNORECASE)
+
+
+class Block(NamedTuple):
+    page: Path
+    line: int  # 1-based line of the opening fence
+    info: str
+    code: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def blocks(page: Path) -> list[Block]:
+    found, lines, i = [], page.read_text(encoding="utf-8").splitlines(), 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        fence, start, body = match["fence"], i, []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith(fence):
+            body.append(lines[i][len(match["indent"]) :])
+            i += 1
+        found.append(Block(page, start + 1, match["info"].strip(), "\n".join(body) + "\n"))
+        i += 1
+    return found
+
+
+ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
+PYTHON_BLOCKS = [b for b in ALL_BLOCKS if PYTHON_INFO.match(b.info)]
+
+
+def test_the_pages_have_python_blocks() -> None:
+    runnable = [b for b in PYTHON_BLOCKS if b.info == "python"]
+    assert len(runnable) >= 5
+    assert any(b.page.name == "README.md" for b in runnable)
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: b.name)
+def test_python_block(
+    block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    if block.info == "python notest":
+        first = block.code.lstrip().splitlines()[0] if block.code.strip() else ""
+        assert first.startswith("# fragment"), (
+            f"{block.name}: a ```python notest block must start with '# fragment: why'"
+        )
+        return
+    assert block.info == "python", (
+        f"{block.name}: info string {block.info!r}; use ```python (it runs in make test) or "
+        "```python notest (a fragment, first line '# fragment: ...')"
+    )
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        exec(compile(block.code, block.name, "exec"), {"__name__": "__doc_block__"})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`|\*\*|\[|\]\([^)]*\)", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    in_code, found = False, set()
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            in_code = not in_code
+        elif not in_code and (match := re.match(r"^#{1,6} (.+)$", line)):
+            found.add(_slug(match[1]))
+    return found
+
+
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def links(page: Path) -> list[str]:
+    text = page.read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL)  # not in code
+    return LINK.findall(text)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    broken = []
+    for target in links(page):
+        if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        if not resolved.exists():
+            broken.append(f"{target} (no {resolved})")
+        elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+            broken.append(f"{target} (no heading #{anchor} in {resolved.name})")
+    assert broken == [], f"{page.name}: {broken}"
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](#title) [bad](missing.md) [anchor](#nowhere)\n")
+    assert links(page) == ["#title", "missing.md", "#nowhere"]
+    assert anchors(page) == {"title"}
+
+
+def test_api_page_names_every_public_name() -> None:
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [name for name in rk.__all__ if f"### `rk.{name}`" not in text]
+    assert missing == []
