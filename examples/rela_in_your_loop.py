@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import SmallCNN, add_common_arguments, augment, knn_accuracy, load_data
+from example_utils import SmallCNN, add_common_arguments, augment, knn_accuracy, load_data
 from torch import nn
 
 import rela_kernels as rk

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from common import Data, SmallCNN, add_common_arguments, augment, fail, load_data
+from example_utils import Data, SmallCNN, add_common_arguments, augment, fail, load_data
 from torch import nn
 
 import rela_kernels as rk

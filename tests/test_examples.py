@@ -30,7 +30,7 @@ def example(monkeypatch: pytest.MonkeyPatch):
 
     yield load
     torch.set_num_threads(threads)
-    for name in ("common", *(s.removesuffix(".py") for s in SCRIPTS)):
+    for name in ("example_utils", *(s.removesuffix(".py") for s in SCRIPTS)):
         sys.modules.pop(name, None)
 
 
