@@ -1,8 +1,6 @@
 """``python -m rela_train``: the ``rela-train`` command line."""
 
-import sys
-
-from rela_train.cli import main
+from rela_train.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,11 +13,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from rela_train.commands import COMMANDS
 from rela_train.runtime import DistributedError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run"]
 
 USAGE_ERROR = 2
 # Exit status when a distributed run fails because another rank died or hung.
@@ -65,5 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return DISTRIBUTED_FAILURE
 
 
+def run() -> NoReturn:
+    """The process entry point (the ``rela-train`` script and ``python -m rela_train``)."""
+    code = main()
+    if code == DISTRIBUTED_FAILURE:
+        # A hung peer leaves the process group's C++ threads blocked on its sockets, and the
+        # interpreter's teardown would then abort (SIGABRT) on a still-joinable thread instead of
+        # exiting with this status. Nothing is lost by skipping it: checkpoints and stores are
+        # written atomically and durably before this point.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
