@@ -49,7 +49,16 @@ def _source(generator: torch.Generator, n: int, channels: int = 1) -> TensorSour
 def test_fit_clamps_the_width_where_embed_refuses_it(
     generator: torch.Generator, tmp_path: Path
 ) -> None:
-    source = _source(generator, 5)  # N - 1 = 4 centred directions; pixels:2 has D = 12
+    # N - 1 = 4 centred directions; pixels:2 has D = 12. Each of images 1-4 lights one 4 x 4
+    # quadrant (one pixel of the 2 x 2 prior) above random dim noise, so the 4 directions always
+    # have real variance: five fully random images leave the smallest one negligible now and then,
+    # and the transport is then (rightly) clipped below 4.
+    images = torch.randint(0, 32, (5, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    for i, (row, col) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)], start=1):
+        bright = torch.randint(160, 256, (4, 4), dtype=torch.uint8, generator=generator)
+        images[i, 0, row : row + 4, col : col + 4] = bright
+    labels = torch.zeros(5, dtype=torch.long)
+    source = TensorSource("tiny", images, labels, ["a"], "fp-tiny-5", (0.5,), (0.5,))
     targets = prepare_prior(
         source=source,
         prior="pixels:2",
