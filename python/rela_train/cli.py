@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> NoReturn:
     """The process entry point (the ``rela-train`` script and ``python -m rela_train``)."""
     code = main()
-    if code == DISTRIBUTED_FAILURE or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    # No int() here: a malformed WORLD_SIZE was already reported by main() in one line.
+    if code == DISTRIBUTED_FAILURE or os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
         # A rank of a distributed job leaves without the interpreter's teardown: after a hung
         # peer the process group's C++ threads are blocked on its sockets, and even after a
         # clean finish the teardown has been seen to abort with "terminate called without an
