@@ -8,6 +8,8 @@ training images, 15 epochs, batch 32, official recipe, ReLA 50% with the pixel p
 * ``factors``: one transition at a time (hard, reset-target, warm-heads, keep-views, lr-drop,
   blend), kNN on the 5,000-image bank every 100 steps from 300 before the switch to 1,000 after;
 * ``horizon``: BYOL 100% and ReLA 50% that never switches;
+* ``views`` (only with ``--parts``): BYOL on all data from step 0 of a ReLA run, on ReLA's views
+  and on BYOL's own: whether ``keep-views`` is a better transition or milder views suit the data;
 * ``long``: BYOL 100%, ReLA 50% hard, with ``--best``, and never, at 3 x the epochs.
 
 Outputs: one record per run in ``OUT/records/`` (atomic), all of them in one JSONL (default
@@ -41,6 +43,7 @@ from rela_study.switch_aggregate import (  # noqa: E402
     summarize_switch,
 )
 from rela_study.switch_grid import (  # noqa: E402
+    DEFAULT_PARTS,
     PARTS,
     QUICK_STEPS,
     STUDY_STEPS,
@@ -92,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--long-seeds", type=_ints, default=None, help="the long horizon's (default: first seed)"
     )
     parser.add_argument(
-        "--parts", type=_parts, default=PARTS, help=f"comma-separated, of {', '.join(PARTS)}"
-    )
+        "--parts", type=_parts, default=DEFAULT_PARTS,
+        help=f"comma-separated, of {', '.join(PARTS)} (default: {','.join(DEFAULT_PARTS)})",
+    )  # fmt: skip
     parser.add_argument(
         "--rows", type=lambda text: text.split(","), default=None,
         help="only these rows (comma-separated names; default: every row of --parts)",

@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rela_train.prior.targets import fit_prior_transport
+from PIL import Image
+from rela_train.data.sources import FolderSource
+from rela_train.prior.embedding import embed
+from rela_train.prior.targets import fit_prior_transport, prepare_prior
 
 import rela_kernels as rk
 
@@ -63,3 +66,48 @@ def test_the_trainer_clips_a_narrow_prior_with_a_warning(tmp_path: Path) -> None
         rk.EmbeddingStore.open(tmp_path / "prior"), 3, path, "pixels:2", messages.append
     )
     assert messages == []
+
+
+def _rank_two_folder(root: Path, per_class: int = 5) -> Path:
+    """PNG images whose pixels:2 embeddings span 2 centred directions: every image is the
+    same mid-grey with its left and right halves brightened by two amounts."""
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        (root / f"class_{k}").mkdir(parents=True)
+        for i in range(per_class):
+            left, right = (int(v) for v in rng.integers(0, 100, size=2))
+            pixels = np.full((8, 8, 3), 100, dtype=np.uint8)
+            pixels[:, :4] += np.uint8(left)
+            pixels[:, 4:] += np.uint8(right)
+            Image.fromarray(pixels).save(root / f"class_{k}" / f"img_{i}.png")
+    return root
+
+
+def test_an_image_folder_prior_is_clipped_like_an_in_memory_one(tmp_path: Path) -> None:
+    # Before, fit's image-folder path fitted the transport inside `embed`, whose strict check
+    # refused this prior ("only 2 principal components have non-negligible variance").
+    data = _rank_two_folder(tmp_path / "data")
+    messages: list[str] = []
+    targets = prepare_prior(
+        source=FolderSource(data, 10, workers=0),
+        prior="pixels:2",
+        prior_store=None,
+        run_dir=tmp_path / "run",
+        dim=5,
+        device=torch.device("cpu"),
+        log=messages.append,
+    )
+    assert targets.dim == 2
+    (warning,) = [m for m in messages if m.startswith("warning:")]
+    assert warning.startswith("warning: --prior pixels:2: only 2 of the 5") and "rank 2" in warning
+    # `embed` with an explicit width keeps its strict check.
+    with pytest.raises(ValueError, match="non-negligible variance"):
+        embed(data, "pixels:2", tmp_path / "strict", dim=5, workers=0, progress=False,
+              log=lambda message: None)  # fmt: skip
+    # A second run finds the store and the transport: nothing is embedded or fitted again.
+    messages.clear()
+    again = prepare_prior(
+        source=FolderSource(data, 10, workers=0), prior="pixels:2", prior_store=None,
+        run_dir=tmp_path / "run", dim=5, device=torch.device("cpu"), log=messages.append,
+    )  # fmt: skip
+    assert again.dim == 2 and messages == []

@@ -29,10 +29,15 @@ def _flag(run: grid.RunSpec, name: str) -> str | None:
 def test_plan_parts_rows_flags_and_order() -> None:
     steps = switch_grid.STUDY_STEPS
     plan = switch_grid.build_switch_plan(
+        grid.DEFAULT_SIZES, steps, [0, 1, 2], best="blend:500", features=FEATURES,
+        parts=switch_grid.PARTS,
+    )  # fmt: skip
+    default = switch_grid.build_switch_plan(
         grid.DEFAULT_SIZES, steps, [0, 1, 2], best="blend:500", features=FEATURES
     )
+    assert default == [run for run in plan if not run.row.startswith("byol-100-")]
     factors = [run for run in plan if run.row.startswith("switch-")]
-    assert len(factors) == 6 * 3 and len(plan) == 6 * 3 + 2 * 3 + 4
+    assert len(factors) == 6 * 3 and len(plan) == 6 * 3 + 2 * 3 + 2 * 3 + 4
     # The first seed of every factor runs first, then the next seed.
     assert [run.seed for run in plan[:6]] == [0] * 6 and plan[6].seed == 1
     assert {_flag(run, "--switch-transition") for run in factors} == {
@@ -48,8 +53,13 @@ def test_plan_parts_rows_flags_and_order() -> None:
     never = [run for run in plan if "never" in run.row]
     assert all(_flag(run, "--switch") == "never" for run in never)
     assert all(_flag(run, "--switch-transition") is None for run in never)
-    byol = [run for run in plan if "byol" in run.row]
+    byol = [run for run in plan if run.row in ("byol-100", "long-byol-100")]
     assert all(_flag(run, "--prior") is None and _flag(run, "--budget") == "1" for run in byol)
+    # The views diagnostic: BYOL on all data from step 0 of a ReLA run, on either augmentation.
+    views = [run for run in plan if run.row.startswith("byol-100-")]
+    assert len(views) == 2 * 3
+    assert all(_flag(r, "--switch") == "const:0" and _flag(r, "--budget") == "1" for r in views)
+    assert {_flag(r, "--switch-transition") for r in views} == {"keep-views", "hard"}
     long = [run for run in plan if run.row.startswith("long-")]
     assert [run.seed for run in long] == [0] * 4 and plan[-4:] == long
     assert {_flag(run, "--epochs") for run in long} == {"45"}

@@ -13,13 +13,13 @@ import pytest
 import torch
 from rela_train import cli
 from rela_train.byol import byol_loss
-from rela_train.config import TrainConfig
+from rela_train.config import TrainConfig, apply_recipe
 from rela_train.engine import TIME_FIELDS, Hooks, Trainer
 from rela_train.learner import Objective, build_learner
 from rela_train.presets import get_preset
 from rela_train.rela import rela_loss
 from rela_train.runs import fit
-from rela_train.transition import LR_DROP, Transition, parse_transition
+from rela_train.transition import LR_DROP, MEASURED_BEST, Transition, parse_transition
 
 import rela_kernels as rk
 
@@ -132,11 +132,30 @@ def test_the_cli_refuses_bad_combinations_in_one_line(
 
 def test_the_official_recipe_keeps_hard_and_an_explicit_transition_wins() -> None:
     base = get_preset("synthetic-test").replace(prior="pixels:8", recipe="official")
-    assert base.switch_transition == "hard"
-    from rela_train.config import apply_recipe
-
+    assert base.switch_transition == "auto"  # the dataclass default, before the recipe
+    official = apply_recipe(base)
+    assert official.switch_transition == official.concrete_transition == "hard"
     chosen = apply_recipe(base.replace(switch_transition="blend:7"), explicit={"switch_transition"})
     assert chosen.switch_transition == "blend:7"
+    asked = apply_recipe(base, explicit={"switch_transition"})  # `--switch-transition auto`
+    assert asked.concrete_transition == MEASURED_BEST
+
+
+def test_auto_is_the_measured_best_only_where_the_run_switches() -> None:
+    assert MEASURED_BEST == "keep-views"  # issue 18's rule (docs/switch.md, "The default")
+    default = get_preset("synthetic-test")
+    assert default.switch_transition == "auto" and default.recipe == "default"
+    cases = [
+        ({"prior": "pixels:8"}, MEASURED_BEST),
+        ({"prior": "pixels:8", "switch": "const:0.5"}, MEASURED_BEST),
+        ({"prior": "pixels:8", "switch": "never"}, "hard"),  # no switch to shape
+        ({}, "hard"),  # BYOL alone
+        ({"prior": "pixels:8", "switch_transition": "blend:3"}, "blend:3"),
+    ]
+    for changes, expected in cases:
+        assert default.replace(**changes).concrete_transition == expected, changes
+    # auto is valid wherever hard is: with --switch never and without a prior.
+    default.replace(prior="pixels:8", switch="never").validate()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +250,7 @@ def test_blend_and_lr_drop_weights_and_learning_rates_per_step(tmp_path: Path) -
 
 def test_keep_views_uses_the_rela_augmentation_after_the_switch(tmp_path: Path) -> None:
     used: list[str] = []
-    for transition in ("keep-views", "hard"):
+    for transition in ("keep-views", "hard", "auto"):
         trainer = Trainer(_config(transition, epochs=2), tmp_path / transition, log=lambda _: None)
         calls = []
         for phase, augmenter in trainer.augment.items():
@@ -245,7 +264,10 @@ def test_keep_views_uses_the_rela_augmentation_after_the_switch(tmp_path: Path) 
             augmenter.__class__ = Spy
         assert trainer.run().status == "finished"
         used.append(",".join(sorted(set(calls[SWITCH_AFTER:]))))
-    assert used == ["rela", "byol"]
+        # config.json records the concrete transition: what `auto` means may change, a run not.
+        saved = json.loads((tmp_path / transition / "config.json").read_text())
+        assert saved["switch_transition"] == (MEASURED_BEST if transition == "auto" else transition)
+    assert used == ["rela", "byol", "rela"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """The runs of issue 18's switch study (benchmarks/study_switch.py): the same data, recipe and
 sizes as issue 12's study (Fashion-MNIST 18k, 15 epochs, batch 32, official recipe, ReLA 50% with
-the pixel prior), in three parts, in this order:
+the pixel prior), in four parts, in this order:
 
 * ``factors`` -- ReLA 50% with each transition at the switch, one factor at a time (a: hard, as
   today; b: reset-target; c: warm-heads; d: keep-views; e: lr-drop; and the blend), with kNN on
   the fixed 5,000-image bank every 100 steps from 300 before the switch to 1,000 after it;
 * ``horizon`` -- BYOL 100% and ReLA 50% that never switches at 15 epochs (ReLA 50% hard and with
   the best transition are factor rows);
+* ``views`` (only when asked for) -- a diagnostic of ``keep-views``: BYOL on all data, switched
+  to at step 0 of a ReLA run, on ReLA's views (``keep-views``) and, as the control, on BYOL's own
+  (``hard``). It tells a better transition apart from milder views suiting this data;
 * ``long`` -- the four horizon rows (BYOL 100%, ReLA 50% hard, best, never) at 3 x the epochs.
 
 Each part runs every seed's runs before the next part starts, seed by seed, so the runs that
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from rela_study.grid import PIXELS, RunSpec, Sizes, _base_flags, _probe_flags
 
 __all__ = [
+    "DEFAULT_PARTS",
     "PARTS",
     "QUICK_STEPS",
     "STUDY_STEPS",
@@ -29,7 +33,10 @@ __all__ = [
     "switch_rows",
 ]
 
-PARTS = ("factors", "horizon", "long")
+PARTS = ("factors", "horizon", "views", "long")
+# What a plain study runs: the views diagnostic only when asked for (--parts), so that the grid the
+# issue asks for stays within its time budget.
+DEFAULT_PARTS = ("factors", "horizon", "long")
 # The long horizon's epochs, as a multiple of the study's.
 LONG_FACTOR = 3
 
@@ -85,6 +92,10 @@ def switch_rows(steps: StepSizes, best: str) -> list[SwitchRow]:
         SwitchRow("byol-100", "BYOL, 100%", "horizon", 1.0, False, None, None),
         SwitchRow("rela-50-never", "ReLA 50%, never switches", "horizon", 0.5, True, "never",
                   None),
+        SwitchRow("byol-100-rela-views", "BYOL 100% from step 0, ReLA's views", "views", 1.0,
+                  True, "const:0", "keep-views"),
+        SwitchRow("byol-100-byol-views", "BYOL 100% from step 0, BYOL's views (control)",
+                  "views", 1.0, True, "const:0", "hard"),
         SwitchRow("long-byol-100", "BYOL, 100% (long)", "long", 1.0, False, None, None, True),
         SwitchRow("long-rela-50-hard", "ReLA 50%, hard (long)", "long", 0.5, True, None, "hard",
                   True, True),
@@ -101,7 +112,7 @@ def build_switch_plan(
     steps: StepSizes,
     seeds: list[int],
     *,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
     long_seeds: list[int] | None = None,
     best: str,
     features: set[str],

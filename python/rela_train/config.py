@@ -220,11 +220,12 @@ class TrainConfig:
         metadata=_opt("ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never"),
     )
     switch_transition: str = field(
-        default="hard",
+        default="auto",
         metadata=_opt(
-            "what happens at the ReLA -> BYOL switch: hard (the official code), or parts joined "
-            "by +: blend:STEPS, reset-target, warm-heads:STEPS, keep-views, lr-drop:STEPS "
-            "(docs/switch.md)"
+            "what happens at the ReLA -> BYOL switch: auto (the default: keep-views, the best "
+            "measured, in a run that switches; hard otherwise), hard (the official code, kept by "
+            "--recipe official), or parts joined by +: blend:STEPS, reset-target, "
+            "warm-heads:STEPS, keep-views, lr-drop:STEPS (docs/switch.md)"
         ),
     )
     const_switch: str = field(
@@ -399,6 +400,14 @@ class TrainConfig:
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from error
 
+    @property
+    def concrete_transition(self) -> str:
+        """``switch_transition`` with ``auto`` made concrete for this run (``keep-views`` where it
+        switches from ReLA to BYOL, ``hard`` elsewhere; docs/switch.md)."""
+        from rela_train.transition import resolve_transition  # imports torch
+
+        return resolve_transition(self.switch_transition, rela=self.rela, switch=self.switch)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes).validate()
 
@@ -521,7 +530,7 @@ class TrainConfig:
     def _validate_transition_and_step_evals(self, need: Callable[[bool, str, str], None]) -> None:
         from rela_train.transition import parse_transition
 
-        if not parse_transition(self.switch_transition).hard:
+        if not parse_transition(self.concrete_transition).hard:
             need(
                 self.rela,
                 "switch_transition",

@@ -173,6 +173,9 @@ class Trainer:
             check_checkpoint_config(self._resume_state, config, self.run_dir)
         else:
             RunDirectory.check_new(self.run_dir)  # before anything is created
+        # config.json records the transition itself, so a later change of what `auto` means
+        # cannot change how a run resumes.
+        config = config.replace(switch_transition=config.concrete_transition)
         self._tensorboard: TensorBoardLog | None = None
         if config.tensorboard is not None:
             check_tensorboard(tensorboard_dir(config.tensorboard, self.run_dir), new=not resume)

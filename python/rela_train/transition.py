@@ -2,9 +2,11 @@
 
 The official code switches hard: from the step after the switch the loss is BYOL's alone, on
 BYOL's views, with the target network as the ReLA phase left it (an EMA of the online backbone;
-the projector never trained) and the learning rate unchanged. That is ``hard``, the default, and
-what ``--recipe official`` keeps. Issue 18 measured a 4-5 point kNN drop right after it; the other
-transitions, this project's, each change one thing (they may be joined with ``+``):
+the projector never trained) and the learning rate unchanged. That is ``hard``, which
+``--recipe official`` keeps. Issue 18 measured a 4-5 point kNN drop right after it; the other
+transitions, this project's, each change one thing (they may be joined with ``+``). Outside the
+official recipe the default is ``auto``: :data:`MEASURED_BEST` in a run that switches, chosen by
+issue 18's rule from the measured grid (docs/switch.md).
 
 * ``blend:STEPS`` -- for STEPS steps both losses are computed on the same views and weighted:
   at the ``i``-th step after the switch (``i = 0 .. STEPS - 1``) the BYOL loss has weight
@@ -32,7 +34,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["LR_DROP", "TRANSITION_KINDS", "Transition", "frozen_statistics", "parse_transition"]
+__all__ = [
+    "LR_DROP",
+    "MEASURED_BEST",
+    "TRANSITION_KINDS",
+    "Transition",
+    "frozen_statistics",
+    "parse_transition",
+    "resolve_transition",
+]
+
+# What ``auto`` (the default outside ``--recipe official``) means in a run that switches: the
+# transition issue 18's rule chose from the measured grid (docs/switch.md, "The default").
+MEASURED_BEST = "keep-views"
 
 # The learning-rate multiplier lr-drop starts from.
 LR_DROP = 0.1
@@ -84,11 +98,20 @@ class Transition:
         return "rela" if self.keep_views else phase
 
 
+def resolve_transition(text: str, *, rela: bool, switch: str) -> str:
+    """``text`` with ``auto`` made concrete: :data:`MEASURED_BEST` in a run that switches from
+    ReLA to BYOL (it has a prior and ``--switch`` is not ``never``), ``hard`` in any other run
+    (there is no switch to shape). Any other text comes back unchanged."""
+    if text != "auto":
+        return text
+    return MEASURED_BEST if rela and switch != "never" else "hard"
+
+
 def parse_transition(text: str) -> Transition:
     """``hard`` or ``+``-joined parts (``blend:200``, ``reset-target+warm-heads:300``, ...);
     raises ValueError naming ``--switch-transition``."""
     if not isinstance(text, str) or not text:
-        raise ValueError(f"{_FLAG}: expected hard or a transition, got {text!r}")
+        raise ValueError(f"{_FLAG}: expected auto, hard or a transition, got {text!r}")
     if text == "hard":
         return Transition()
     values: dict[str, int | bool] = {}
@@ -97,7 +120,7 @@ def parse_transition(text: str) -> Transition:
         if name not in TRANSITION_KINDS:
             known = ", ".join(f"{k}:STEPS" if s else k for k, s in TRANSITION_KINDS.items())
             raise ValueError(
-                f"{_FLAG}: unknown transition {part!r} in {text!r}; expected hard, {known}"
+                f"{_FLAG}: unknown transition {part!r} in {text!r}; expected auto, hard, {known}"
             )
         if name in values:
             raise ValueError(f"{_FLAG}: {name} given twice in {text!r}")

@@ -127,14 +127,21 @@ def embed_with_all_ranks(
 
 
 def fit_prior_transport(
-    store: rk.EmbeddingStore, width: int, path: Path, prior: str, log: Callable[[str], None]
+    store: rk.EmbeddingStore,
+    width: int,
+    path: Path,
+    prior: str,
+    log: Callable[[str], None],
+    *,
+    device: torch.device | None = None,
 ) -> None:
-    """The transport of a computed prior, on the CPU (as always for in-memory data), clipped to
-    the embeddings' usable rank with a warning when that is below ``width``: a prior no wider
-    than the target width (``--rela-dim-rule min-width``) can have fewer non-degenerate
-    principal components than it has dimensions. The official code (``_pca_reduce``) whitens
-    those components silently, turning numerical noise into unit-variance targets."""
-    transport = rk.fit_pca_whitening(store, width, clip_to_rank=True)
+    """The transport of a computed prior, clipped to the embeddings' usable rank with a warning
+    when that is below ``width``: a prior no wider than the target width (``--rela-dim-rule
+    min-width``) can have fewer non-degenerate principal components than it has dimensions. The
+    official code (``_pca_reduce``) whitens those components silently, turning numerical noise
+    into unit-variance targets. The float64 covariance is accumulated on ``device`` (None: the
+    CPU, as always for in-memory data)."""
+    transport = rk.fit_pca_whitening(store, width, device=device, clip_to_rank=True)
     if transport.out_dim < width:
         log(
             f"warning: --prior {prior}: only {transport.out_dim} of the {width} principal "
@@ -173,18 +180,23 @@ def prepare_prior(
                     "--prior: embedding a subset of an image folder is not supported; embed the "
                     "folder with `rela-train embed` and train on the whole folder"
                 )
-            done = rk.EmbeddingStore.exists(path) and transport_path.is_file()
-            if not done or not rk.EmbeddingStore.open(path).complete:
+            if not (rk.EmbeddingStore.exists(path) and rk.EmbeddingStore.open(path).complete):
                 loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
                 width = transport_width(dim, loaded.dim, source.n)
+                # The transport is fitted below, clipped to the usable rank like an in-memory
+                # prior's; `embed`'s own fit keeps the strict check that `embed --dim` needs.
                 embed(
                     source.folder.root, loaded, path, device=device, workers=source.workers,
-                    dim=width, log=log,
+                    dim=width, log=log, transport=False,
                 )  # fmt: skip
             store = rk.EmbeddingStore.open(path)
             _check_store(store, source, where)
+            # An image folder's store can be large: accumulate the covariance where it was
+            # embedded, as `embed` does.
+            fit_device = device
         else:
             assert isinstance(source, TensorSource)
+            fit_device = None  # in-memory data: the CPU, as always
             if rk.EmbeddingStore.exists(path) and rk.EmbeddingStore.open(path).complete:
                 store = rk.EmbeddingStore.open(path)
                 _check_store(store, source, where)
@@ -198,7 +210,7 @@ def prepare_prior(
         if not transport_path.is_file():
             width = transport_width(dim, store.dim, store.n)
             log(f"fitting PCA whitening: {store.dim} -> {width} dimensions")
-            fit_prior_transport(store, width, transport_path, prior, log)
+            fit_prior_transport(store, width, transport_path, prior, log, device=fit_device)
         transport = rk.Transport.load(transport_path)
     if transport.in_dim != store.dim:
         raise ValueError(
