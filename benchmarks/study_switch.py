@@ -38,6 +38,7 @@ from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E40
 from rela_study.runner import fit_features, run_study  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
     default_verdict,
+    format_paired_markdown,
     format_switch_markdown,
     plot_switch,
     summarize_switch,
@@ -146,8 +147,10 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         summaries = summarize_switch(records, order)
         if summaries:
             table = format_switch_markdown(summaries)
+            paired = format_paired_markdown(summaries, HARD_ROW, candidates)
             verdict = default_verdict(summaries, HARD_ROW, candidates, long_pairs)
-            atomic_write_text(out / "switch.md", f"{table}\n\n{verdict}\n")
+            body = f"{table}\n\n{paired}\n\n{verdict}\n" if paired else f"{table}\n\n{verdict}\n"
+            atomic_write_text(out / "switch.md", body)
             plot_switch(summaries, plot, steps.eval_every)
 
     failed: list[str] = []

@@ -108,6 +108,13 @@ def test_drop_table_and_verdict() -> None:
         "| switch-f-blend | 0,1,2 | 80.00 ± 0.00 | 79.00 ± 0.00 | 1.00 ± 0.00 | 81.10 ± 0.10"
         in (table)
     )
+    paired = switch_aggregate.format_paired_markdown(
+        summaries, "switch-a-hard", ["switch-f-blend", "switch-z-absent"]
+    )
+    # Seed by seed: +2 points of final kNN (81.0 + s/10 against 79.0 + s/10), 4 points less drop.
+    assert paired.splitlines()[-1] == "| switch-f-blend | 0,1,2 | 2.00 ± 0.00 | -4.00 ± 0.00 |"
+    assert len(paired.splitlines()) == 3  # a row with no records is left out
+    assert switch_aggregate.format_paired_markdown(summaries, "nope", ["switch-f-blend"]) == ""
     pairs = {"switch-a-hard": "long-hard", "switch-f-blend": "long-blend"}
     verdict = switch_aggregate.default_verdict(
         summaries, "switch-a-hard", ["switch-f-blend"], pairs

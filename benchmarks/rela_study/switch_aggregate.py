@@ -26,6 +26,7 @@ from rela_kernels.atomic_io import atomic_write
 __all__ = [
     "SwitchSummary",
     "default_verdict",
+    "format_paired_markdown",
     "format_switch_markdown",
     "plot_switch",
     "run_drop",
@@ -111,6 +112,38 @@ def format_switch_markdown(summaries: list[SwitchSummary]) -> str:
             _cell(s.stats.get("low")), _cell(s.stats.get("drop")), _cell(s.stats.get("knn")),
             _cell(s.stats.get("probe")), steps if has_prior else "-",
         ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_paired_markdown(summaries: list[SwitchSummary], base: str, rows: list[str]) -> str:
+    """Each of ``rows`` against ``base`` seed by seed: the differences in final kNN and in the
+    drop at the seeds both have (mean ± sample std over those seeds, in kNN points). A seed's
+    runs share the ReLA phase and the machine, so the differences are free of the seed-to-seed
+    spread that the per-row stds carry. Empty without ``base``."""
+    by_row = {s.row: s for s in summaries}
+    if base not in by_row:
+        return ""
+    base_runs = {record["seed"]: record for record in by_row[base].records}
+    lines = [
+        f"| row | seeds | final kNN - {base}'s | drop - {base}'s |",
+        "|---|---|---|---|",
+    ]
+    for name in rows:
+        if name not in by_row:
+            continue
+        pairs = [(r, base_runs[r["seed"]]) for r in by_row[name].records if r["seed"] in base_runs]
+        if not pairs:
+            continue
+        knn = [100 * (a["metrics"]["knn_acc"] - b["metrics"]["knn_acc"]) for a, b in pairs]
+        drop_pairs = [(run_drop(a), run_drop(b)) for a, b in pairs]
+        drop = [a["drop"] - b["drop"] for a, b in drop_pairs if a and b]
+        cells = [
+            by_row[name].label,
+            ",".join(str(a["seed"]) for a, _ in pairs),
+            _cell(mean_std(knn)),
+            _cell(mean_std(drop)) if len(drop) == len(pairs) else "-",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
