@@ -21,9 +21,7 @@ first.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,14 +42,10 @@ from rela_study.grid import (  # noqa: E402
     with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import fit_features, run_study  # noqa: E402
+from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
 from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
-
-
-def _log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 def _study_rows(records: list[dict]) -> list[dict]:
@@ -146,11 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
             }
 
-        failed = run_study(
-            runs, out, jobs=args.jobs, environment=env, on_record=aggregate, log=_log
-        )
+        failed = run_study(runs, out, jobs=args.jobs, environment=env, on_record=aggregate, log=log)
         if failed:
-            _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+            log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
     aggregate()
     records = _study_rows(load_records(out))
     if records:
@@ -159,14 +151,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the study like Ctrl-C
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("study stopped; rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    main_until_stopped(main)

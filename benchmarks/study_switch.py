@@ -26,16 +26,14 @@ where it stopped: rerun the same command.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
 from rela_study.grid import DEFAULT_SIZES, QUICK_SIZES, format_plan, with_overrides  # noqa: E402
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import fit_features, run_study  # noqa: E402
+from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
     default_verdict,
     format_paired_markdown,
@@ -55,10 +53,6 @@ from rela_study.switch_grid import (  # noqa: E402
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 HARD_ROW = "switch-a-hard"
-
-
-def _log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 def _ints(text: str) -> list[int]:
@@ -188,10 +182,10 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             python=python,
             environment=env,
             on_record=aggregate,
-            log=_log,
+            log=log,
         )
         if failed:
-            _log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+            log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
     aggregate()
     if (out / "switch.md").is_file():
         print((out / "switch.md").read_text(encoding="utf-8"))
@@ -199,14 +193,5 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     return 1 if failed else 0
 
 
-def _stop(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the study like Ctrl-C
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("study stopped; rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+    main_until_stopped(main)

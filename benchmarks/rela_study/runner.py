@@ -26,7 +26,7 @@ from rela_study.grid import RunSpec, transported_checkpoint
 from rela_study.records import done_runs, write_record
 from rela_study.transport import rgb_prior_checkpoint
 
-__all__ = ["fit_features", "make_record", "run_study"]
+__all__ = ["fit_features", "log", "main_until_stopped", "make_record", "run_study"]
 
 STUDY = "rela-fashion-mnist"
 # Summary fields copied into the record (those the trainer does not produce are left out).
@@ -41,6 +41,26 @@ METRICS = (
     "eval_time",
     "steps",
 )
+
+
+def log(message: str) -> None:
+    """A study's progress line on stderr, with the time of day."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a study like Ctrl-C
+
+
+def main_until_stopped(main: Callable[[], int]) -> None:
+    """Exit with ``main()``'s status; Ctrl-C or SIGTERM stops the study (the running fits
+    checkpoint) with status 130 and a line saying how to continue."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("study stopped; rerun the same command to continue", file=sys.stderr)
+        sys.exit(130)
 
 
 def fit_features(python: str = sys.executable) -> set[str]:
