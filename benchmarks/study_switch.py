@@ -56,9 +56,11 @@ HARD_ROW = "switch-a-hard"
 
 
 def _ints(text: str) -> list[int]:
-    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7``."""
+    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7`` (one seed: ``4,``)."""
     try:
-        values = [int(part) for part in text.split(",")] if "," in text else None
+        values = [int(part) for part in text.split(",") if part] if "," in text else None
+        if values == []:
+            raise ValueError
         if values is None:
             count = int(text)
             if count < 1:

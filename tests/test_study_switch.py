@@ -186,3 +186,14 @@ def test_the_script_runs_the_quick_grid_with_a_stand_in_trainer(tmp_path: Path) 
     before = (out / "switch.jsonl").read_text()
     assert study_switch.main(QUICK_ARGS + [str(out)], python=str(script)) == 0
     assert (out / "switch.jsonl").read_text() == before
+
+
+def test_seed_arguments_are_a_count_or_a_list() -> None:
+    parse = study_switch.parse_args
+    assert parse(["--out", "x", "--seeds", "3"]).seeds == [0, 1, 2]
+    assert parse(["--out", "x", "--seeds", "0,4"]).seeds == [0, 4]
+    assert parse(["--out", "x", "--long-seeds", "4,"]).long_seeds == [4]  # one seed
+    assert parse(["--out", "x", "--long-seeds", "0,"]).long_seeds == [0]
+    for bad in ("0", ",", "a,1", "-1"):
+        with pytest.raises(SystemExit):
+            parse(["--out", "x", "--long-seeds", bad])
