@@ -23,6 +23,7 @@ from rela_train.data.augment import RELA_VIEWS, Augmenter, byol_views
 from rela_train.data.sources import Source, build_sources
 from rela_train.learner import Learner, Objective, build_learner
 from rela_train.models import resnet_feature_dim
+from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
 from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
 from rela_train.rela import Switch, build_switch, rela_dim_cap
@@ -87,6 +88,7 @@ class RunParts:
     optimizer: torch.optim.Optimizer
     switch: Switch
     augment: dict[str, Augmenter]  # by phase
+    channels_last: bool  # the memory format the learner trains in (asked for, unless unsafe)
 
 
 def build_run(
@@ -175,6 +177,11 @@ def _build_parts(
     ).to(device)
     if sync_bn:
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
+    if channels_last and device.type != "cuda":
+        hazard = channels_last_hazard(learner)  # models/cpu_formats.py: a oneDNN AVX2 bug
+        if hazard is not None:
+            log(f"warning: --channels-last: off for this CPU run: {hazard}")
+            channels_last = False
     if channels_last:
         learner.to(memory_format=torch.channels_last)
     byol = learner.byol
@@ -266,6 +273,7 @@ def _build_parts(
         optimizer=optimizer,
         switch=switch,
         augment=augment,
+        channels_last=channels_last,
     )
 
 

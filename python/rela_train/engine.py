@@ -68,8 +68,6 @@ from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_step_window
 from rela_train.data.sources import Batch, FolderSource, Source
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import evaluate_backbone
-from rela_train.models import build_resnet
-from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import ema_tau, scheduled_lr_factor, set_learning_rates
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import (
@@ -145,17 +143,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _cpu_channels_last(config: TrainConfig, log: Callable[[str], None]) -> bool:
-    """Whether a CPU run asked to use channels_last may (models/cpu_formats.py); a network that
-    would hit oneDNN's heap corruption keeps the contiguous format, with a warning."""
-    with torch.device("meta"):  # the shapes alone: nothing allocated, no random numbers drawn
-        network = build_resnet(config.arch, small_images=config.small_images, width=config.width)
-    hazard = channels_last_hazard(network)
-    if hazard is not None:
-        log(f"warning: --channels-last: off for this CPU run: {hazard}")
-    return hazard is None
-
-
 class Trainer:
     """One run: ``Trainer(config, run_dir).run()`` (or ``resume=True`` to continue it).
 
@@ -217,8 +204,6 @@ class Trainer:
             cuda = self.device.type == "cuda"
             self.autocast = config.amp == "bf16" or (config.amp == "auto" and cuda)
             self.channels_last = cuda if config.channels_last is None else config.channels_last
-            if self.channels_last and not cuda:
-                self.channels_last = _cpu_channels_last(config, self.log)
             self.sync_bn = (cuda and self.world > 1) if config.sync_bn is None else config.sync_bn
             if self.sync_bn and not cuda:
                 raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA training")
@@ -255,6 +240,7 @@ class Trainer:
         self.optimizer = parts.optimizer
         self.switch = parts.switch
         self.augment = parts.augment
+        self.channels_last = parts.channels_last
         self.transition = parse_transition(config.switch_transition)
         self.step_evals = (
             StepEvaluations(
