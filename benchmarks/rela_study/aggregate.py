@@ -15,7 +15,15 @@ from typing import Any
 
 from rela_kernels.atomic_io import atomic_write
 
-__all__ = ["RowSummary", "curve_stats", "format_markdown", "mean_std", "plot_study", "summarize"]
+__all__ = [
+    "RowSummary",
+    "curve_stats",
+    "format_markdown",
+    "group_rows",
+    "mean_std",
+    "plot_study",
+    "summarize",
+]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -36,16 +44,26 @@ class RowSummary:
     records: list[dict[str, Any]]
 
 
-def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
-    """One summary per row: rows named in ``order`` first, in that order, then the others in
-    the order they first appear in ``records``."""
+def group_rows(
+    records: list[dict[str, Any]], order: list[str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """The records of each row, sorted by seed: rows named in ``order`` first, in that order,
+    then the others in the order they first appear; rows without records are left out."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in order or []}
     for record in records:
         rows.setdefault(record["row"], []).append(record)
-    rows = {name: group for name, group in rows.items() if group}
+    return {
+        name: sorted(group, key=lambda record: record["seed"])
+        for name, group in rows.items()
+        if group
+    }
+
+
+def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
+    """One summary per row: rows named in ``order`` first, in that order, then the others in
+    the order they first appear in ``records``."""
     summaries = []
-    for name, group in rows.items():
-        group.sort(key=lambda record: record["seed"])
+    for name, group in group_rows(records, order).items():
         metrics = {}
         for key in sorted({k for record in group for k in record["metrics"]}):
             values = [record["metrics"][key] for record in group if key in record["metrics"]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rela_study.aggregate import mean_std
+from rela_study.aggregate import group_rows, mean_std
 
 from rela_kernels.atomic_io import atomic_write
 
@@ -60,14 +60,8 @@ def summarize_switch(
 ) -> list[SwitchSummary]:
     """One summary per row (rows in ``order`` first): final kNN and official probe, and the
     peak, low and drop around the switch where every seed of the row has them."""
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in order or []}
-    for record in records:
-        rows.setdefault(record["row"], []).append(record)
     summaries = []
-    for name, group in rows.items():
-        if not group:
-            continue
-        group.sort(key=lambda record: record["seed"])
+    for name, group in group_rows(records, order).items():
         values: dict[str, list[float]] = {}
         for record in group:
             metrics = record["metrics"]
