@@ -137,3 +137,55 @@ def test_api_page_names_every_public_name() -> None:
     text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
     missing = [name for name in rk.__all__ if f"### `rk.{name}`" not in text]
     assert missing == []
+
+
+# User pages speak of the project only: how it was made (numbered issues, working sessions,
+# borrowed machines and their time limits, other jobs on a machine, machine-specific paths)
+# belongs in CHANGELOG.md or the commit history, not in README.md or docs/.
+PROCESS_WORDS = {
+    "a numbered issue": re.compile(r"\bissues?\s*#?\d+", re.IGNORECASE),
+    "an issue's targets or rule": re.compile(r"\b(the|this|that|an?) issue(?:'s)?\b", re.IGNORECASE),
+    "a working session": re.compile(r"\bsessions?\b", re.IGNORECASE),
+    "a lent machine": re.compile(r"\blent\b", re.IGNORECASE),
+    "a lease": re.compile(r"\bleases?\b", re.IGNORECASE),
+    "a machine path": re.compile(r"/work/"),
+    "other jobs on the machine": re.compile(
+        r"\bother (jobs|sessions|processes|runs)\b.{0,40}\b(shar|ran|load|core)", re.IGNORECASE
+    ),
+    "a changelog line": re.compile(r"\b(before this (issue|change)|until now|used to be)\b", re.IGNORECASE),
+}
+
+
+def process_words(text: str) -> list[str]:
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for what, pattern in PROCESS_WORDS.items():
+            if (match := pattern.search(line)) is not None:
+                found.append(f"line {number}: {what}: {match[0]!r}")
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_user_pages_speak_of_the_project_only(page: Path) -> None:
+    assert process_words(page.read_text(encoding="utf-8")) == [], page.name
+
+
+def test_the_process_word_check_sees_each_kind() -> None:
+    text = (
+        "issue 12's study\nagainst the issue's targets\nthe third did not fit in the session\n"
+        "the lent GPU machines\na 15-minute lease\n--out /work/sw\n"
+        "while other jobs shared the cores\nlabelled AMD EPYC until now\n"
+    )
+    kinds = {line.split(": ")[1] for line in process_words(text)}
+    assert kinds == set(PROCESS_WORDS)
+    assert process_words("Issues and pull requests are welcome on the tracker.") == []
+
+
+def test_the_project_files_exist() -> None:
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    citation = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
+    assert "Efficiency for Free: Ideal Data Are Transportable Representations" in citation
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert "## [Unreleased]" in changelog
