@@ -7,6 +7,9 @@ VENV := .venv
 PYTHON ?= $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
+# Where torch comes from when none is importable: PyTorch's CPU index (a plain index serves the
+# CUDA build on Linux, several GB). Empty: pip's configured index.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TRITON_SPEC ?= triton>=3.4,<4
 # setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
 # what the TensorBoard, example and wheel tests use.
@@ -34,7 +37,8 @@ interpreter:
 # that depends on torch (lightning) can never replace it: pip fails instead.
 $(STAMP): $(SOURCES) | interpreter
 	@if [ "$(SKIP_DEPS)" != 1 ]; then \
-	  $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"; \
+	  $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install \
+	    $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"; \
 	  $(PIP) install "$(TRITON_SPEC)" $(TOOLS) \
 	    "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	fi
@@ -68,7 +72,7 @@ bench: install
 bench-records: install
 	$(PYTHON) benchmarks/run_all.py
 
-# The GPU proof kit for a lent GPU machine: python3 there already has CUDA torch and Triton and
+# The GPU proof kit for a GPU machine: python3 there already has CUDA torch and Triton and
 # there is no network, so nothing is installed. Builds the CUDA extension in place, runs
 # `pytest -m cuda`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (8 minutes in
 # all), and writes at most 8 files to GPU_CHECK_OUT. Without a CUDA device it exits at once.
@@ -109,7 +113,7 @@ demo: install
 # directory outside the source tree (CUDA_BUILD_DIR), so ninja's cache survives a fresh clone in
 # another folder and only edited files recompile. The result is
 # $(CUDA_BUILD_DIR)/lib/rela_kernels/_C.*.so; the source tree's own _C.so is never touched.
-# Default: torch 2.11.0+cu130 on Python 3.12 from PyPI, what the lent GPU machines carry.
+# Default: torch 2.11.0+cu130 on Python 3.12 from PyPI, a common GPU-machine setup.
 # `CUDA_TORCH_SPEC=torch==2.14.1 CUDA_PY=python3.11` uses the build this VM's mirror holds.
 # The README ("Compiling the CUDA extension without a GPU") records what a first and a second
 # run cost; the first downloads ~3 GB of wheels and compiles for minutes, so the test suite
@@ -164,7 +168,7 @@ cuda-compile-locked:
 # ---------------------------------------------------------------------------------------------
 # The compile gate (docs/gpu-compile.md): every Triton configuration the launchers can launch,
 # compiled for sm_80 and sm_90 without a GPU, under the pinned Triton and under Triton 3.6.0 (what
-# the lent GPU machines carry), plus nvcc -cubin of the torch-free CUDA sources. Triton 3.6.0 lives
+# a common GPU-machine setup), plus nvcc -cubin of the torch-free CUDA sources. Triton 3.6.0 lives
 # in a side directory outside the repository (pip --target, no dependencies: it needs none at
 # import), installed by `make install` where a package index answers; tests/test_compile_gate.py
 # skips its Triton 3.6 part, with the reason, where it is absent.

@@ -16,11 +16,13 @@ from rela_kernels.ops import (
 )
 from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
 from rela_kernels.store import EmbeddingStore
+from rela_kernels.switch import AdaptiveSwitch
 from rela_kernels.transport import Transport
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveSwitch",
     "EmbeddingStore",
     "ScoreTable",
     "StreamingTopK",

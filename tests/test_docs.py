@@ -189,3 +189,71 @@ def test_the_project_files_exist() -> None:
     assert "Efficiency for Free: Ideal Data Are Transportable Representations" in citation
     changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert "## [Unreleased]" in changelog
+
+
+# docs/api.md's reference entries spell out signatures (`rk.name(a, b=1, *, c=None)`); each one
+# must be the real signature: the same parameters, in order, of the same kind, with the same
+# defaults.
+SIGNATURE = re.compile(r"`(rk\.[A-Za-z_][\w.]*)\(([^`]*)\)`")
+
+
+def documented_signatures() -> list[tuple[str, str]]:
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    reference = text[text.index("## Reference: every public name") :]
+    return SIGNATURE.findall(" ".join(reference.split()))
+
+
+def _documented_parameters(name: str, params: str) -> list[tuple[str, str, str | None]]:
+    import ast
+
+    tree = ast.parse(f"def f({params}): pass")
+    args = tree.body[0].args
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    found = [(a.arg, "positional", d) for a, d in zip(positional, defaults, strict=True)]
+    found += [(a.arg, "keyword", d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+    return [(n, kind, None if d is None else ast.unparse(d)) for n, kind, d in found]
+
+
+def _real_parameters(obj) -> list[tuple[str, str, str | None]]:
+    import inspect
+
+    found = []
+    for p in inspect.signature(obj).parameters.values():
+        kind = "keyword" if p.kind is p.KEYWORD_ONLY else "positional"
+        if p.default is p.empty:
+            default = None
+        elif isinstance(p.default, torch.dtype):
+            default = str(p.default)
+        else:
+            default = repr(p.default)
+        found.append((p.name, kind, default))
+    return found
+
+
+def test_api_page_signatures_are_the_real_ones() -> None:
+    import ast
+
+    documented = documented_signatures()
+    assert len(documented) >= 15
+    wrong = []
+    for name, params in documented:
+        obj = rk
+        for part in name.split(".")[1:]:
+            obj = getattr(obj, part)
+        doc = _documented_parameters(name, params)
+        # Compare defaults as values where they are literals (1e-8 == 1e-08).
+        normalise = lambda d: repr(ast.literal_eval(d)) if d and d[0] in "-.0123456789\"'(TFN" else d  # noqa: E731
+        doc = [(n, k, normalise(d)) for n, k, d in doc]
+        if doc != _real_parameters(obj):
+            wrong.append(f"{name}: documented {doc}, real {_real_parameters(obj)}")
+    assert wrong == []
+
+
+def test_the_signature_check_sees_a_wrong_entry() -> None:
+    assert _documented_parameters("f", "a, b=1, *, c=None") == [
+        ("a", "positional", None),
+        ("b", "positional", "1"),
+        ("c", "keyword", "None"),
+    ]
+    assert _real_parameters(rk.select_topk) != _documented_parameters("f", "scores, k, largest=True")

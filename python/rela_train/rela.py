@@ -7,11 +7,9 @@ sample's transported prior embedding ``y = transport(p)``:
 
 A switch rule decides, after every optimizer step, whether to move to BYOL, once and for good:
 
-* ``adaptive`` -- the official EMA plateau test (docs/ARCHITECTURE.md). With the step's loss
-  ``L`` (cross-rank mean): ``rho = exp(-max(slow - fast, 0))`` is computed *first*, then
-  ``fast <- 0.999 fast + 0.001 L`` and ``slow <- 0.99 slow + 0.01 fast``; start ``slow = 2``,
-  ``fast = 1``; switch when ``rho >= 0.995``. ``rho`` is therefore always computed from the EMAs
-  *before* this step's update.
+* ``adaptive`` -- the official EMA plateau test, :class:`rela_kernels.AdaptiveSwitch`, fed the
+  step's loss (the cross-rank mean): ``rho = exp(-max(slow - fast, 0))`` from the EMAs before
+  the step's update; switch when ``rho >= 0.995``.
 * ``const:F`` -- with ``--const-switch step`` (this project's): switch after
   ``round(F * total_steps)`` optimizer steps; with ``--const-switch epoch`` (the official code,
   ``boostor/rela.py``: ``current_epoch < int(conlam * epochs)``): train ReLA for epochs
@@ -22,7 +20,6 @@ A switch rule decides, after every optimizer step, whether to move to BYOL, once
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -103,35 +100,12 @@ class Switch:
         self.rho = float(state["rho"])
 
 
-@dataclass
-class AdaptiveSwitch(Switch):
-    """The official EMA plateau rule; see the module docstring."""
-
-    slow: float = 2.0
-    fast: float = 1.0
-    threshold: float = 0.995
-    fast_decay: float = 0.999
-    slow_decay: float = 0.99
-    switched: bool = False
-    rho: float = math.nan
+class AdaptiveSwitch(rk.AdaptiveSwitch, Switch):
+    """The official EMA plateau rule, :class:`rela_kernels.AdaptiveSwitch`, as a trainer
+    :class:`Switch` (the step number is not used)."""
 
     def after_step(self, loss: float, step: int = 0) -> bool:
-        if self.switched:
-            return True
-        self.rho = math.exp(-max(self.slow - self.fast, 0.0))
-        self.fast = self.fast_decay * self.fast + (1.0 - self.fast_decay) * float(loss)
-        self.slow = self.slow_decay * self.slow + (1.0 - self.slow_decay) * self.fast
-        if self.rho >= self.threshold:
-            self.switched = True
-        return self.switched
-
-    def state_dict(self) -> dict:
-        return {"switched": self.switched, "rho": self.rho, "slow": self.slow, "fast": self.fast}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.slow = float(state["slow"])
-        self.fast = float(state["fast"])
+        return self.update(loss)
 
 
 class ConstSwitch(Switch):
