@@ -5,7 +5,10 @@ What it shows, step by step:
    chunk, into an ``rk.EmbeddingStore`` on disk (resumable after a kill);
 2. ``rk.fit_pca_whitening`` fits the transport: the whitened top components are the targets;
 3. a small CNN with a frozen random linear head is trained with ``rk.transported_cosine_loss``
-   on a random 50% of the data per epoch, drawn by ``rk.SubsetSampler``;
+   on a random 50% of the data per epoch, drawn by ``rk.SubsetSampler``, while
+   ``rk.AdaptiveSwitch`` (the official EMA-plateau rule) watches the loss: once it plateaus, the
+   ReLA phase is over (a full method moves to its own objective there, BYOL in the paper; this
+   example stops training);
 4. kNN accuracy of its features on the test images, against the same network untrained.
 
     python examples/rela_in_your_loop.py --tiny        # seconds, synthetic or real data
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             torch.arange(n), batch_size=64, sampler=sampler, drop_last=True
         )
         g = torch.Generator().manual_seed(args.seed)
+        switch, switch_step, step = rk.AdaptiveSwitch(), None, 0
         seen, start = 0, time.perf_counter()
         for epoch in range(epochs):
+            if switch_step is not None:
+                break
             sampler.set_epoch(epoch)  # a new random 50% every epoch
             total, count = 0.0, 0
             for index in loader:
@@ -101,8 +107,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.step()
                 total += float(loss.detach()) * len(index)
                 count += len(index)
+                step += 1
+                if switch.update(float(loss.detach())):  # the ReLA loss has plateaued
+                    switch_step = step
+                    break
             seen += count
-            print(f"epoch {epoch + 1}/{epochs}: ReLA loss {total / max(count, 1):.4f}")
+            print(
+                f"epoch {epoch + 1}/{epochs}: ReLA loss {total / max(count, 1):.4f}, "
+                f"rho {switch.rho:.4f}"
+                + (f"; the switch fired at step {switch_step}" if switch_step else "")
+            )
         train_time = time.perf_counter() - start
         store.close()
 
@@ -111,7 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"kNN accuracy: {100 * knn:.2f}% after ReLA on {args.budget:.0%} per epoch "
         f"({seen} samples, {train_time:.1f} s); untrained network: {100 * untrained_knn:.2f}%"
     )
-    return {"knn": knn, "untrained_knn": untrained_knn, "samples": seen}
+    return {
+        "knn": knn,
+        "untrained_knn": untrained_knn,
+        "samples": seen,
+        "switch_step": switch_step,
+        "rho": switch.rho,
+    }
 
 
 if __name__ == "__main__":
