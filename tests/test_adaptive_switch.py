@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from rela_train.rela import build_switch
 
 import rela_kernels as rk
-from rela_train.rela import build_switch
 
 
 def _losses(seed: int, n: int = 3000) -> list[float]:

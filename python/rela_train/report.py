@@ -109,8 +109,13 @@ def format_table(runs: list[Run]) -> str:
 
 def plot_runs(runs: list[Run], out: str | os.PathLike[str]) -> Path:
     """Two panels: kNN accuracy against samples seen and against training wall time."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError(
+            "--plot: writing a plot needs matplotlib, which is not installed (pip install "
+            "matplotlib, or this package's [train] extra); --plot '' writes none"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
