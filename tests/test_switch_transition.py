@@ -142,7 +142,7 @@ def test_the_official_recipe_keeps_hard_and_an_explicit_transition_wins() -> Non
 
 
 def test_auto_is_the_measured_best_only_where_the_run_switches() -> None:
-    assert MEASURED_BEST == "keep-views"  # issue 18's rule (docs/switch.md, "The default")
+    assert MEASURED_BEST == "keep-views"  # the switch study's rule (docs/switch.md, "The default")
     default = get_preset("synthetic-test")
     assert default.switch_transition == "auto" and default.recipe == "default"
     cases = [
@@ -151,6 +151,9 @@ def test_auto_is_the_measured_best_only_where_the_run_switches() -> None:
         ({"prior": "pixels:8", "switch": "never"}, "hard"),  # no switch to shape
         ({}, "hard"),  # BYOL alone
         ({"prior": "pixels:8", "switch_transition": "blend:3"}, "blend:3"),
+        # Image folders keep hard until keep-views is measured there.
+        ({"prior": "pixels:8", "dataset": "folder", "data_dir": "/nowhere"}, "hard"),
+        ({"prior": "pixels:8", "dataset": "fashion-mnist"}, MEASURED_BEST),
     ]
     for changes, expected in cases:
         assert default.replace(**changes).concrete_transition == expected, changes

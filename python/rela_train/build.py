@@ -32,11 +32,15 @@ from rela_train.runtime import DistContext, agree_min, check_shared_directory, r
 
 __all__ = [
     "RunParts",
+    "StepPlan",
     "accumulation_steps",
+    "adapt_batch_to_world",
     "build_optimizer_groups",
     "build_run",
+    "check_trainable",
     "epoch_steps",
     "micro_batch_size",
+    "step_plan",
 ]
 
 
@@ -58,6 +62,50 @@ def accumulation_steps(config: TrainConfig, world: int) -> int:
             f"--batch-size x world size = {config.batch_size} x {world} = {per_pass}"
         )
     return config.global_batch // per_pass
+
+
+def adapt_batch_to_world(config: TrainConfig, world: int) -> tuple[TrainConfig, str | None]:
+    """A preset's per-rank batch adapted so that its ``--global-batch`` holds on ``world``
+    ranks: when ``batch_size x world`` does not divide the global batch but ``world`` does, the
+    per-rank batch becomes the largest divisor of ``global_batch / world`` not above the preset's
+    (e.g. 4096 on 32 ranks: 128 per rank, one pass). Returns the config and a note saying so
+    (None when nothing changed). Only for a per-rank batch the user did not give."""
+    if config.global_batch is None or config.global_batch % (config.batch_size * world) == 0:
+        return config, None
+    if config.global_batch % world:
+        return config, None  # no per-rank batch can hold it: accumulation_steps says why
+    per_rank = config.global_batch // world
+    batch = max(b for b in range(1, min(config.batch_size, per_rank) + 1) if per_rank % b == 0)
+    note = (
+        f"--batch-size: the preset's {config.batch_size} images per rank cannot make the global "
+        f"batch of {config.global_batch} on {world} ranks; {batch} per rank x "
+        f"{per_rank // batch} micro-batch(es) do"
+    )
+    return config.replace(batch_size=batch), note
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The epoch geometry of a run: what each optimizer step takes and how many there are."""
+
+    micro_batch: int  # images per micro-batch and rank (inbatch: scored)
+    step_images: int  # positions of the epoch's order one optimizer step consumes, all ranks
+    steps_per_epoch: int  # of the first epoch (annealed epochs take more)
+    total_steps: int
+    warmup_steps: int
+
+
+def step_plan(config: TrainConfig, sampler: rk.SubsetSampler, accum_steps: int, world: int):
+    """The :class:`StepPlan` of ``config`` on ``world`` ranks, from the run's sampler."""
+    micro_batch = micro_batch_size(config)
+    # Each step consumes the next `step_images` positions of the epoch's global order, all
+    # ranks together (see rk.SubsetSampler.local_indices); a world-size-free count of steps.
+    step_images = micro_batch * accum_steps * world
+    steps_per_epoch = epoch_steps(sampler, 0, step_images)
+    # Annealed epochs (--anneal) take the full data: more steps than the pruned ones.
+    total_steps = sum(epoch_steps(sampler, e, step_images) for e in range(config.epochs))
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    return StepPlan(micro_batch, step_images, steps_per_epoch, total_steps, warmup_steps)
 
 
 def epoch_steps(sampler: rk.SubsetSampler, epoch: int, step_images: int) -> int:
@@ -111,7 +159,7 @@ def build_run(
         # Everything that can be checked without the run directory is checked before it is
         # created or locked.
         train, val = build_sources(config, warn=log, pin_memory=device.type == "cuda")
-        _check_trainable(config, train.n, dist.world)
+        check_trainable(config, train.n, dist.world)
         run_directory = _open_run_directory(run_dir, dist, new=new)
         check_shared_directory(dist, run_dir)
         return _build_parts(
@@ -226,13 +274,9 @@ def _build_parts(
         )
         for name in {policy, "random"}
     }
-    # Each step consumes the next `step_images` positions of the epoch's global order, all
-    # ranks together (see rk.SubsetSampler.local_indices); a world-size-free count of steps.
-    step_images = micro_batch * accum_steps * world
-    steps_per_epoch = epoch_steps(samplers[policy], 0, step_images)
-    # Annealed epochs (--anneal) take the full data: more steps than the pruned ones.
-    total_steps = sum(epoch_steps(samplers[policy], e, step_images) for e in range(config.epochs))
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    plan = step_plan(config, samplers[policy], accum_steps, world)
+    step_images, steps_per_epoch = plan.step_images, plan.steps_per_epoch
+    total_steps, warmup_steps = plan.total_steps, plan.warmup_steps
 
     scale = lr_scale(config.lr_scaling, config.batch_size * accum_steps * world)
     lr = config.lr * scale
@@ -298,7 +342,7 @@ def build_optimizer_groups(
     return groups
 
 
-def _check_trainable(config: TrainConfig, images: int, world: int) -> None:
+def check_trainable(config: TrainConfig, images: int, world: int) -> None:
     """Refuse a run in which some rank's micro-batch would hold fewer than two images
     (BatchNorm needs two): it could not train a single step."""
     subset = subset_size(images, 1.0 if config.policy == "inbatch" else config.budget)

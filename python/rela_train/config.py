@@ -222,9 +222,10 @@ class TrainConfig:
     switch_transition: str = field(
         default="auto",
         metadata=_opt(
-            "what happens at the ReLA -> BYOL switch: auto (the default: keep-views, the best "
-            "measured, in a run that switches; hard otherwise), hard (the official code, kept by "
-            "--recipe official), or parts joined by +: blend:STEPS, reset-target, "
+            "what happens at the ReLA -> BYOL switch: auto (keep-views, the best measured, in a "
+            "run that switches on in-memory small images such as Fashion-MNIST; hard on image "
+            "folders, where it is not measured, and without a switch), hard (the official code, "
+            "kept by --recipe official), or parts joined by +: blend:STEPS, reset-target, "
             "warm-heads:STEPS, keep-views, lr-drop:STEPS (docs/switch.md)"
         ),
     )
@@ -403,10 +404,13 @@ class TrainConfig:
     @property
     def concrete_transition(self) -> str:
         """``switch_transition`` with ``auto`` made concrete for this run (``keep-views`` where it
-        switches from ReLA to BYOL, ``hard`` elsewhere; docs/switch.md)."""
+        switches from ReLA to BYOL on in-memory small images, ``hard`` elsewhere;
+        docs/switch.md)."""
         from rela_train.transition import resolve_transition  # imports torch
 
-        return resolve_transition(self.switch_transition, rela=self.rela, switch=self.switch)
+        return resolve_transition(
+            self.switch_transition, rela=self.rela, switch=self.switch, dataset=self.dataset
+        )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes).validate()

@@ -61,6 +61,7 @@ __all__ = [
     "ModelPrior",
     "PrecomputedPrior",
     "Prior",
+    "check_prior_spec",
     "load_prior",
 ]
 
@@ -255,6 +256,36 @@ def load_prior(
         prior.autocast = False
         prior.identity += " | float32"
     return prior
+
+
+def check_prior_spec(spec: str) -> str:
+    """What ``load_prior(spec)`` checks before loading weights (``--dry-run``): the kind, the
+    spec's form, that a named file exists (and, for ``torchscript:``, is an archive), that a
+    ``timm:``/``open_clip:`` package is installed. Cheap priors (``pixels``, ``random``) are
+    built. Returns a one-line description; raises as :func:`load_prior` would."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"prior spec must be a non-empty string, got {spec!r}")
+    kind, _, rest = spec.partition(":")
+    if kind in ("pixels", "random"):
+        prior = load_prior(spec)
+        return f"{spec}: {prior.dim}-d embeddings, built at start"
+    if kind == "torchscript":
+        path = _file(spec, rest, "TorchScript archive")
+        if not _is_torchscript(path):
+            raise ValueError(f"prior {spec!r}: {path} is not a TorchScript archive")
+        return f"{spec}: TorchScript archive {path}, loaded at start"
+    if kind == "checkpoint":
+        arch_text, _, path_text = rest.partition(":")
+        if not arch_text or not path_text:
+            raise ValueError(f"prior {spec!r}: expected checkpoint:ARCH:PATH")
+        _parse_arch(spec, arch_text, allow_small=False)
+        return f"{spec}: {_file(spec, path_text, 'checkpoint')}, loaded at start"
+    if kind == "embeddings":
+        return f"{spec}: {_file(spec, rest, 'embeddings file')}, read at start"
+    if kind in ("timm", "open_clip"):
+        _require(spec, kind)
+        return f"{spec}: loaded at start from the local {kind} cache (never downloaded)"
+    raise ValueError(f"unknown prior kind {kind!r} in {spec!r}; known kinds: {_KINDS}")
 
 
 def _transform(

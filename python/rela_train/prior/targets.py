@@ -31,7 +31,13 @@ from rela_train.prior.loaders import ModelPrior, load_prior
 from rela_train.prior.sharding import report_setup_failure
 from rela_train.runtime import DistContext, agree_min
 
-__all__ = ["PriorTargets", "embed_with_all_ranks", "fit_prior_transport", "prepare_prior"]
+__all__ = [
+    "PriorTargets",
+    "check_prior_store",
+    "embed_with_all_ranks",
+    "fit_prior_transport",
+    "prepare_prior",
+]
 
 # Stores up to this size are held in (device) memory; larger ones are read per batch.
 _IN_MEMORY_BYTES = 2 << 30
@@ -63,9 +69,34 @@ class PriorTargets:
         return self.transport.out_dim
 
 
-def _check_store(store: rk.EmbeddingStore, source: Source, where: str) -> None:
+def check_prior_store(prior_store: str, source: Source) -> str:
+    """What training with ``--prior-store`` checks before it starts (``--dry-run``), except the
+    chunk checksums (they read every row; a real start verifies them): a complete store made for
+    this training set, with a transport of its width. Returns a one-line description."""
+    path = Path(prior_store)
+    store = rk.EmbeddingStore.open(path)
+    try:
+        _check_store(store, source, "--prior-store", verify=False)
+        transport = rk.Transport.load(path / TRANSPORT_FILE)
+        if transport.in_dim != store.dim:
+            raise ValueError(
+                f"--prior-store: the transport maps {transport.in_dim}-d embeddings but the store "
+                f"at {store.path} holds {store.dim}-d ones"
+            )
+        size = store.n * store.dim * 2
+        return (
+            f"{path}: {store.n} x {store.dim} float16 rows ({size / 2**30:.2f} GiB), transport "
+            f"{store.dim} -> {transport.out_dim}; checksums verified at start"
+        )
+    finally:
+        store.close()
+
+
+def _check_store(
+    store: rk.EmbeddingStore, source: Source, where: str, *, verify: bool = True
+) -> None:
     store.require_complete(where)
-    damaged = store.verify()
+    damaged = store.verify() if verify else []
     if damaged:
         shown = ", ".join(f"{a}-{b - 1}" for a, b in damaged[:5])
         raise ValueError(
