@@ -68,14 +68,17 @@ def adapt_batch_to_world(config: TrainConfig, world: int) -> tuple[TrainConfig, 
     """A preset's per-rank batch adapted so that its ``--global-batch`` holds on ``world``
     ranks: when ``batch_size x world`` does not divide the global batch but ``world`` does, the
     per-rank batch becomes the largest divisor of ``global_batch / world`` not above the preset's
-    (e.g. 4096 on 32 ranks: 128 per rank, one pass). Returns the config and a note saying so
-    (None when nothing changed). Only for a per-rank batch the user did not give."""
+    and at least 2 (e.g. 4096 on 32 ranks: 128 per rank, one pass). Returns the config and a
+    note saying so (None when nothing changed). Only for a per-rank batch the user did not give."""
     if config.global_batch is None or config.global_batch % (config.batch_size * world) == 0:
         return config, None
     if config.global_batch % world:
         return config, None  # no per-rank batch can hold it: accumulation_steps says why
     per_rank = config.global_batch // world
-    batch = max(b for b in range(1, min(config.batch_size, per_rank) + 1) if per_rank % b == 0)
+    fits = [b for b in range(2, min(config.batch_size, per_rank) + 1) if per_rank % b == 0]
+    if not fits:  # BatchNorm needs two images per micro-batch
+        return config, None
+    batch = max(fits)
     note = (
         f"--batch-size: the preset's {config.batch_size} images per rank cannot make the global "
         f"batch of {config.global_batch} on {world} ranks; {batch} per rank x "

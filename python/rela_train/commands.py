@@ -28,7 +28,7 @@ from rela_train.arg_types import (
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
 
-__all__ = ["COMMANDS", "INTERRUPTED", "Command"]
+__all__ = ["COMMANDS", "INTERRUPTED", "Command", "add_dry_run_arguments"]
 
 # Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
 INTERRUPTED = 128 + signal.SIGINT
@@ -42,6 +42,42 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+def add_dry_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"check everything a start checks, print the resolved plan ({what}) and exit 0 "
+        "without training or writing anything",
+    )
+    parser.add_argument(
+        "--world-size",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="with --dry-run: plan for N ranks from one process (default: torchrun's "
+        "WORLD_SIZE, else 1)",
+    )
+
+
+def _dry_run_world(args: argparse.Namespace) -> int | None:
+    """The world size to plan for with --dry-run, else None (a real start)."""
+    from rela_train.plan import planned_world_size
+
+    if not args.dry_run:
+        if args.world_size is not None:
+            raise ValueError(
+                "--world-size: only with --dry-run (torchrun sets the world size of a real run)"
+            )
+        return None
+    return planned_world_size(args.world_size)
+
+
+def _print_plan(plan) -> int:
+    if os.environ.get("RANK", "0").strip() in ("", "0"):  # one plan per job
+        print("\n".join(plan.lines()))
+    return 0
 
 
 # -------------------------------------------------------------------------------------------------
@@ -112,11 +148,13 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="under torchrun: seconds a rank may give no sign of life before the others stop "
         "with a message saying how to resume (default 1800)",
     )
+    add_dry_run_arguments(parser, "images, chunks per rank, store state, transport width")
 
 
 def _embed_run(args: argparse.Namespace) -> int:
     from rela_train.prior.embedding import embed, verify_store
 
+    world = _dry_run_world(args)
     if args.verify:
         report = verify_store(args.out)
         print(report.summary())
@@ -125,6 +163,10 @@ def _embed_run(args: argparse.Namespace) -> int:
     missing = [flag for flag, value in given if not value]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
+    if world is not None:
+        from rela_train.plan import plan_embed
+
+        return _print_plan(plan_embed(args, world=world))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _embed_distributed(args)
     result = embed(
@@ -285,13 +327,20 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in RUN from its last checkpoint (its config.json is used)",
     )
     add_config_arguments(parser)
+    add_dry_run_arguments(
+        parser, "per-rank batch, accumulation, steps, evaluation cost, prior store, transition"
+    )
 
 
 def _fit_run(args: argparse.Namespace) -> int:
+    from rela_train.build import adapt_batch_to_world
     from rela_train.config import config_from_args
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
+    planned = _dry_run_world(args)
+    world = planned if planned is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    notes: list[str] = []
     if args.resume is not None:
         given = [
             f.name
@@ -306,15 +355,30 @@ def _fit_run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
         config = TrainConfig.load(run_dir / "config.json")
         changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
-        result = fit(config.replace(**changes), run_dir, resume=True)
+        config = config.replace(**changes)
+        if planned is not None:
+            from rela_train.plan import plan_fit
+
+            return _print_plan(plan_fit(config, run_dir, world=world, resume=True))
+        result = fit(config, run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
-        if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.out is None and world > 1:
             raise ValueError(
                 "--out: a distributed run needs an explicit run directory, the same for every "
                 "rank (on a file system all nodes mount)"
             )
+        if args.batch_size is None:  # the preset's per-rank batch follows the world size
+            config, note = adapt_batch_to_world(config, world)
+            if note is not None:
+                notes.append(note)
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
+        if planned is not None:
+            from rela_train.plan import plan_fit
+
+            return _print_plan(plan_fit(config, run_dir, world=world, notes=notes))
+        if notes and os.environ.get("RANK", "0").strip() in ("", "0"):
+            print("\n".join(notes), file=sys.stderr)
         result = fit(config, run_dir)
     if result.status != "finished":
         return 128 + (result.signal or signal.SIGINT)
