@@ -48,6 +48,7 @@ CONST_SWITCHES = ("step", "epoch")
 ON_OFF = ("on", "off")
 PRIOR_PREPROCESSING = ("prior", "official")
 PROBES = ("lbfgs", "official", "none")
+DECAY_EXCLUSIONS = ("bias-norm", "none")
 SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
@@ -163,6 +164,14 @@ class TrainConfig:
         ),
     )
     weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay"))
+    decay_exclude: str = field(
+        default="bias-norm",
+        metadata=_opt(
+            "parameters spared from weight decay: bias-norm (biases and normalisation weights, "
+            "BYOL's convention) or none (every parameter is decayed, the official code)",
+            choices=DECAY_EXCLUSIONS,
+        ),
+    )
     momentum: float = field(default=0.9, metadata=_opt("LARS momentum"))
     lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient"))
     warmup_epochs: float = field(default=10.0, metadata=_opt("linear warmup, in epochs"))
@@ -496,6 +505,7 @@ class TrainConfig:
             ("byol_blur", ON_OFF),
             ("prior_preprocess", PRIOR_PREPROCESSING),
             ("probe", PROBES),
+            ("decay_exclude", DECAY_EXCLUSIONS),
             ("switch_scores", SWITCH_SCORES),
             ("inbatch_switch_loss", INBATCH_SWITCH_LOSSES),
         ):
@@ -587,6 +597,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "switch_transition": "hard",
     "eval_steps": 0,
     "eval_steps_window": None,
+    "decay_exclude": "bias-norm",
 }
 
 # The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
@@ -598,6 +609,8 @@ OFFICIAL_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 1e-3,
     "weight_decay": 0.01,
+    # BYOL.configure_optimizers hands AdamW every parameter: biases and norms are decayed too.
+    "decay_exclude": "none",
     "lr_schedule": "constant",
     "lr_scaling": "none",
     "tau_schedule": "constant",
