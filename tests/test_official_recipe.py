@@ -16,10 +16,8 @@ from rela_train import cli
 from rela_train.byol import hidden_width
 from rela_train.config import (
     LEGACY_VALUES,
-    OFFICIAL_RECIPE,
     TrainConfig,
     add_config_arguments,
-    apply_recipe,
     config_from_args,
 )
 from rela_train.data.augment import BYOL_VIEWS, byol_views
@@ -31,7 +29,7 @@ from rela_train.optim import (
     lr_scale,
     scheduled_lr_factor,
 )
-from rela_train.presets import get_preset
+from rela_train.presets import OFFICIAL_RECIPE, apply_recipe, get_preset
 from rela_train.prior.loaders import NORMALIZATIONS, load_prior
 from rela_train.rela import ConstSwitch, EpochSwitch, build_switch, rela_dim_cap
 
