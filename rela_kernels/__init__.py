@@ -15,7 +15,7 @@ from rela_kernels.ops import (
     transported_cosine_loss,
 )
 from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
-from rela_kernels.store import EmbeddingStore
+from rela_kernels.store import EmbeddingStore, StoreSpec
 from rela_kernels.switch import AdaptiveSwitch
 from rela_kernels.transport import Transport
 
@@ -25,6 +25,7 @@ __all__ = [
     "AdaptiveSwitch",
     "EmbeddingStore",
     "ScoreTable",
+    "StoreSpec",
     "StreamingTopK",
     "SubsetSampler",
     "Transport",

@@ -220,12 +220,22 @@ def _documented_parameters(name: str, params: str) -> list[tuple[str, str, str |
 
 
 def _real_parameters(obj) -> list[tuple[str, str, str | None]]:
+    import dataclasses
     import inspect
 
+    factories = {}  # a dataclass field's default_factory: its value is the default
+    if dataclasses.is_dataclass(obj):
+        factories = {
+            f.name: f.default_factory
+            for f in dataclasses.fields(obj)
+            if f.default_factory is not dataclasses.MISSING
+        }
     found = []
     for p in inspect.signature(obj).parameters.values():
         kind = "keyword" if p.kind is p.KEYWORD_ONLY else "positional"
-        if p.default is p.empty:
+        if p.name in factories:
+            default = repr(factories[p.name]())
+        elif p.default is p.empty:
             default = None
         elif isinstance(p.default, torch.dtype):
             default = str(p.default)
