@@ -171,7 +171,7 @@ def test_embed_skips_bad_images_marks_rows_and_fits_on_valid_rows(
     write_bad(data / "class_0", ["bomb.png", "cut.jpg"])
     write_bad(data / "class_1", ["big.png"])
     out = tmp_path / "store"
-    argv = ["embed", "--data", str(data), "--prior", "pixels:4", "--out", str(out)]
+    argv = ["embed", "--data-dir", str(data), "--prior", "pixels:4", "--out", str(out)]
     argv += ["--workers", "0", "--no-progress", "--batch-size", "2", "--chunk-rows", "4"]
     code = main(argv)
     captured = capsys.readouterr()

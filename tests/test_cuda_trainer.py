@@ -68,7 +68,7 @@ def test_fit_on_cuda_bf16_channels_last(tmp_path: Path, policy: str | None) -> N
 def test_embed_on_cuda_matches_cpu(tmp_path: Path) -> None:
     folder = make_image_folder(tmp_path / "data", classes=3, per_class=7, seed=3)
     common = ["--prior", "random:resnet10-small", "--input-size", "16", "--workers", "0"]
-    common += ["--no-progress", "--batch-size", "8", "--dim", "5", "--data", str(folder)]
+    common += ["--no-progress", "--batch-size", "8", "--dim", "5", "--data-dir", str(folder)]
     stores = {}
     for device in ("cuda", "cpu"):
         out = tmp_path / f"store-{device}"

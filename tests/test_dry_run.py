@@ -91,7 +91,7 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _write_idx(paths["idx"], split, n)
     threads = torch.get_num_threads()
     try:
-        assert main(["embed", "--data", str(paths["train"]), "--prior", "pixels:8", "--out",
+        assert main(["embed", "--data-dir", str(paths["train"]), "--prior", "pixels:8", "--out",
                      str(paths["store"]), "--no-progress", "--workers", "0"]) == 0  # fmt: skip
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; priors still ship it
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -240,12 +240,12 @@ def test_dry_run_under_torchrun_reads_the_world_size(
 
 
 def test_embed_dry_run_plans_chunks_per_rank(stand_ins, tmp_path: Path, capsys) -> None:
-    argv = ["embed", "--data", str(stand_ins["train"]), "--prior", "pixels:8"]
+    argv = ["embed", "--data-dir", str(stand_ins["train"]), "--prior", "pixels:8"]
     assert main([*argv, "--out", str(tmp_path / "s"), "--dry-run", "--world-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "new store" in out and "4 rank(s)" in out and not (tmp_path / "s").exists()
     assert main([*argv, "--out", str(stand_ins["store"]), "--dry-run"]) == 0
     assert "existing store, complete" in capsys.readouterr().out
-    bad = ["embed", "--data", str(stand_ins["train"]), "--prior", "torchscript:/nowhere.pt"]
+    bad = ["embed", "--data-dir", str(stand_ins["train"]), "--prior", "torchscript:/nowhere.pt"]
     assert main([*bad, "--out", str(tmp_path / "s"), "--dry-run"]) == 2
     assert "/nowhere.pt does not exist" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def test_embed_end_to_end_then_rerun_resumes(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "store"
-    argv = ["embed", "--data", str(folder), "--prior", PRIOR, "--out", str(out), *FAST]
+    argv = ["embed", "--data-dir", str(folder), "--prior", PRIOR, "--out", str(out), *FAST]
     code, stdout, stderr = run(capsys, *argv, "--chunk-rows", "6", "--dim", "5")
     assert code == 0, stderr
     assert "21 x 512 embeddings (21 computed now); transport 512 -> 5" in stdout
@@ -114,7 +114,7 @@ def test_crash_then_resume_is_byte_identical_and_skips_finished_chunks(
 
 def test_embed_subprocess_with_workers(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "pixels"
-    command = [sys.executable, "-m", "rela_train", "embed", "--data", str(folder), "--out"]
+    command = [sys.executable, "-m", "rela_train", "embed", "--data-dir", str(folder), "--out"]
     command += [str(out), "--prior", "pixels:4", "--workers", "2", "--batch-size", "5"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -142,7 +142,7 @@ def test_embed_precomputed_embeddings(
     values = np.random.default_rng(seed).standard_normal((21, 6)).astype(np.float32)
     np.save(tmp_path / "e.npy", values)
     out = tmp_path / "from_npy"
-    argv = ["embed", "--data", str(folder), "--prior", f"embeddings:{tmp_path / 'e.npy'}"]
+    argv = ["embed", "--data-dir", str(folder), "--prior", f"embeddings:{tmp_path / 'e.npy'}"]
     code, _, stderr = run(capsys, *argv, "--out", str(out), "--no-progress")
     assert code == 0, stderr
     store = rk.EmbeddingStore.open(out)
@@ -155,7 +155,16 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
     folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "store"
-    base = ["embed", "--data", str(folder), "--out", str(out), "--workers", "0", "--no-progress"]
+    base = [
+        "embed",
+        "--data-dir",
+        str(folder),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert run(capsys, *base, "--prior", "pixels:2", "--chunk-rows", "8")[0] == 0
     snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -163,7 +172,7 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
     (tmp_path / "model.pt").write_bytes(b"definitely not torchscript")
     np.save(tmp_path / "short.npy", np.zeros((20, 4), dtype=np.float32))
     cases = [
-        (["--prior", "pixels:2", "--data", str(other)], "made with dataset fingerprint"),
+        (["--prior", "pixels:2", "--data-dir", str(other)], "made with dataset fingerprint"),
         (["--prior", "pixels:3"], "made with prior 'pixels:2 | "),
         (["--prior", "pixels:2", "--chunk-rows", "4"], "chunks of 8 rows"),
         (["--prior", "pixels:2", "--dim", "13"], "larger than the prior's embedding width 12"),
@@ -171,7 +180,7 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
         (["--prior", "warp:9"], "unknown prior kind 'warp'"),
         (["--prior", f"torchscript:{tmp_path / 'model.pt'}"], "is not a TorchScript archive"),
         (["--prior", f"embeddings:{tmp_path / 'short.npy'}"], "20 rows but the dataset has 21"),
-        (["--prior", "pixels:2", "--data", str(tmp_path / "void")], "does not exist"),
+        (["--prior", "pixels:2", "--data-dir", str(tmp_path / "void")], "does not exist"),
         (
             ["--prior", "pixels:2", "--device", "cuda:7"]
             if not torch.cuda.is_available()
@@ -181,9 +190,9 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
     ]
     for extra, message in cases:
         argv = list(base)
-        if "--data" in extra:
-            argv[argv.index("--data") + 1] = extra[extra.index("--data") + 1]
-            i = extra.index("--data")
+        if "--data-dir" in extra:
+            argv[argv.index("--data-dir") + 1] = extra[extra.index("--data-dir") + 1]
+            i = extra.index("--data-dir")
             extra = extra[:i] + extra[i + 2 :]
         code, _, stderr = run(capsys, *argv, *extra)
         assert code == 2, (extra, stderr)
@@ -197,7 +206,7 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
     code, _, stderr = run(capsys, *base, "--prior", "pixels:2")
     assert code == 2 and "truncated" in stderr
     with pytest.raises(SystemExit) as exit_info:  # argparse's own errors also exit with 2
-        main(["embed", "--data", str(folder)])
+        main(["embed", "--data-dir", str(folder)])
     assert exit_info.value.code == 2
 
 

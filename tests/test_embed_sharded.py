@@ -135,7 +135,7 @@ class Job:
 
 
 def _argv(folder: Path, out: Path, *extra: str):
-    return lambda rank: ["--data", str(folder), "--prior", PRIOR, "--out", str(out), *OPTIONS,
+    return lambda rank: ["--data-dir", str(folder), "--prior", PRIOR, "--out", str(out), *OPTIONS,
                          "--dist-timeout", "4", *extra]  # fmt: skip
 
 
@@ -186,7 +186,7 @@ def test_a_killed_rank_stops_the_others_and_a_resume_on_three_ranks_ends_identic
     line = job.error_line(0)
     assert "rank 0 of 2: rank 1 gave no sign of life for more than 4 s (--dist-timeout)" in line
     assert f"while embedding into {out}" in line
-    assert f"resume with `rela-train embed --data {folder} --prior {PRIOR} --out {out}" in line
+    assert f"resume with `rela-train embed --data-dir {folder} --prior {PRIOR} --out {out}" in line
     assert waited < 30
     # Rank 0 finished its 4 chunks, rank 1 one: the manifest claims nothing the journals do not
     # hold, and no chunk past what is durable.
@@ -252,7 +252,7 @@ def test_ranks_started_differently_stop_before_writing(folder, tmp_path) -> None
          f"--prior: the ranks were started with different values, rank 0 with '{PRIOR}' and "
          f"rank 1 with '{PRIOR}:1'"),
         ([_embed_rank(folder, out), _embed_rank(other, out)],
-         f"--data: the ranks were started with different values, rank 0 with '{folder}' and "
+         f"--data-dir: the ranks were started with different values, rank 0 with '{folder}' and "
          f"rank 1 with '{other}'"),
     ]  # fmt: skip
     for works, message in cases:
@@ -281,7 +281,7 @@ def test_ranks_started_differently_stop_before_writing(folder, tmp_path) -> None
 
 def test_a_second_job_is_refused_with_the_holder_named(folder, tmp_path, capsys) -> None:
     out = tmp_path / "store"
-    argv = ["embed", "--data", str(folder), "--prior", PRIOR, "--out", str(out), *OPTIONS]
+    argv = ["embed", "--data-dir", str(folder), "--prior", PRIOR, "--out", str(out), *OPTIONS]
     prior = load_prior(PRIOR, input_size=8)
     assert isinstance(prior, ModelPrior)
     fingerprint = ImageFolder(folder).fingerprint

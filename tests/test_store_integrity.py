@@ -126,7 +126,7 @@ def test_embed_verify_repair_and_resume_refuse_damage(
 ) -> None:
     data = make_image_folder(tmp_path / "data", classes=2, per_class=7, seed=11)
     out = tmp_path / "store"
-    argv = ["embed", "--data", str(data), "--prior", "pixels:4", "--out", str(out), *FAST]
+    argv = ["embed", "--data-dir", str(data), "--prior", "pixels:4", "--out", str(out), *FAST]
     assert main(argv) == 0
     capsys.readouterr()
     good = (out / store_module.DATA).read_bytes()
@@ -176,4 +176,4 @@ def test_embed_verify_needs_only_out_and_other_uses_need_data(
     assert main(["embed", "--out", str(tmp_path / "none"), "--verify"]) == 2
     assert "no embedding store" in capsys.readouterr().err
     assert main(["embed", "--out", str(tmp_path / "x")]) == 2
-    assert "--data and --prior required" in capsys.readouterr().err
+    assert "--data-dir and --prior required" in capsys.readouterr().err

@@ -36,12 +36,14 @@ INTERRUPTED = 128 + signal.SIGINT
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: ``add_arguments`` fills its parser, ``run`` returns the exit status."""
+    """A subcommand: ``add_arguments`` fills its parser, ``run`` returns the exit status;
+    ``deprecated`` maps earlier flag names, which still work, to the current ones."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+    deprecated: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def add_dry_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
@@ -87,7 +89,11 @@ def _print_plan(plan) -> int:
 
 def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", help="image folder (class subfolders of images); required unless --verify"
+        "--data-dir",
+        "--data",
+        dest="data",
+        help="image folder (class subfolders of images); required unless --verify (--data: its "
+        "earlier name)",
     )
     parser.add_argument(
         "--prior",
@@ -99,7 +105,9 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, help="embedding store directory (resumed if it exists)"
     )
-    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per forward pass of the prior"
+    )
     parser.add_argument(
         "--workers",
         type=non_negative_int,
@@ -159,7 +167,7 @@ def _embed_run(args: argparse.Namespace) -> int:
         report = verify_store(args.out)
         print(report.summary())
         return 0 if report.ok else 1
-    given = (("--data", args.data), ("--prior", args.prior))
+    given = (("--data-dir", args.data), ("--prior", args.prior))
     missing = [flag for flag, value in given if not value]
     if missing:
         raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
@@ -206,7 +214,7 @@ def _embed_distributed(args: argparse.Namespace) -> int:
     if workers is None:  # the node's decoding processes, shared among its ranks
         per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         workers = min(8, max(1, (os.cpu_count() or 1) // per_node))
-    command = ["rela-train", "embed", "--data", args.data, "--prior", args.prior]
+    command = ["rela-train", "embed", "--data-dir", args.data, "--prior", args.prior]
     command += ["--out", args.out, "--batch-size", str(args.batch_size)]
     for flag in ("chunk_rows", "input_size", "normalize", "dim"):
         if getattr(args, flag) is not None:
@@ -251,6 +259,7 @@ EMBED = Command(
     "embed an image folder with a prior model and fit the PCA-whitening transport",
     _embed_arguments,
     _embed_run,
+    deprecated={"--data": "--data-dir"},
 )
 
 
@@ -314,7 +323,10 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     from rela_train.presets import PRESETS
 
     parser.add_argument(
-        "--preset", default=None, help=f"starting configuration: {', '.join(PRESETS)}"
+        "--preset",
+        default=None,
+        help=f"starting configuration: {', '.join(PRESETS)} (default: none, the plain "
+        "defaults below)",
     )
     parser.add_argument(
         "--out", type=non_empty, default=None, help="run directory (default runs/<name>-<time>)"
@@ -324,7 +336,8 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN",
         type=non_empty,
         default=None,
-        help="continue the run in RUN from its last checkpoint (its config.json is used)",
+        help="continue the run in RUN from its last checkpoint (its config.json is used; "
+        "default: start a new run)",
     )
     add_config_arguments(parser)
     add_dry_run_arguments(
@@ -397,7 +410,17 @@ def _fit_run(args: argparse.Namespace) -> int:
     return 0
 
 
-FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_arguments, _fit_run)
+FIT = Command(
+    "fit",
+    "train BYOL (+ ReLA, + data selection); resumable",
+    _fit_arguments,
+    _fit_run,
+    deprecated={
+        alias: "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(TrainConfig)
+        for alias in f.metadata.get("aliases", ())
+    },
+)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -419,11 +442,13 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-dir", type=non_empty, default=None, help="override the evaluation folder"
     )
     parser.add_argument(
+        "--probe-epochs",
         "--probe-iterations",
+        dest="probe_iterations",
         type=non_negative_int,
         default=None,
         help="L-BFGS iterations, or the official probe's epochs (0: no probe; default: the "
-        "run's --probe-epochs)",
+        "run's --probe-epochs; --probe-iterations: its earlier name)",
     )
     parser.add_argument(
         "--probe",
@@ -467,7 +492,13 @@ def _eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
-EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
+EVAL = Command(
+    "eval",
+    "kNN and linear-probe accuracy of a checkpoint",
+    _eval_arguments,
+    _eval_run,
+    deprecated={"--probe-iterations": "--probe-epochs"},
+)
 
 
 # -------------------------------------------------------------------------------------------------

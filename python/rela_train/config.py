@@ -715,6 +715,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = f.metadata.get("help", "")
         if _optional_int(f):
             help_text += " (0: unset)"
+        # %% escapes argparse's formatting; a preset may set its own value.
+        shown = f.default if f.default is not dataclasses.MISSING else None
+        help_text += f" (default: {'unset' if shown is None else shown}, or the preset's)"
+        help_text = help_text.replace("%", "%%").replace("%%(", "%(")
         choices = f.metadata.get("choices")
         flags = (flag, *f.metadata.get("aliases", ()))  # aliases: earlier names of the flag
         if kind is bool:

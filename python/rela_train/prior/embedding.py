@@ -286,7 +286,7 @@ def embed(
 
     if peers is not None and peers.world > 1:
         shown = {
-            "--data": (dataset.fingerprint, str(data)),
+            "--data-dir": (dataset.fingerprint, str(data)),
             "--prior": (prior.identity, prior.spec),
             "--batch-size": (str(batch_size), str(batch_size)),
             "--chunk-rows": (str(asked_chunk_rows), str(asked_chunk_rows)),
@@ -599,7 +599,7 @@ def embed_tensors(
 
     if peers is not None and peers.world > 1:
         identity = {
-            "--data": (source.fingerprint, source.name),
+            "--data-dir": (source.fingerprint, source.name),
             "--prior": (prior.identity, prior.spec),
         }
         fill_sharded(

@@ -102,7 +102,7 @@ def _check_store(
         raise ValueError(
             f"{where}: the embedding store at {store.path} has {len(damaged)} chunk(s) that fail "
             f"their checksum (rows {shown}); repair it with `rela-train embed --repair` (same "
-            "--data, --prior and --out)"
+            "--data-dir, --prior and --out)"
         )
     if store.n != source.n or store.fingerprint != source.fingerprint:
         raise ValueError(
