@@ -442,6 +442,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-dir", type=non_empty, default=None, help="override the evaluation folder"
     )
     parser.add_argument(
+        "--val-labels",
+        type=non_empty,
+        default=None,
+        help="override the labels file of a flat evaluation folder (see fit --val-labels)",
+    )
+    parser.add_argument(
         "--probe-epochs",
         "--probe-iterations",
         dest="probe_iterations",
@@ -470,6 +476,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         device=args.device,
         data_dir=args.data_dir,
         val_dir=args.val_dir,
+        val_labels=args.val_labels,
         probe_iterations=args.probe_iterations,
         threads=args.threads,
         probe=args.probe,

@@ -160,6 +160,13 @@ class TrainConfig:
     val_dir: str | None = field(
         default=None, metadata=_opt("folder: image folder used for kNN / linear-probe evaluation")
     )
+    val_labels: str | None = field(
+        default=None,
+        metadata=_opt(
+            "folder: the labels of a flat --val-dir (ImageNet's validation layout): a CSV of "
+            "IMAGE,CLASS rows, or one label per line in sorted file-name order (docs/imagenet.md)"
+        ),
+    )
     train_subset: int | None = field(
         default=None,
         metadata=_opt(

@@ -296,6 +296,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     data_dir: str | None = None,
     val_dir: str | None = None,
+    val_labels: str | None = None,
     probe_iterations: int | None = None,
     threads: int | None = None,
     probe: str | None = None,
@@ -304,10 +305,11 @@ def evaluate_checkpoint(
     """kNN and linear-probe accuracy of a checkpoint's backbone (a file or a run directory).
 
     The data come from the checkpoint's configuration; ``data_dir`` / ``val_dir`` point it at
-    another copy of the same data. Unlike the evaluations during training, the whole training
-    set is the bank and channels_last is off. ``probe`` (``lbfgs``, ``official``, ``none``;
-    default: the run's ``--probe``) chooses the linear probe; ``probe_iterations`` its L-BFGS
-    iterations or official epochs (default: the run's ``--probe-epochs``).
+    another copy of the same data (``val_labels``: the labels of a flat ``val_dir``). Unlike the
+    evaluations during training, the whole training set is the bank and channels_last is off.
+    ``probe`` (``lbfgs``, ``official``, ``none``; default: the run's ``--probe``) chooses the
+    linear probe; ``probe_iterations`` its L-BFGS iterations or official epochs (default: the
+    run's ``--probe-epochs``).
     """
     if probe is not None and probe not in PROBES:
         raise ValueError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
@@ -328,6 +330,8 @@ def evaluate_checkpoint(
         changes["data_dir"] = data_dir
     if val_dir is not None:
         changes["val_dir"] = val_dir
+    if val_labels is not None:
+        changes["val_labels"] = val_labels
     if changes:
         config = config.replace(**changes)
     if threads is not None:

@@ -34,6 +34,7 @@ from PIL import Image
 from rela_train.data.augment import normalize
 from rela_train.data.folder import IMAGE_EXTENSIONS, ImageFolder
 from rela_train.data.images import UnreadableImage, to_rgb
+from rela_train.data.val_labels import read_val_labels
 from rela_train.data.views import CropPlan, decode_views, load_rgb, resolve_decoder
 
 __all__ = ["Batch", "FolderSource", "Source", "TensorSource", "build_sources"]
@@ -287,6 +288,8 @@ class FolderSource(Source):
         pin_memory: bool = False,
         decoder: str = "auto",
         prefetch: int = 4,
+        labels_file: str | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         root = Path(root)
         self.decoder = resolve_decoder(decoder)
@@ -303,10 +306,15 @@ class FolderSource(Source):
         self._pin_requested = pin_memory
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self._indices = indices  # positions in the folder, or None for all
-        all_labels = torch.tensor([s.label for s in self.folder.samples], dtype=torch.int64)
+        self._labels_file, self._label_classes = labels_file, classes
+        if labels_file is not None:  # a flat folder labelled by a file, in the given classes
+            all_labels = read_val_labels(labels_file, root, self.folder.samples, classes or [])
+            self.classes = list(classes or [])
+        else:
+            all_labels = torch.tensor([s.label for s in self.folder.samples], dtype=torch.int64)
+            self.classes = self.folder.classes or ["(root)"]
         self.labels = all_labels if indices is None else all_labels[indices]
         self.n = len(self.labels)
-        self.classes = self.folder.classes or ["(root)"]
         self.fingerprint = fingerprint or self.folder.fingerprint
         self.channels = 3
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
@@ -430,6 +438,8 @@ class FolderSource(Source):
             pin_memory=self._pin_requested,
             decoder=self.decoder,
             prefetch=self.prefetch,
+            labels_file=self._labels_file,
+            classes=self._label_classes,
         )
 
 
@@ -449,6 +459,10 @@ def build_sources(
     from rela_train.data.synthetic import STD as SYN_STD
     from rela_train.data.synthetic import make_synthetic
 
+    if config.val_labels is not None and config.dataset != "folder":
+        raise ValueError(
+            f"--val-labels: labels a flat image folder (--dataset folder), not {config.dataset}"
+        )
     if config.dataset == "fashion-mnist":
         sources = []
         for split in ("train", "test"):
@@ -480,7 +494,10 @@ def build_sources(
         train = FolderSource(config.data_dir, load_size, config.workers, **options)
         if config.val_dir is None:
             raise ValueError("--val-dir: the folder dataset needs an evaluation image folder")
-        val = FolderSource(config.val_dir, load_size, config.workers, **options)
+        val = FolderSource(
+            config.val_dir, load_size, config.workers, **options,
+            labels_file=config.val_labels, classes=train.classes if config.val_labels else None,
+        )  # fmt: skip
     if config.train_subset is not None:
         train = train.subset(config.train_subset)
     if config.val_subset is not None:
