@@ -84,8 +84,18 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "archive": root / "prior.pt",
         "run": root / "run",
         "idx": root / "fashion-mnist",
+        "flat-val": root / "flat-val",
+        "val-labels": root / "LOC_val_solution.csv",
         "root": root,
     }
+    # ImageNet's validation layout: one flat folder, classes in a CSV.
+    rows = ["ImageId,PredictionString"]
+    for image in sorted(paths["val"].rglob("img_*")):
+        paths["flat-val"].mkdir(exist_ok=True)
+        name = f"{image.parent.name}_{image.name}"
+        (paths["flat-val"] / name).write_bytes(image.read_bytes())
+        rows.append(f"{name},{image.parent.name} 1 2 3 4")
+    paths["val-labels"].write_text("\n".join(rows) + "\n")
     paths["idx"].mkdir()
     for split, n in (("train", 192), ("test", 64)):
         _write_idx(paths["idx"], split, n)
@@ -128,8 +138,10 @@ def stand_in_argv(argv: list[str], paths: dict[str, Path], index: int) -> list[s
         value = argv[i + 1] if i + 1 < len(argv) else None
         if word in ("--data-dir", "--data") and value is not None:
             out += [word, str(paths["train"])]
-        elif word == "--val-dir":
-            out += [word, str(paths["val"])]
+        elif word == "--val-dir":  # a flat folder where a labels file names its classes
+            out += [word, str(paths["flat-val" if "--val-labels" in argv else "val"])]
+        elif word == "--val-labels":
+            out += [word, str(paths["val-labels"])]
         elif word == "--prior-store":
             out += [word, str(paths["store"])]
         elif word == "--resume":
