@@ -348,11 +348,12 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 def _fit_run(args: argparse.Namespace) -> int:
     from rela_train.build import adapt_batch_to_world
     from rela_train.config import config_from_args
+    from rela_train.plan import planned_world_size
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
     planned = _dry_run_world(args)
-    world = planned if planned is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = planned if planned is not None else planned_world_size(None)
     notes: list[str] = []
     if args.resume is not None:
         given = [
