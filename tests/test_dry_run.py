@@ -261,3 +261,18 @@ def test_embed_dry_run_plans_chunks_per_rank(stand_ins, tmp_path: Path, capsys) 
     bad = ["embed", "--data-dir", str(stand_ins["train"]), "--prior", "torchscript:/nowhere.pt"]
     assert main([*bad, "--out", str(tmp_path / "s"), "--dry-run"]) == 2
     assert "/nowhere.pt does not exist" in capsys.readouterr().err
+
+
+def test_dry_run_refuses_what_a_start_refuses_on_a_run_directory(stand_ins, capsys) -> None:
+    run = str(stand_ins["run"])  # a trained run: a new start there is refused, a resume planned
+    new = ["fit", "--preset", "synthetic-test", "--out", run]
+    assert main([*new, "--dry-run"]) == 2
+    assert main(new) == 2  # the real start, for the same line
+    planned, started = capsys.readouterr().err.strip().splitlines()
+    assert planned == started and "already holds a run; continue it with --resume" in planned
+    assert main(["fit", "--resume", run, "--dry-run", "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "resume" in out and "4 rank(s)" in out and "checkpoint of 1 rank(s)" in out
+    # 16 images per step cannot be split over 3 ranks: the resume's own refusal.
+    assert main(["fit", "--resume", run, "--dry-run", "--world-size", "3"]) == 2
+    assert "--resume: the checkpoint in" in capsys.readouterr().err
