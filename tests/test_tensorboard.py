@@ -157,7 +157,7 @@ def test_missing_tensorboard_is_one_line(
     out = tmp_path / "runs" / "r"
     code, err = run_cli(capsys, "fit", "--preset", "synthetic-test", "--out", str(out),
                         "--tensorboard")  # fmt: skip
-    assert_one_line_refusal(code, err, "pip install 'rela-kernels[tensorboard]'")
+    assert_one_line_refusal(code, err, "pip install tensorboard (this package's [tensorboard]")
     assert not (tmp_path / "runs").exists()
 
 

@@ -485,8 +485,8 @@ class TrainConfig:
         default=None,
         metadata=_opt(
             "also write the metrics as TensorBoard scalars to DIR (relative to the run "
-            "directory; without DIR: RUN/tensorboard); needs pip install "
-            "'rela-kernels[tensorboard]'",
+            "directory; without DIR: RUN/tensorboard); needs the tensorboard package (pip "
+            "install tensorboard, or this package's [tensorboard] extra)",
             nargs="?",
             const="tensorboard",
             metavar="DIR",

@@ -5,11 +5,12 @@ global step: per step the loss, phase (0 = ReLA, 1 = BYOL), rho, learning rate, 
 samples seen (and the online probe's loss and accuracy); per evaluation kNN and the probe
 accuracies. ``metrics.jsonl`` stays the record of the run; this is a view of it.
 
-TensorBoard is optional (``pip install 'rela-kernels[tensorboard]'``): :func:`check_tensorboard`
-refuses the flag with one line when the package is missing or the directory cannot be written,
-before the run creates anything. A resumed run replays the steps after its checkpoint; the
-writer then opens with ``purge_step`` = the checkpoint's step + 1, so TensorBoard's readers drop
-what a killed process wrote past the checkpoint and each step appears once.
+TensorBoard is optional (``pip install tensorboard``, the ``[tensorboard]`` extra):
+:func:`check_tensorboard` refuses the flag with one line when the package is missing or the
+directory cannot be written, before the run creates anything. A resumed run replays the steps
+after its checkpoint; the writer then opens with ``purge_step`` = the checkpoint's step + 1, so
+TensorBoard's readers drop what a killed process wrote past the checkpoint and each step appears
+once.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ EVAL_TAGS = {
     "linear_acc_official": "eval/linear_acc_official",
     "linear_acc_official_std": "eval/linear_acc_official_std",
 }
-_INSTALL = "pip install 'rela-kernels[tensorboard]'"
+_INSTALL = "pip install tensorboard (this package's [tensorboard] extra)"
 
 
 def tensorboard_dir(value: str, run_dir: str | os.PathLike[str]) -> Path:
