@@ -1,4 +1,4 @@
-"""Runs written before issue 12's settings existed (no ``recipe``, ``anneal``, ``switch_scores``,
+"""Runs written before these settings existed (no ``recipe``, ``anneal``, ``switch_scores``,
 ... keys, and ``selection`` for the policy) load, and resume, with the behaviour they ran with:
 every missing key takes its :data:`~rela_train.config.LEGACY_VALUES` value."""
 
@@ -17,7 +17,7 @@ from rela_train.runs import fit
 
 
 def _old_dict(config: TrainConfig) -> dict:
-    """``config`` as a config.json written before issue 12 and the policy rename."""
+    """``config`` as a config.json written before those settings and the policy rename."""
     values = config.to_dict()
     for name in LEGACY_VALUES:
         del values[name]
@@ -84,7 +84,7 @@ def test_an_old_run_resumes_across_the_switch_with_its_old_behaviour(tmp_path: P
     stop = Hooks(on_step_end=lambda t: t.request_stop() if t.counters.global_step == 5 else None)
     run = tmp_path / "old"
     assert fit(legacy, run, hooks=stop, log=lambda _: None).status == "interrupted"
-    # Rewrite the run as the code before issue 12 wrote it: neither config has the new keys.
+    # Rewrite the run as the code before those settings wrote it: neither config has the new keys.
     (run / "config.json").write_text(json.dumps(_old_dict(legacy), indent=2, sort_keys=True))
     state = load_checkpoint(run)
     state["config"] = _old_dict(legacy)

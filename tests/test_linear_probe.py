@@ -1,4 +1,4 @@
-"""The official ReLA linear probe (issue 12, item 2): checked against a reference written the way
+"""The official ReLA linear probe: checked against a reference written the way
 the official ``metrics/lineareval.py`` is (DataLoader over a TensorDataset, Adam 3e-4, batch 128,
 mean of the last 3 epochs), and reachable from ``fit --probe`` and ``eval --probe``."""
 

@@ -1,4 +1,4 @@
-"""Issue 18, item 6: a prior with fewer non-degenerate principal components than the target
+"""A prior with fewer non-degenerate principal components than the target
 width (``--rela-dim-rule min-width`` with a prior no wider than the backbone) is clipped to its
 usable rank with a warning naming the prior and the rank, instead of failing the run."""
 

@@ -1,4 +1,4 @@
-"""`--recipe official` and its separate flags (issue 12, item 1): what the recipe sets, that
+"""`--recipe official` and its separate flags: what the recipe sets, that
 explicit flags win, old config.json files resume with their old behaviour, and that each
 setting reaches the trainer (schedules, head, widths, switch, blur, prior preprocessing)."""
 

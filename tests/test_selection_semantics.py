@@ -1,4 +1,4 @@
-"""Selection semantics of issue 12, item 3: InfoBatch annealing (``--anneal``), the score table
+"""Selection semantics: InfoBatch annealing (``--anneal``), the score table
 across the ReLA -> BYOL switch, and what ``inbatch`` feeds the switch rule."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 18's switch study machinery (benchmarks/study_switch.py) in seconds: the plan's rows,
+"""The switch study's machinery (benchmarks/study_switch.py) in seconds: the plan's rows,
 flags and order, the drop of a run, the table, the default rule, the plot, and the whole script
 driven with a stand-in trainer (a script that writes a finished run's summary)."""
 
@@ -47,7 +47,7 @@ def test_plan_parts_rows_flags_and_order() -> None:
         assert _flag(run, "--eval-steps") == "100" and _flag(run, "--eval-steps-window") == (
             "300:1000"
         )
-        assert _flag(run, "--switch") is None  # the adaptive rule, as issue 12's study
+        assert _flag(run, "--switch") is None  # the adaptive rule, as the ReLA study
         assert _flag(run, "--recipe") == "official" and _flag(run, "--prior") == "pixels:16"
         assert _flag(run, "--budget") == "0.5" and _flag(run, "--epochs") == "15"
     never = [run for run in plan if "never" in run.row]

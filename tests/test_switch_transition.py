@@ -1,4 +1,4 @@
-"""``--switch-transition`` (issue 18): each transition does what docs/switch.md says -- the loss
+"""``--switch-transition``: each transition does what docs/switch.md says -- the loss
 weights and learning rate at each step, which parameters move -- a run stopped mid-transition
 resumes bit for bit, and bad values are refused in one line naming the flag. Also
 ``--eval-steps`` / ``--eval-steps-window``: kNN around the switch without changing the training.
