@@ -257,7 +257,15 @@ def test_embed_dry_run_plans_chunks_per_rank(stand_ins, tmp_path: Path, capsys) 
     out = capsys.readouterr().out
     assert "new store" in out and "4 rank(s)" in out and not (tmp_path / "s").exists()
     assert main([*argv, "--out", str(stand_ins["store"]), "--dry-run"]) == 0
-    assert "existing store, complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "existing store, complete" in out
+    assert "PCA whitening to 159 dimensions" in out  # min(256, D = 192, N - 1 = 159)
+    other = ["embed", "--data-dir", str(stand_ins["train"]), "--prior", "pixels:4"]
+    assert main([*other, "--out", str(stand_ins["store"]), "--dry-run"]) == 2
+    assert "was made with prior" in capsys.readouterr().err
+    too_wide = [*argv, "--out", str(tmp_path / "s"), "--dim", "500", "--dry-run"]
+    assert main(too_wide) == 2
+    assert "dim 500 is larger than the prior's embedding width 192" in capsys.readouterr().err
     bad = ["embed", "--data-dir", str(stand_ins["train"]), "--prior", "torchscript:/nowhere.pt"]
     assert main([*bad, "--out", str(tmp_path / "s"), "--dry-run"]) == 2
     assert "/nowhere.pt does not exist" in capsys.readouterr().err

@@ -209,13 +209,19 @@ def plan_embed(args, *, world: int) -> Plan:
     """Check an ``embed`` start (``args`` of the command) on ``world`` ranks; its plan."""
     import rela_kernels as rk
     from rela_train.data.folder import ImageFolder
-    from rela_train.prior.embedding import default_chunk_rows
-    from rela_train.prior.loaders import check_prior_spec
+    from rela_train.prior.embedding import check_width, default_chunk_rows
+    from rela_train.prior.loaders import check_prior_spec, load_prior
 
     plan = Plan(f"rela-train embed --dry-run: {args.out}")
     prior_text = check_prior_spec(args.prior)
     dataset = ImageFolder(args.data)
     n = len(dataset)
+    identity, width = None, "the prior's width D"
+    if args.prior.split(":")[0] in ("pixels", "random"):  # cheap to build: check what it makes
+        prior = load_prior(
+            args.prior, input_size=args.input_size, normalize=args.normalize, num_rows=n
+        )
+        identity, width = prior.identity, str(check_width(args.dim, prior.dim, n))
     out = Path(args.out)
     if rk.EmbeddingStore.exists(out):
         store = rk.EmbeddingStore.open(out)
@@ -224,6 +230,11 @@ def plan_embed(args, *, world: int) -> Plan:
                 raise ValueError(
                     f"--out: the store at {out} was made for other data ({store.n} rows) than "
                     f"{args.data} ({n} images); embed into a new directory"
+                )
+            if identity is not None and store.prior != identity:
+                raise ValueError(
+                    f"--out: the store at {out} was made with prior {store.prior!r}, but this "
+                    f"run has {identity!r}; embed into a new directory"
                 )
             chunk_rows = store.chunk_rows
             state = "complete" if store.complete else f"resumed at row {store.rows_done:,}"
@@ -249,5 +260,6 @@ def plan_embed(args, *, world: int) -> Plan:
         f"{chunks} of {chunk_rows:,} rows, about {math.ceil(chunks / world)} per rank; batch "
         f"{args.batch_size}, {workers} decoding worker(s) per rank",
     )
-    plan.add("transport", f"PCA whitening to {args.dim or 'min(256, D, N - 1)'} dimensions")
+    dims = width if identity is not None else (args.dim or "min(256, D, N - 1)")
+    plan.add("transport", f"PCA whitening to {dims} dimensions")
     return plan

@@ -58,6 +58,7 @@ __all__ = [
     "EmbedBatch",
     "EmbedResult",
     "VerifyResult",
+    "check_width",
     "default_chunk_rows",
     "embed",
     "embed_tensors",
@@ -246,7 +247,7 @@ def embed(
                 f"prior {prior.spec}: {prior.rows} rows, but the dataset has {n} images"
             )
         wanted_dim = dim
-        dim = _check_width(dim, prior.dim, n)
+        dim = check_width(dim, prior.dim, n)
         out = Path(out)
         _check_same_folder(out, dataset, data)
     except BaseException as error:
@@ -320,7 +321,7 @@ def embed(
         store = rk.EmbeddingStore.open(out)
         skipped = len(store.skipped)
         if wanted_dim is None and skipped:
-            dim = _check_width(None, prior.dim, n - skipped)
+            dim = check_width(None, prior.dim, n - skipped)
         if transport and peers.main:
             log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
             fit_transport(store, dim, device=device)
@@ -360,7 +361,7 @@ def embed(
                 f"{out / 'manifest.json'} and make no targets"
             )
     if wanted_dim is None and skipped:
-        dim = _check_width(None, prior.dim, n - skipped)  # the fit sees only the valid rows
+        dim = check_width(None, prior.dim, n - skipped)  # the fit sees only the valid rows
     if transport:
         log(f"{out}: fitting PCA whitening to {dim} of {prior.dim} dimensions")
         fit_transport(rk.EmbeddingStore.open(out), dim, device=device)
@@ -402,7 +403,7 @@ def _check_same_folder(out: Path, dataset: ImageFolder, data: str | os.PathLike[
     )
 
 
-def _check_width(dim: int | None, width: int, n: int) -> int:
+def check_width(dim: int | None, width: int, n: int) -> int:
     """``embed``'s transport width: ``transport_width(DEFAULT_MAX_DIM, D, N)`` by default; an
     explicit ``dim`` must fit ``[1, min(D, N - 1)]`` (an argument error, never clamped)."""
     if dim is None:
