@@ -186,18 +186,21 @@ def _switch_text(config: TrainConfig, asked: str, transition: str) -> str:
 
 def _evaluation_text(config: TrainConfig, train_n: int, val_n: int) -> str:
     bank = min(config.eval_bank, train_n) if config.eval_bank else train_n
-    every = f"every {config.eval_every} epoch(s)" if config.eval_every else "at the end only"
     probe = {
-        "lbfgs": "L-BFGS linear probe",
-        "official": f"official linear probe, {config.probe_epochs} epochs",
+        "lbfgs": f"the L-BFGS linear probe ({config.probe_epochs} iterations)",
+        "official": f"the official linear probe ({config.probe_epochs} epochs)",
         "none": "no linear probe",
-    }[config.probe]
-    passes = math.ceil(config.epochs / config.eval_every) if config.eval_every else 0
-    text = (
-        f"kNN (k={config.knn_k}) {every} on a bank of {_images(bank)} against {_images(val_n)} "
-        f"({passes} pass(es) of {bank + val_n:,} forward images); at the end kNN on all "
-        f"{_images(train_n)} and the {probe} on their features"
-    )
+    }[config.probe if config.probe_epochs else "none"]
+    if config.eval_every:
+        passes = math.ceil(config.epochs / config.eval_every)
+        text = (
+            f"kNN (k={config.knn_k}) every {config.eval_every} epoch(s) on a bank of "
+            f"{_images(bank)} against {_images(val_n)}: {passes} evaluation(s) of "
+            f"{bank + val_n:,} forward passes each"
+        )
+    else:
+        text = "no kNN during training"
+    text += f"; at the end kNN on all {_images(train_n)} and {probe} on their features"
     if config.eval_steps:
         text += f"; kNN every {config.eval_steps} steps"
         if config.eval_steps_window:
