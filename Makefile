@@ -64,7 +64,7 @@ format: install
 	$(PYTHON) -m ruff check --fix .
 
 # Op benchmarks through pytest-benchmark (small shapes on CPU, the GPU targets' on CUDA); the
-# JSON lands beside the JSONL records. `bench-records` appends the README's JSONL figures.
+# JSON lands beside the JSONL records. `bench-records` appends the JSONL records of docs/benchmarks.md.
 bench: install
 	$(PYTHON) -m pytest -p no:cacheprovider -q benchmarks/test_bench_ops.py \
 	  --benchmark-json=benchmarks/results/ops-pytest-benchmark-$$($(PYTHON) -c \
@@ -116,7 +116,7 @@ demo: install
 # $(CUDA_BUILD_DIR)/lib/rela_kernels/_C.*.so; the source tree's own _C.so is never touched.
 # Default: torch 2.11.0+cu130 on Python 3.12 from PyPI, a common GPU-machine setup.
 # `CUDA_TORCH_SPEC=torch==2.14.1 CUDA_PY=python3.11` uses the build this VM's mirror holds.
-# The README ("Compiling the CUDA extension without a GPU") records what a first and a second
+# docs/benchmarks.md ("Compiling the CUDA extension without a GPU") records what a first and a second
 # run cost; the first downloads ~3 GB of wheels and compiles for minutes, so the test suite
 # never starts it (tests/test_cuda_compile.py runs only where CUDA_VENV exists).
 CUDA_TORCH_SPEC ?= torch==2.11.0
