@@ -144,7 +144,7 @@ def stand_in_argv(argv: list[str], paths: dict[str, Path], index: int) -> list[s
             out += [word, str(paths["val-labels"])]
         elif word == "--prior-store":
             out += [word, str(paths["store"])]
-        elif word == "--resume":
+        elif word == "--resume" and value != "auto":  # a run directory (auto: a mode, kept)
             out += [word, str(paths["run"])]
         elif word == "--out" and value is not None:
             out += [word, str(paths["root"] / f"out-{index}")]
