@@ -203,6 +203,33 @@ gpu-compile-calibrate: install
 triton-side-path:
 	@echo "TRITON_SIDE_DIR=$(TRITON_SIDE_DIR)"
 
+# ---------------------------------------------------------------------------------------------
+# `make interop-venv`: a side venv outside the repository where torchvision and timm import, for
+# the test that loads an exported backbone into them (tests/test_backbone_interop.py; it skips,
+# with the reason, where this venv is missing). The index's torchvision wheels link the CUDA
+# build of torch, which imports without a GPU; `===` pins that build, because `==` also matches
+# the local CPU build. About 4.8 GB; made on first use and reused afterwards.
+INTEROP_TORCH_SPEC ?= torch===2.13.0
+INTEROP_SPECS ?= torchvision==0.28.0 timm safetensors
+INTEROP_PY ?= $(CUDA_PY)
+INTEROP_VENV ?= $(CUDA_CACHE)/interop-venv-$(subst =,-,$(subst ===,-,$(INTEROP_TORCH_SPEC)))
+INTEROP_STAMP := $(INTEROP_VENV)/.rela-installed
+
+.PHONY: interop-venv interop-venv-path
+
+interop-venv: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP):
+	[ -x "$(INTEROP_VENV)/bin/python" ] || "$(INTEROP_PY)" -m venv "$(INTEROP_VENV)"
+	"$(INTEROP_VENV)/bin/python" -m pip install --disable-pip-version-check \
+	  "$(INTEROP_TORCH_SPEC)" $(INTEROP_SPECS) numpy
+	"$(INTEROP_VENV)/bin/python" -c "import torch, torchvision, timm, safetensors"
+	touch "$@"
+
+# For tests/test_backbone_interop.py and benchmarks/gpu_check.py: where the interop venv is.
+interop-venv-path:
+	@echo "INTEROP_VENV=$(INTEROP_VENV)"
+
 # For tests/test_cuda_compile.py: where the side venv and the build directory are.
 cuda-compile-paths:
 	@echo "CUDA_VENV=$(CUDA_VENV)"

@@ -108,6 +108,15 @@ class TrainConfig:
     small_images: bool = field(
         default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
     )
+    init_backbone: str | None = field(
+        default=None,
+        metadata=_opt(
+            "start the online and target backbones from this backbone file (safetensors or a "
+            "weights-only .pt state dict: `rela-train export`, or torchvision's ResNet weights); "
+            "its keys and shapes must match --arch/--width/--small-images",
+            metavar="FILE",
+        ),
+    )
     byol_blur: str = field(
         default="on",
         metadata=_opt(
@@ -451,7 +460,7 @@ class TrainConfig:
             "device",
             f"expected auto, cpu, cuda or cuda:N, got {self.device!r}",
         )
-        for name in ("prior", "prior_store", "data_dir", "val_dir", "tensorboard"):
+        for name in ("prior", "prior_store", "data_dir", "val_dir", "tensorboard", "init_backbone"):
             value = getattr(self, name)
             need(value is None or value.strip() != "", name, f"must not be empty, got {value!r}")
         need(
@@ -587,6 +596,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "switch_transition": "hard",
     "eval_steps": 0,
     "eval_steps_window": None,
+    "init_backbone": None,
 }
 
 # The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
