@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
 # setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
 # what the TensorBoard, example and wheel tests use.
-TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow \
+TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow safetensors \
   matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
