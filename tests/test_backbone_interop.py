@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "interop_worker.py"
 TOLERANCE = 1e-5
 
-pytestmark = pytest.mark.slow
+# interop: `make gpu-check` selects it with the CUDA tests.
+pytestmark = [pytest.mark.slow, pytest.mark.interop]
 
 
 def interop_python() -> tuple[str | None, str]:
@@ -95,7 +96,8 @@ def test_exported_resnets_load_strictly_into_torchvision_and_timm(tmp_path: Path
             files[name, fmt] = out
     for name, fmt in files:
         arch = name.split("-")[0]
-        libraries = ("torchvision-small-stem",) if name.endswith("small") else ("torchvision", "timm")
+        small = name.endswith("small")
+        libraries = ("torchvision-small-stem",) if small else ("torchvision", "timm")
         for library in libraries:
             models.append({"name": f"{name}/{fmt}/{library}", "library": library, "arch": arch,
                            "file": str(files[name, fmt]), "run": name})  # fmt: skip
