@@ -291,3 +291,40 @@ def test_eval_backbone_reads_a_torchvision_format_state_dict(tmp_path: Path, cap
     assert (result["arch"], result["stem"], result["width"]) == ("resnet18", "standard", 64)
     assert 0.0 <= result["knn_acc"] <= 1.0 and result["linear_acc"] is None
     assert (result["train_images"], result["val_images"]) == (256, 128)
+
+
+def docs_loader() -> dict:
+    """The plain-PyTorch ResNet of docs/backbone.md ("Other stems and widths"), defined from the
+    page itself (its definitions only: the block's tiny run and file are left out)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "backbone.md").read_text()
+    block = next(b for b in page.split("```python\n")[1:] if "class Backbone" in b)
+    code = block.split("```")[0]
+    definitions = code[code.index("BLOCKS = ") : code.index("with open(")]
+    namespace: dict = {}
+    exec("import torch\nfrom torch import nn\n" + definitions, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize(
+    "arch, width, small, channels",
+    [("resnet10", 4, True, 3), ("resnet18", 8, False, 3), ("resnet34", 4, True, 1),
+     ("resnet50", 8, False, 3), ("resnet50", 4, True, 3)],
+)  # fmt: skip
+def test_the_docs_plain_pytorch_loader_gives_our_features(
+    arch: str, width: int, small: bool, channels: int
+) -> None:
+    ours = build_resnet(arch, small_images=small, width=width, in_channels=channels)
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for module in ours.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.1)
+    ours.eval()
+    namespace = docs_loader()
+    theirs = namespace["Backbone"](arch, width, "small" if small else "standard", channels)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    x = torch.randn(2, channels, 40, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(theirs(x), ours(x))
