@@ -181,7 +181,7 @@ def test_export_refuses_a_run_without_checkpoint(tmp_path: Path, capsys) -> None
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run_cli(capsys, "export", run, "--out", out_dir / "b.safetensors")
-    assert_one_line(*result, "has no checkpoint", "last.pt")
+    assert_one_line(*result, "expected a run directory with a checkpoint", "last.pt")
     assert list(out_dir.iterdir()) == [] and sorted(p.name for p in run.iterdir()) == [
         "config.json"
     ]
@@ -192,7 +192,8 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(
 ) -> None:
     before = files_in(finished_run / "checkpoints")
     missing = tmp_path / "no" / "such" / "dir" / "b.safetensors"
-    assert_one_line(*run_cli(capsys, "export", finished_run, "--out", missing), "does not exist")
+    result = run_cli(capsys, "export", finished_run, "--out", missing)
+    assert_one_line(*result, "expected a file in an existing directory", "does not exist")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     result = run_cli(capsys, "export", finished_run, "--out", a_file / "b.safetensors")
@@ -200,7 +201,7 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(
     existing = tmp_path / "b.safetensors"
     existing.write_bytes(b"keep me")
     result = run_cli(capsys, "export", finished_run, "--out", existing)
-    assert_one_line(*result, "exists; pass --force")
+    assert_one_line(*result, "pass --force", "got the existing")
     assert existing.read_bytes() == b"keep me"
     assert not (tmp_path / "b.safetensors.json").exists()
     # An unwritable directory (root writes anywhere, so the permission check is simulated).
@@ -240,8 +241,8 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     marker = tmp_path / "payload-ran"
     write_pickle_payload(tmp_path / "pickle.pt", marker)
     return {
-        "foreign": (tmp_path / "foreign.safetensors", "'projector.0.weight'"),
-        "shapes": (tmp_path / "wide.pt", "'conv1.weight' has shape (8, 3, 3, 3) in the file"),
+        "foreign": (tmp_path / "foreign.safetensors", "foreign key 'projector.0.weight'"),
+        "shapes": (tmp_path / "wide.pt", "got shape (8, 3, 3, 3) in the file"),
         "pickle": (tmp_path / "pickle.pt", "refused without unpickling"),
     }
 
@@ -257,7 +258,7 @@ def test_fit_init_backbone_refuses_a_bad_file_before_creating_the_run(
     )
     assert_one_line(*result, "--init-backbone", needle)
     if kind == "shapes":
-        assert "the backbone's is (4, 3, 3, 3)" in result[2]
+        assert "expected key 'conv1.weight' of shape (4, 3, 3, 3)" in result[2]
     assert not run.exists()
     assert not (tmp_path / "payload-ran").exists()  # the pickle was never run
 
@@ -274,7 +275,7 @@ def test_eval_backbone_refuses_a_bad_file(tmp_path: Path, capsys, kind: str) -> 
 
 def test_load_refuses_a_pickle_of_plain_non_tensor_values(tmp_path: Path) -> None:
     torch.save({"conv1.weight": [1, 2, 3]}, tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="key 'conv1.weight' holds list, expected a tensor"):
+    with pytest.raises(ValueError, match="got list under key 'conv1.weight'"):
         load_backbone_file(tmp_path / "list.pt", "--backbone")
 
 
@@ -328,3 +329,13 @@ def test_the_docs_plain_pytorch_loader_gives_our_features(
     x = torch.randn(2, channels, 40, 40, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(theirs(x), ours(x))
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"format": "other"}', "{not json"])
+def test_eval_backbone_refuses_a_damaged_sidecar(
+    finished_run: Path, tmp_path: Path, capsys, text: str
+) -> None:
+    out = tmp_path / "b.safetensors"
+    assert run_cli(capsys, "export", finished_run, "--out", out)[0] == 0
+    (tmp_path / "b.safetensors.json").write_text(text)
+    assert_one_line(*run_cli(capsys, "eval", "--backbone", out), "--backbone: expected")

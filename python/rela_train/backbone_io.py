@@ -151,7 +151,9 @@ def load_backbone_file(path: str | os.PathLike[str], flag: str) -> dict[str, tor
             continue
         out[bare] = value
     if not out:
-        raise ValueError(f"{flag}: {path} holds no backbone tensors (only a classifier, or none)")
+        raise ValueError(
+            f"{flag}: expected backbone tensors, got none in {path} (only fc.*, or none)"
+        )
     return out
 
 
@@ -186,8 +188,8 @@ def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
         # torch's message suggests turning the weights-only guard off, which would run the
         # file's code: it is not passed on.
         raise ValueError(
-            f"{flag}: {path} holds objects other than tensors (a pickle payload); refused "
-            "without unpickling it"
+            f"{flag}: expected tensors only, got a pickle payload of other objects in {path}; "
+            "refused without unpickling it"
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(
@@ -196,14 +198,14 @@ def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
         ) from error
     if not isinstance(state, dict):
         raise ValueError(
-            f"{flag}: {path} does not hold a state dict (a dict of tensors), got "
+            f"{flag}: expected a state dict (a dict of tensors) in {path}, got "
             f"{type(state).__name__}"
         )
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
-                f"{flag}: {path} is not a flat state dict: key {key!r} holds "
-                f"{type(value).__name__}, expected a tensor"
+                f"{flag}: expected a flat dict of tensors in {path}, got "
+                f"{type(value).__name__} under key {key!r}"
             )
     return state
 
@@ -222,8 +224,8 @@ def infer_resnet(state: Mapping[str, torch.Tensor], flag: str) -> BackboneSpec:
     stem = state.get("conv1.weight")
     if stem is None or stem.dim() != 4:
         raise ValueError(
-            f"{flag}: not a ResNet state dict (no 4-d conv1.weight); first key: "
-            f"{next(iter(state), None)!r}"
+            f"{flag}: expected a ResNet state dict (with a 4-d conv1.weight), got keys starting "
+            f"with {next(iter(state), None)!r}"
         )
     width, in_channels, kernel = int(stem.shape[0]), int(stem.shape[1]), int(stem.shape[-1])
     if kernel not in (3, 7):
@@ -246,8 +248,8 @@ def infer_resnet(state: Mapping[str, torch.Tensor], flag: str) -> BackboneSpec:
                 check_state_matches(spec.build(), state, flag)
             return spec
     raise ValueError(
-        f"{flag}: no known ResNet has {blocks} blocks per stage of "
-        f"{'bottleneck' if bottleneck else 'basic'} blocks (known: {', '.join(RESNET_ARCHS)})"
+        f"{flag}: expected one of {', '.join(RESNET_ARCHS)}, got {blocks} "
+        f"{'bottleneck' if bottleneck else 'basic'} blocks per stage"
     )
 
 
@@ -259,17 +261,17 @@ def check_state_matches(module: nn.Module, state: Mapping[str, torch.Tensor], fl
         want, got = expected.get(key), state.get(key)
         if want is None:
             raise ValueError(
-                f"{flag}: the file has key {key!r} (shape {tuple(got.shape)}) that the backbone "
-                "does not have"
+                f"{flag}: expected only the backbone's keys, got the foreign key {key!r} "
+                f"(shape {tuple(got.shape)})"
             )
         if got is None:
             raise ValueError(
-                f"{flag}: the file lacks key {key!r} (the backbone's shape {tuple(want.shape)})"
+                f"{flag}: expected key {key!r} of shape {tuple(want.shape)}, got a file without it"
             )
         if tuple(want.shape) != tuple(got.shape):
             raise ValueError(
-                f"{flag}: key {key!r} has shape {tuple(got.shape)} in the file, the backbone's "
-                f"is {tuple(want.shape)}"
+                f"{flag}: expected key {key!r} of shape {tuple(want.shape)} (the backbone's), got "
+                f"shape {tuple(got.shape)} in the file"
             )
 
 

@@ -444,8 +444,8 @@ def evaluate_backbone_file(
     try:
         if train.channels != spec.in_channels:
             raise ValueError(
-                f"--backbone: the backbone takes {spec.in_channels} input channels, the "
-                f"dataset {train.name} has {train.channels}"
+                f"--backbone: expected a backbone for the {train.channels}-channel images of "
+                f"{train.name}, got one taking {spec.in_channels} input channels"
             )
         backbone = spec.build()
         load_into(backbone, state, "--backbone")
@@ -490,12 +490,14 @@ def _read_sidecar(path: Path, expected_format: str) -> dict[str, Any] | None:
     try:
         sidecar = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--backbone: cannot read the sidecar {path}: {error}") from error
-    if not isinstance(sidecar, dict) or sidecar.get("format") != expected_format:
-        raise ValueError(f"--backbone: {path} is not an export sidecar (no {expected_format})")
-    run = sidecar.get("run")
-    if not isinstance(run, dict):
-        raise ValueError(f"--backbone: {path} is not an export sidecar (no {expected_format})")
+        raise ValueError(
+            f"--backbone: expected a readable sidecar, got {path} ({error})"
+        ) from error
+    run = sidecar.get("run") if isinstance(sidecar, dict) else None
+    if not isinstance(run, dict) or sidecar.get("format") != expected_format:
+        raise ValueError(f"--backbone: expected an export sidecar ({expected_format}), got {path}")
     if not isinstance(run.get("config"), dict):
-        raise ValueError(f"--backbone: the sidecar {path} has no run configuration")
+        raise ValueError(
+            f"--backbone: expected a run configuration in the sidecar, got none in {path}"
+        )
     return sidecar

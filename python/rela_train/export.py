@@ -90,14 +90,20 @@ def _check_out(out: Path, fmt: str, force: bool) -> None:
     parent = out.parent
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
-        raise ValueError(f"--out: the directory {parent} {what}")
+        raise ValueError(
+            f"--out: expected a file in an existing directory, got {out} ({parent} {what})"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: the directory {parent} is not writable")
+        raise ValueError(
+            f"--out: expected a writable directory, got {out} ({parent} is not writable)"
+        )
     for path in (out, sidecar_path(out)):
         if path.is_dir():
-            raise ValueError(f"--out: {path} is a directory, expected a file path")
+            raise ValueError(f"--out: expected a file path, got the directory {path}")
         if path.exists() and not force:
-            raise ValueError(f"--out: {path} exists; pass --force to replace it")
+            raise ValueError(
+                f"--out: expected a new file (pass --force to replace it), got the existing {path}"
+            )
 
 
 def _run_checkpoint(run: Path) -> Path:
@@ -105,13 +111,14 @@ def _run_checkpoint(run: Path) -> Path:
         checkpoint = run / "checkpoints" / CHECKPOINT
         if not checkpoint.is_file():
             raise ValueError(
-                f"RUN: {run} has no checkpoint ({checkpoint} is missing): the run has not "
-                "finished its first epoch, or it is not a run directory"
+                f"RUN: expected a run directory with a checkpoint, got {run}, which has no "
+                f"{checkpoint.relative_to(run)} (the run has not finished its first epoch, or it "
+                "is not a run directory)"
             )
         return checkpoint
     if run.is_file():
         return run
-    raise ValueError(f"RUN: no run directory or checkpoint file at {run}")
+    raise ValueError(f"RUN: expected a run directory or a checkpoint file, got {run} (missing)")
 
 
 def _final_figures(run: Path, state: dict[str, Any], finished: bool) -> dict[str, Any]:

@@ -89,7 +89,9 @@ def check_checkpoint_eval(args: argparse.Namespace) -> None:
     """Refuse the --backbone-only flags with a checkpoint (its data come from the run)."""
     for flag, value in (("--dataset", args.dataset), ("--image-size", args.image_size)):
         if value is not None:
-            raise ValueError(f"{flag}: only with --backbone (a checkpoint's run sets it)")
+            raise ValueError(
+                f"{flag}: expected only with --backbone (a checkpoint's run sets it), got {value}"
+            )
 
 
 def run_backbone_eval(args: argparse.Namespace) -> int:
@@ -101,7 +103,9 @@ def run_backbone_eval(args: argparse.Namespace) -> int:
             f"{args.backbone}"
         )
     if args.backbone is None:
-        raise ValueError("CKPT: expected a checkpoint, a run directory or --backbone FILE")
+        raise ValueError(
+            "CKPT: expected a checkpoint, a run directory or --backbone FILE, got none"
+        )
     result = evaluate_backbone_file(
         args.backbone,
         dataset=args.dataset,
