@@ -129,20 +129,16 @@ def test_init_backbone_reproduces_the_original_knn(
     exported = load_file(out)
     # A new run of the same data and seed, started from the file instead of its initialisation.
     trainer = Trainer(config(init_backbone=str(out)), tmp_path / "warm", log=lambda _: None)
-    try:
-        byol = trainer.learner.byol
-        for backbone in (byol.backbone, byol.target_backbone):
-            state = backbone.state_dict()
-            assert all(torch.equal(state[k], exported[k]) for k in exported)
-        # Before any step, the run's own final evaluation gives the original run's kNN.
-        assert trainer.evaluate(final=True)["knn_acc"] == summary["knn_acc"]
-    finally:
-        trainer._close_sources()
-        trainer.dist.close()
+    byol = trainer.learner.byol
+    for backbone in (byol.backbone, byol.target_backbone):
+        state = backbone.state_dict()
+        assert all(torch.equal(state[k], exported[k]) for k in exported)
+    # Before any step, the run's own final evaluation gives the original run's kNN.
+    assert trainer.evaluate(final=True)["knn_acc"] == summary["knn_acc"]
     # And it trains from there, recording where it started.
-    result = fit(config(init_backbone=str(out)), tmp_path / "warm2", log=lambda _: None)
-    assert result.status == "finished"
-    assert json.loads((tmp_path / "warm2" / "config.json").read_text())["init_backbone"] == str(out)
+    assert trainer.run().status == "finished"
+    saved = json.loads((tmp_path / "warm" / "config.json").read_text())
+    assert saved["init_backbone"] == str(out)
 
 
 def test_export_of_an_interrupted_run_takes_its_latest_checkpoint(tmp_path: Path, capsys) -> None:
