@@ -335,3 +335,16 @@ def test_eval_backbone_refuses_a_damaged_sidecar(
     assert run_cli(capsys, "export", finished_run, "--out", out)[0] == 0
     (tmp_path / "b.safetensors.json").write_text(text)
     assert_one_line(*run_cli(capsys, "eval", "--backbone", out), "--backbone: expected")
+
+
+def test_a_resumed_init_backbone_run_does_not_read_the_file_again(tmp_path: Path) -> None:
+    out = tmp_path / "start.safetensors"
+    net = build_resnet("resnet10", small_images=True, width=4)
+    save_file(dict(net.state_dict()), out)
+    hooks = Hooks(on_epoch_end=lambda trainer: trainer.request_stop())
+    run = tmp_path / "run"
+    assert fit(config(init_backbone=str(out)), run, hooks=hooks, log=lambda _: None).status == (
+        "interrupted"
+    )
+    out.unlink()  # the weights are in the checkpoint now
+    assert fit(config(), run, resume=True, log=lambda _: None).status == "finished"
