@@ -239,7 +239,13 @@ def bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     torch.save(wide, tmp_path / "wide.pt")
     marker = tmp_path / "payload-ran"
     write_pickle_payload(tmp_path / "pickle.pt", marker)
+    save_file(good, tmp_path / "whole.safetensors")
+    whole = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a model at all")
     return {
+        "truncated": (tmp_path / "truncated.safetensors", "expected a valid safetensors file"),
+        "junk": (tmp_path / "junk.pt", "the weights-only loader refuses"),
         "foreign": (tmp_path / "foreign.safetensors", "foreign key 'projector.0.weight'"),
         "shapes": (tmp_path / "wide.pt", "got shape (8, 3, 3, 3) in the file"),
         "pickle": (tmp_path / "pickle.pt", "refused without unpickling"),
@@ -262,7 +268,7 @@ def test_fit_init_backbone_refuses_a_bad_file_before_creating_the_run(
     assert not (tmp_path / "payload-ran").exists()  # the pickle was never run
 
 
-@pytest.mark.parametrize("kind", ["foreign", "pickle"])
+@pytest.mark.parametrize("kind", ["foreign", "pickle", "truncated", "junk"])
 def test_eval_backbone_refuses_a_bad_file(tmp_path: Path, capsys, kind: str) -> None:
     path, needle = bad_files(tmp_path)[kind]
     before = files_in(tmp_path)

@@ -176,7 +176,9 @@ def _load_safetensors(path: Path, flag: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{flag}: {path} is not a valid safetensors file ({error})") from error
+        raise ValueError(
+            f"{flag}: expected a valid safetensors file, got {path} ({_first_line(error)})"
+        ) from error
 
 
 def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
@@ -188,13 +190,14 @@ def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
         # torch's message suggests turning the weights-only guard off, which would run the
         # file's code: it is not passed on.
         raise ValueError(
-            f"{flag}: expected tensors only, got a pickle payload of other objects in {path}; "
-            "refused without unpickling it"
+            f"{flag}: expected a state dict of tensors only, got {path}, which the weights-only "
+            "loader refuses (a pickle payload of other objects, or a damaged file); refused "
+            "without unpickling it"
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(
-            f"{flag}: {path} is neither a safetensors file nor a weights-only torch state dict "
-            f"({_first_line(error)})"
+            f"{flag}: expected a safetensors file or a weights-only torch state dict, got {path} "
+            f"({type(error).__name__}: {_first_line(error)})"
         ) from error
     if not isinstance(state, dict):
         raise ValueError(
