@@ -319,8 +319,10 @@ def test_step_evaluations_leave_the_training_unchanged(tmp_path: Path) -> None:
     assert _steps(tmp_path / "plain") == _steps(tmp_path / "probed")
     assert plain.summary["knn_acc"] == probed.summary["knn_acc"]
     points = probed.summary["step_evaluations"]
-    # snapshots at steps 4 and 6 (within 5 steps before the switch at 8), the switch, +2, +4
-    assert [p["since_switch"] for p in points] == [-4, -2, 0, 2, 4]
+    # snapshots at steps 4 and 6 (within 5 steps before the switch at 8), the switch, +2, +4;
+    # since_switch as in the step records: 0 is the first BYOL step (step 9)
+    assert [p["step"] for p in points] == [4, 6, 8, 10, 12]
+    assert [p["since_switch"] for p in points] == [-5, -3, -1, 1, 3]
     assert [p["phase"] for p in points] == ["rela"] * 3 + ["byol"] * 2
     assert all(0 <= p["knn_acc"] <= 1 for p in points)
     # Without a window: every 5 steps of the whole run.

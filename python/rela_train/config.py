@@ -28,6 +28,7 @@ __all__ = [
     "add_config_arguments",
     "apply_recipe",
     "config_from_args",
+    "parse_checkpoint_every",
     "parse_step_window",
     "parse_switch",
 ]
@@ -52,7 +53,7 @@ SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
-RESUME_SETTINGS = ("progress", "threads", "tensorboard")
+RESUME_SETTINGS = ("progress", "threads", "tensorboard", "checkpoint_every", "keep_checkpoints")
 DECODERS = ("auto", "pil", "simplejpeg")
 
 
@@ -329,6 +330,19 @@ class TrainConfig:
         ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
+    # -- checkpoints ---------------------------------------------------------------------------
+    checkpoint_every: str | None = field(
+        default=None,
+        metadata=_opt(
+            "also write a step checkpoint every N optimizer steps, or every DURATION of wall "
+            "time (90s, 30m, 2h), besides the one at the end of each epoch",
+            metavar="N|DURATION",
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=2,
+        metadata=_opt("step checkpoints kept (the newest; older ones deleted)", min=1),
+    )
     tensorboard: str | None = field(
         default=None,
         metadata=_opt(
@@ -525,6 +539,13 @@ class TrainConfig:
         need(self.knn_t > 0, "knn_t", f"must be > 0, got {self.knn_t}")
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
+        need(
+            self.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            f"must be >= 1, got {self.keep_checkpoints}",
+        )
+        if self.checkpoint_every is not None:
+            parse_checkpoint_every(self.checkpoint_every)
         return self
 
     def _validate_transition_and_step_evals(self, need: Callable[[bool, str, str], None]) -> None:
@@ -565,6 +586,25 @@ def parse_step_window(text: str) -> tuple[int, int]:
             f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
         )
     return int(before), int(after)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_checkpoint_every(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``N`` (optimizer steps, >= 1) -> ``(N, None)``; a duration
+    ``90s``, ``30m``, ``1.5h`` (> 0) -> ``(None, seconds)``. Raises ValueError naming the flag."""
+    value = text.strip()
+    steps = int(value) if value.isdigit() else None
+    duration = _DURATION.fullmatch(value)
+    seconds = float(duration[1]) * _SECONDS[duration[2]] if duration else None
+    if (steps is None or steps < 1) and not (seconds is not None and seconds > 0):
+        raise ValueError(
+            "--checkpoint-every: expected a number of optimizer steps >= 1 or a duration > 0 "
+            f"such as 90s, 30m or 2h, got {text!r}"
+        )
+    return (steps, None) if steps is not None else (None, seconds)
 
 
 # Settings added after config.json files were first written: a file without the key ran with
