@@ -99,8 +99,8 @@ def test_scalars_equal_metrics_jsonl(tmp_path: Path) -> None:
     assert [step for step, _ in got["eval/knn_acc"]] == [16, 32]  # epoch 1, then the final
 
     adaptive = tmp_path / "adaptive"
-    result = fit(config(prior="pixels:8", epochs=1, eval_bank=100,
-                        tensorboard=str(tmp_path / "abs")), adaptive, log=lambda _: None)  # fmt: skip
+    cfg = config(prior="pixels:8", epochs=1, eval_bank=100, tensorboard=str(tmp_path / "abs"))
+    result = fit(cfg, adaptive, log=lambda _: None)
     got = read_scalars(tmp_path / "abs")  # an absolute DIR is used as given
     assert len(got["train/rho"]) == 16
     assert got == expected_scalars(adaptive)
