@@ -90,6 +90,7 @@ def _worker(spec: dict, *, ranks: int = 1) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_a_sigkill_between_step_checkpoints_resumes_bit_for_bit(
     tmp_path: Path, uninterrupted: Path
 ) -> None:
@@ -107,6 +108,7 @@ def test_a_sigkill_between_step_checkpoints_resumes_bit_for_bit(
     assert_same_run(run, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_sigkill_of_two_ranks_resumes_bit_for_bit(tmp_path: Path) -> None:
     spec = {"config": {**CONFIG, "checkpoint_every": "3", "dist_timeout": 60.0}}
     full = _worker({**spec, "out": str(tmp_path / "full")}, ranks=2)
