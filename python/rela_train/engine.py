@@ -191,9 +191,6 @@ class Trainer:
         if getattr(self, "main", True):
             self._log(message)
 
-    def step_evaluations(self) -> list[dict[str, Any]]:
-        return [] if self.step_evals is None else self.step_evals.records
-
     @property
     def step_images(self) -> int:
         """Positions of the epoch's order each step consumes, all ranks together."""
@@ -203,10 +200,6 @@ class Trainer:
     def wall_time(self) -> float:
         """Seconds this run has existed in processes, over all its resumptions."""
         return self.counters.wall_time + time.perf_counter() - self._wall_start
-
-    # ------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, *, step: bool = False) -> Path:
         """Write a checkpoint now (``step``: a step checkpoint); a collective."""
@@ -255,11 +248,8 @@ class Trainer:
         counters.samples_seen += int(totals[1])
         # inbatch back-propagates the hardest rows; the switch rule may see the scored batch.
         switch_loss = float(totals[4]) / max(1.0, float(totals[5]))
-        if (
-            phase == "rela"
-            and self.switch.after_step(switch_loss, counters.global_step)
-            and counters.switch_step is None
-        ):
+        switched = phase == "rela" and self.switch.after_step(switch_loss, counters.global_step)
+        if switched and counters.switch_step is None:
             self._switched()
         return _step_record(self, totals, phase, since, tau)
 

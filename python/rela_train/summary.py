@@ -53,7 +53,7 @@ def build_summary(trainer: Trainer, result: dict[str, Any], wall_time: float) ->
         "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
         "evaluations": trainer.evaluations,
         "switch_transition": config.switch_transition if config.rela else None,
-        "step_evaluations": trainer.step_evaluations(),
+        "step_evaluations": [] if trainer.step_evals is None else trainer.step_evals.records,
         "device": str(trainer.device),
         "threads": torch.get_num_threads(),
     }
