@@ -168,6 +168,21 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(
     assert_same_run(run, uninterrupted)
 
 
+def test_a_step_checkpoint_newer_than_last_pt_is_used(tmp_path: Path, uninterrupted: Path) -> None:
+    # What a kill between writing step-000000006.pt and linking it as last.pt leaves.
+    run = tmp_path / "run"
+    _worker({"out": str(run), "config": {**CONFIG, "checkpoint_every": "3"}, "kill_at": 7})
+    directory = run / "checkpoints"
+    (directory / "last.pt").unlink()
+    (directory / "last.pt").write_bytes((directory / "step-000000003.pt").read_bytes())
+    messages: list[str] = []
+    assert fit(config(checkpoint_every="3"), run, resume=True, log=messages.append).status == (
+        "finished"
+    )
+    assert any("from step-000000006.pt at epoch 1/3, step 6/8" in m for m in messages), messages
+    assert_same_run(run, uninterrupted)
+
+
 def test_the_clock_counts_steps_or_wall_time(monkeypatch: pytest.MonkeyPatch) -> None:
     steps = CheckpointClock("4")
     assert [s for s in range(1, 13) if steps.due(s)] == [4, 8, 12]

@@ -161,6 +161,10 @@ class CheckpointClock:
         self._last = time.monotonic()
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_FILE.fullmatch(path.name)[1])
+
+
 def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
     """Everything :func:`restore` needs to continue ``trainer`` where it stands."""
     counters = dataclasses.replace(
@@ -416,6 +420,14 @@ def resume(
         raise ValueError(f"--resume: no readable checkpoint in {run_dir}: {errors[0]}")
     for error in errors:
         log(f"warning: {error}; resuming from {path} instead")
+    # A kill between writing a step checkpoint and linking it as last.pt leaves it newer.
+    step = int(state["counters"]["global_step"])
+    for newer in [p for p in step_checkpoints(run_dir) if _step_of(p) > step]:
+        try:
+            state, path = load_checkpoint(newer), newer
+            break
+        except ValueError as error:
+            log(f"warning: {error}; resuming from {path} instead")
     check_checkpoint_config(state, config, run_dir)
     config = adapt_to_world(config, state, world, run_dir, log)
     return Resumed(config, state, path)
