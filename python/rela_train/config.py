@@ -507,7 +507,9 @@ class TrainConfig:
     keep_checkpoints: int = field(
         default=2,
         metadata=_opt(
-            "step checkpoints kept (the newest; older ones deleted)", bounds=AT_LEAST_ONE
+            "step checkpoints kept (the newest; older ones deleted once a new one is durable)",
+            bounds=AT_LEAST_ONE,
+            metavar="K",
         ),
     )
     tensorboard: str | None = field(
