@@ -35,10 +35,12 @@ from rela_train.export_commands import (
     export_run,
     run_backbone_eval,
 )
+from rela_train.stop import REQUEUE
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command"]
 
-# Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
+# Exit status of a run stopped by SIGINT after writing its checkpoint (128 + SIGINT); stopped by
+# SIGUSR1 or SIGTERM it is rela_train.stop.REQUEUE.
 INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -287,20 +289,30 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        metavar="RUN",
+        metavar="RUN|auto",
         type=non_empty,
         default=None,
-        help="continue the run in RUN from its last checkpoint (its config.json is used)",
+        help="continue the run in RUN from its last checkpoint (its config.json is used); "
+        "auto: continue the run in --out if it holds a checkpoint, else start it there (one "
+        "command for the first start and every requeue; the given settings must be the run's)",
     )
     add_config_arguments(parser)
 
 
 def _fit_run(args: argparse.Namespace) -> int:
+    from rela_train.checkpoint import load_run_config
     from rela_train.config import config_from_args
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
-    if args.resume is not None:
+    if args.resume == "auto":
+        if args.out is None:
+            raise ValueError(
+                "--resume auto: needs --out DIR, the run directory to continue or start"
+            )
+        config = config_from_args(get_preset(args.preset), args)
+        result = fit(config, Path(args.out), resume="auto")
+    elif args.resume is not None:
         given = [
             f.name
             for f in dataclasses.fields(TrainConfig)
@@ -310,11 +322,8 @@ def _fit_run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset/--out"
             raise ValueError(f"--resume continues a run with its saved configuration; drop {flags}")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
-        config = TrainConfig.load(run_dir / "config.json")
         changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
-        result = fit(config.replace(**changes), run_dir, resume=True)
+        result = fit(load_run_config(run_dir, changes), run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
         if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -324,8 +333,8 @@ def _fit_run(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
         result = fit(config, run_dir, preset=args.preset)
-    if result.status != "finished":
-        return 128 + (result.signal or signal.SIGINT)
+    if result.status != "finished":  # a checkpoint was written: run the same command again
+        return INTERRUPTED if result.signal == signal.SIGINT else REQUEUE
     summary = result.summary
     if not summary:  # ranks other than 0 of a distributed run
         return 0
