@@ -25,6 +25,7 @@ from typing import Any
 from rela_study.grid import RunSpec, transported_checkpoint
 from rela_study.records import done_runs, write_record
 from rela_study.transport import rgb_prior_checkpoint
+from rela_train.step_evals import SINCE_SWITCH
 
 __all__ = ["fit_features", "log", "main_until_stopped", "make_record", "run_study"]
 
@@ -112,6 +113,7 @@ def make_record(
         "curve": curve,
         # --eval-steps points (issue 18): kNN against steps since the switch.
         "step_curve": summary.get("step_evaluations") or [],
+        "since_switch": SINCE_SWITCH,  # how step_curve counts (switch_aggregate.steps_taken)
         "switch_transition": summary.get("switch_transition"),
         "run_seconds": round(seconds, 1),
         # CPU time of the fit process (None when only its record was missing): on a busy

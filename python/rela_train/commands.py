@@ -27,10 +27,20 @@ from rela_train.arg_types import (
     positive_int,
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
+from rela_train.export_commands import (
+    EXPORT_HELP,
+    add_backbone_eval_arguments,
+    check_checkpoint_eval,
+    export_arguments,
+    export_run,
+    run_backbone_eval,
+)
+from rela_train.stop import REQUEUE
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command", "add_dry_run_arguments"]
 
-# Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
+# Exit status of a run stopped by SIGINT after writing its checkpoint (128 + SIGINT); stopped by
+# SIGUSR1 or SIGTERM it is rela_train.stop.REQUEUE.
 INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -74,6 +84,11 @@ def _dry_run_world(args: argparse.Namespace) -> int | None:
             )
         return None
     return planned_world_size(args.world_size)
+
+
+def _print_notes(notes: list[str]) -> None:
+    if notes and os.environ.get("RANK", "0").strip() in ("", "0"):
+        print("\n".join(notes), file=sys.stderr)
 
 
 def _print_plan(plan) -> int:
@@ -333,10 +348,12 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        metavar="RUN",
+        metavar="RUN|auto",
         type=non_empty,
         default=None,
-        help="continue the run in RUN from its last checkpoint (its config.json is used; "
+        help="continue the run in RUN from its last checkpoint (its config.json is used); "
+        "auto: continue the run in --out if it holds a checkpoint, else start it there (one "
+        "command for the first start and every requeue; the given settings must be the run's; "
         "default: start a new run)",
     )
     add_config_arguments(parser)
@@ -347,15 +364,31 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _fit_run(args: argparse.Namespace) -> int:
     from rela_train.build import adapt_batch_to_world
+    from rela_train.checkpoint import load_run_config
     from rela_train.config import config_from_args
-    from rela_train.plan import planned_world_size
+    from rela_train.plan import plan_fit, planned_world_size
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
     planned = _dry_run_world(args)
     world = planned if planned is not None else planned_world_size(None)
     notes: list[str] = []
-    if args.resume is not None:
+    if args.resume == "auto":
+        if args.out is None:
+            raise ValueError(
+                "--resume auto: needs --out DIR, the run directory to continue or start"
+            )
+        config = config_from_args(get_preset(args.preset), args)
+        if args.batch_size is None:  # the preset's per-rank batch follows the world size
+            config, note = adapt_batch_to_world(config, world)
+            notes += [note] if note is not None else []
+        if planned is not None:
+            return _print_plan(
+                plan_fit(config, Path(args.out), world=world, resume="auto", notes=notes)
+            )
+        _print_notes(notes)
+        result = fit(config, Path(args.out), resume="auto")
+    elif args.resume is not None:
         given = [
             f.name
             for f in dataclasses.fields(TrainConfig)
@@ -365,14 +398,9 @@ def _fit_run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset/--out"
             raise ValueError(f"--resume continues a run with its saved configuration; drop {flags}")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
-        config = TrainConfig.load(run_dir / "config.json")
         changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
-        config = config.replace(**changes)
+        config = load_run_config(run_dir, changes)
         if planned is not None:
-            from rela_train.plan import plan_fit
-
             return _print_plan(plan_fit(config, run_dir, world=world, resume=True))
         result = fit(config, run_dir, resume=True)
     else:
@@ -384,18 +412,14 @@ def _fit_run(args: argparse.Namespace) -> int:
             )
         if args.batch_size is None:  # the preset's per-rank batch follows the world size
             config, note = adapt_batch_to_world(config, world)
-            if note is not None:
-                notes.append(note)
+            notes += [note] if note is not None else []
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
         if planned is not None:
-            from rela_train.plan import plan_fit
-
             return _print_plan(plan_fit(config, run_dir, world=world, notes=notes))
-        if notes and os.environ.get("RANK", "0").strip() in ("", "0"):
-            print("\n".join(notes), file=sys.stderr)
-        result = fit(config, run_dir)
-    if result.status != "finished":
-        return 128 + (result.signal or signal.SIGINT)
+        _print_notes(notes)
+        result = fit(config, run_dir, preset=args.preset)
+    if result.status != "finished":  # a checkpoint was written: run the same command again
+        return INTERRUPTED if result.signal == signal.SIGINT else REQUEUE
     summary = result.summary
     if not summary:  # ranks other than 0 of a distributed run
         return 0
@@ -431,8 +455,14 @@ FIT = Command(
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "checkpoint", metavar="CKPT", type=non_empty, help="a checkpoint file or a run directory"
+        "checkpoint",
+        metavar="CKPT",
+        type=non_empty,
+        nargs="?",
+        default=None,
+        help="a checkpoint file or a run directory (or give --backbone)",
     )
+    add_backbone_eval_arguments(parser)
     parser.add_argument(
         "--device", type=device, default="auto", help="auto (default), cpu, cuda, cuda:N"
     )
@@ -472,6 +502,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_run(args: argparse.Namespace) -> int:
     from rela_train.evaluate import evaluate_checkpoint
 
+    if args.backbone is not None or args.checkpoint is None:
+        return run_backbone_eval(args)
+    check_checkpoint_eval(args)
     result = evaluate_checkpoint(
         args.checkpoint,
         device=args.device,
@@ -507,6 +540,9 @@ EVAL = Command(
     _eval_run,
     deprecated={"--probe-iterations": "--probe-epochs"},
 )
+
+
+EXPORT = Command("export", EXPORT_HELP, export_arguments, export_run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -595,4 +631,4 @@ DEMO = Command(
 
 
 # Every subcommand, in `rela-train --help` order.
-COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, REPORT, DEMO)
+COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, EXPORT, REPORT, DEMO)

@@ -73,38 +73,46 @@ def plan_fit(
     run_dir: Path,
     *,
     world: int,
-    resume: bool = False,
+    resume: bool | str = False,
     notes: list[str] | None = None,
 ) -> Plan:
-    """Check a ``fit`` start of ``config`` in ``run_dir`` on ``world`` ranks and return its plan.
+    """Check a ``fit`` start of ``config`` in ``run_dir`` on ``world`` ranks and return its plan
+    (``resume``: as :func:`rela_train.runs.fit` takes it, ``True`` or ``"auto"``).
 
     Raises what the start would raise (ValueError / OSError naming the flag)."""
     import rela_kernels as rk
     from rela_train.build import accumulation_steps, check_trainable, step_plan
-    from rela_train.checkpoint import adapt_to_world, check_checkpoint_config, load_checkpoint
+    from rela_train.checkpoint import resume as resume_run
+    from rela_train.checkpoint import should_resume
+    from rela_train.config import RESUME_SETTINGS
     from rela_train.data.sources import build_sources
     from rela_train.run_directory import RunDirectory
     from rela_train.runtime import resolve_device
     from rela_train.tensorboard_log import check_tensorboard, tensorboard_dir
 
-    plan = Plan(f"rela-train fit --dry-run: {'resume ' if resume else ''}{run_dir}")
+    resuming = should_resume(run_dir, resume)
+    plan = Plan(f"rela-train fit --dry-run: {'resume ' if resuming else ''}{run_dir}")
     plan.notes += notes or []
-    if resume:
-        state = load_checkpoint(run_dir)
-        check_checkpoint_config(state, config, run_dir)
-        config = adapt_to_world(config, state, world, run_dir, plan.notes.append)
+    if resuming:
+        if resume == "auto":  # the whole command must agree with the run's settings
+            overrides = config.to_dict()
+        else:
+            overrides = {name: getattr(config, name) for name in RESUME_SETTINGS}
+        resumed = resume_run(run_dir, overrides, world, plan.notes.append)
+        config, state = resumed.config, resumed.state
         counters = state.get("counters") or {}
         plan.add(
             "resume",
-            f"from epoch {counters.get('epoch', '?')}, step {counters.get('global_step', '?')} "
-            f"(checkpoint of {state.get('world_size', 1)} rank(s))",
+            f"from {resumed.path.name}: epoch {counters.get('epoch', '?')}, step "
+            f"{counters.get('global_step', '?')} (checkpoint of {state.get('world_size', 1)} "
+            "rank(s))",
         )
     else:
         RunDirectory.check_new(run_dir)
     asked, transition = config.switch_transition, config.concrete_transition
     config = config.replace(switch_transition=transition)
     if config.tensorboard is not None:
-        check_tensorboard(tensorboard_dir(config.tensorboard, run_dir), new=not resume)
+        check_tensorboard(tensorboard_dir(config.tensorboard, run_dir), new=not resuming)
     device_text = config.device
     try:
         device = resolve_device(config.device)
@@ -147,7 +155,7 @@ def plan_fit(
         plan.add("prior", prior_text)
         plan.add("switch", _switch_text(config, asked, transition))
         plan.add("evaluation", _evaluation_text(config, train.n, val.n))
-        plan.add("run directory", f"{run_dir.resolve()}{' (resumed)' if resume else ' (new)'}")
+        plan.add("run directory", f"{run_dir.resolve()}{' (resumed)' if resuming else ' (new)'}")
     finally:
         for source in (train, val):
             source.close()
