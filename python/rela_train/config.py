@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rela_train.arg_types import device
+from rela_train.transition import parse_transition, resolve_transition
 
 __all__ = [
     "DATASETS",
@@ -498,7 +499,7 @@ class TrainConfig:
 
     @staticmethod
     def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` as a config written today would hold them: the keys of
+        """``values`` as this version writes a config: the keys of
         :data:`RENAMED_KEYS` under their current names (a file holding both the old and the new
         name is refused), and every setting of :data:`LEGACY_VALUES` the file lacks set to the
         value it ran with (a config written before the setting existed)."""
@@ -539,8 +540,6 @@ class TrainConfig:
     def concrete_transition(self) -> str:
         """``switch_transition`` with ``auto`` made concrete for this run (``keep-views`` where it
         switches from ReLA to BYOL, ``hard`` elsewhere; docs/switch.md)."""
-        from rela_train.transition import resolve_transition  # imports torch
-
         return resolve_transition(self.switch_transition, rela=self.rela, switch=self.switch)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -553,7 +552,6 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
-        from rela_train.transition import parse_transition
 
         _need(
             self.arch in RESNET_ARCHS,

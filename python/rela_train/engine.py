@@ -68,6 +68,7 @@ from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_step_window
 from rela_train.data.sources import Batch, FolderSource, Source
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import evaluate_backbone
+from rela_train.learner import frozen_statistics
 from rela_train.optim import ema_tau, scheduled_lr_factor, set_learning_rates
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import (
@@ -334,15 +335,9 @@ class Trainer:
         return ``(rows to back-propagate, every row's score)``."""
         byol = self.learner.byol
         keep = min(self.config.batch_size, indices.shape[0])
-        # BatchNorm momentum 0 while scoring: batch statistics as in training, running
-        # statistics untouched.
-        norms = [
-            m for m in self.learner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.momentum = 0.0
-        try:
+        # Scoring normalises with batch statistics, as in training, and leaves BatchNorm's
+        # running statistics and counters as they were.
+        with frozen_statistics(self.learner):
             with self._autocast():
                 features = byol.backbone(views[0])
                 if self.phase == "rela":
@@ -354,9 +349,6 @@ class Trainer:
                     target = byol.target(views[1])
                     scores = rk.cosine_loss(q, target, check_finite=False)  # one pair, in [0, 2]
                     chosen = rk.select_in_batch(scores, keep)
-        finally:
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
         return chosen, scores.float()
 
     def _views(self, batch: Batch, g: torch.Generator) -> list[torch.Tensor]:
