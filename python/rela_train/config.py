@@ -48,6 +48,7 @@ CONST_SWITCHES = ("step", "epoch")
 ON_OFF = ("on", "off")
 PRIOR_PREPROCESSING = ("prior", "official")
 PROBES = ("lbfgs", "official", "none")
+DECAY_EXCLUSIONS = ("bias-norm", "none")
 SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
@@ -271,6 +272,14 @@ class TrainConfig:
         ),
     )
     weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay", bounds=NON_NEGATIVE))
+    decay_exclude: str = field(
+        default="bias-norm",
+        metadata=_opt(
+            "parameters spared from weight decay: bias-norm (biases and normalisation weights, "
+            "BYOL's convention) or none (every parameter is decayed, the official code)",
+            choices=DECAY_EXCLUSIONS,
+        ),
+    )
     momentum: float = field(default=0.9, metadata=_opt("LARS momentum", bounds=UNIT_OPEN_TOP))
     lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient", bounds=POSITIVE))
     warmup_epochs: float = field(
@@ -632,6 +641,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "switch_transition": "hard",
     "eval_steps": 0,
     "eval_steps_window": None,
+    "decay_exclude": "bias-norm",
 }
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

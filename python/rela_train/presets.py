@@ -151,6 +151,8 @@ OFFICIAL_RECIPE: dict[str, Any] = {
     "optimizer": "adamw",
     "lr": 1e-3,
     "weight_decay": 0.01,
+    # BYOL.configure_optimizers hands AdamW every parameter: biases and norms are decayed too.
+    "decay_exclude": "none",
     "lr_schedule": "constant",
     "lr_scaling": "none",
     "tau_schedule": "constant",
