@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
 from rela_study.aggregate import format_markdown, plot_study, summarize  # noqa: E402
+from rela_study.arguments import dirty_refusal, study_parser  # noqa: E402
 from rela_study.grid import (  # noqa: E402
     DEFAULT_SIZES,
     PRETRAIN_CLASSES,
@@ -42,7 +43,7 @@ from rela_study.grid import (  # noqa: E402
     with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
+from rela_study.runner import log, main_until_stopped, run_study  # noqa: E402
 from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
@@ -56,48 +57,8 @@ def _study_rows(records: list[dict]) -> list[dict]:
     return [record for record in records if record["row"] != PRETRAIN_ROW]
 
 
-def _seeds(text: str) -> list[int]:
-    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7``."""
-    try:
-        if "," in text:
-            return [int(part) for part in text.split(",")]
-        count = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a seed count or a comma-separated list of seeds, got {text!r}"
-        ) from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected at least one seed, got {count}")
-    return list(range(count))
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="study directory (resumed)")
-    parser.add_argument("--quick", action="store_true", help="every row at one seed, tiny sizes")
-    parser.add_argument(
-        "--seeds", type=_seeds, default=None, help="seed count or list (default 3; quick: 1)"
-    )
-    parser.add_argument("--epochs", type=_positive, default=None, help="override the epochs")
-    parser.add_argument("--jobs", type=_positive, default=2, help="runs side by side")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
-    parser.add_argument("--results", type=Path, default=None, help="JSONL of all records")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG with error bars")
-    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
-    parser.add_argument(
-        "--aggregate-only", action="store_true", help="only rebuild table, JSONL and plot"
-    )
-    return parser.parse_args(argv)
+    return study_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,16 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_study(summaries, plot)
 
     if not args.aggregate_only:
-        features = fit_features()
-        runs = build_plan(out, sizes, seeds, features=features, data_dir=args.data_dir)
+        runs = build_plan(out, sizes, seeds, data_dir=args.data_dir)
         print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
-        missing = {"--recipe", "--probe"} - features
-        if missing:
-            print(
-                f"note: this trainer has no {', '.join(sorted(missing))}: runs use its defaults "
-                "(L-BFGS probe instead of the official one); the records say so",
-                flush=True,
-            )
         if args.plan_only:
             return 0
         write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
@@ -139,14 +92,17 @@ def main(argv: list[str] | None = None) -> int:
                 **environment("cpu"),
                 "threads_per_run": 1,
                 "parallel_runs": args.jobs,
-                "trainer_features": sorted(features),
                 "quick": args.quick,
             }
 
+        refusal = dirty_refusal(env(), args)
+        if refusal is not None:
+            raise SystemExit(f"study_rela: {refusal}")
         failed = run_study(
             runs,
             out,
             study=STUDY_NAME,
+            refuse_dirty=not (args.allow_dirty or args.quick),
             jobs=args.jobs,
             environment=env,
             on_record=aggregate,

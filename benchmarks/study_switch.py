@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
+from rela_study.arguments import dirty_refusal, seed_list, study_parser  # noqa: E402
 from rela_study.digits_prior import train_digits_prior  # noqa: E402
 from rela_study.grid import (  # noqa: E402
     DEFAULT_SIZES,
@@ -49,7 +50,7 @@ from rela_study.grid import (  # noqa: E402
     with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
+from rela_study.runner import log, main_until_stopped, run_study  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
     default_verdict,
     format_paired_markdown,
@@ -69,30 +70,13 @@ from rela_study.switch_grid import (  # noqa: E402
 )
 from rela_study.transfer import transfer_markdown  # noqa: E402
 from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
+from rela_train.transition import MEASURED_BEST  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 HARD_ROW = "switch-a-hard"
 # The name every record of this study carries.
 STUDY_NAME = "rela-switch"
-
-
-def _ints(text: str) -> list[int]:
-    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7`` (one seed: ``4,``)."""
-    try:
-        values = [int(part) for part in text.split(",") if part] if "," in text else None
-        if values == []:
-            raise ValueError
-        if values is None:
-            count = int(text)
-            if count < 1:
-                raise ValueError
-            values = list(range(count))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a seed count >= 1 or a comma-separated list of seeds, got {text!r}"
-        ) from None
-    return values
 
 
 def _parts(text: str) -> tuple[str, ...]:
@@ -106,12 +90,12 @@ def _parts(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="study directory (resumed)")
-    parser.add_argument("--quick", action="store_true", help="every row, one seed, tiny sizes")
-    parser.add_argument("--seeds", type=_ints, default=None, help="count or list (default 3)")
+    parser = study_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--long-seeds", type=_ints, default=None, help="the long horizon's (default: first seed)"
+        "--long-seeds",
+        type=seed_list,
+        default=None,
+        help="the long horizon's (default: first seed)",
     )
     parser.add_argument(
         "--parts", type=_parts, default=DEFAULT_PARTS,
@@ -122,19 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these rows (comma-separated names; default: every row of --parts)",
     )  # fmt: skip
     parser.add_argument(
-        "--best", default=None, help="the long horizon's best row's transition (keep-views)"
+        "--best", default=None, help=f"the long horizon's best row's transition ({MEASURED_BEST})"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
-    parser.add_argument("--results", type=Path, default=None, help="JSONL of all records")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG")
-    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
-    parser.add_argument("--aggregate-only", action="store_true", help="only table, JSONL, plot")
-    args = parser.parse_args(argv)
-    if args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
-        parser.error("--jobs and --epochs must be >= 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
@@ -142,8 +116,8 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     args = parse_args(argv)
     sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
-    # The transition that kept the most of the ReLA phase at 15 epochs (docs/switch.md).
-    best = args.best or "keep-views"
+    # The transition the default uses in a run that switches (docs/switch.md, "The default").
+    best = args.best or MEASURED_BEST
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     results = args.results or (
         args.out / "switch.jsonl" if args.quick else RESULTS / "switch.jsonl"
@@ -181,12 +155,9 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
 
     failed: list[str] = []
     if not args.aggregate_only:
-        features = fit_features(python)
-        if "--recipe" not in features:
-            raise SystemExit("study_switch: this trainer has no --recipe (official) option")
         runs = build_switch_plan(
             sizes, steps, seeds, parts=args.parts, long_seeds=args.long_seeds, best=best,
-            features=features, data_dir=args.data_dir,
+            data_dir=args.data_dir,
             switch="const:0.5" if args.quick else None, out=out,
         )  # fmt: skip
         if args.rows is not None:
@@ -214,10 +185,14 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
                 "best": best,
             }
 
+        refusal = dirty_refusal(env(), args)
+        if refusal is not None:
+            raise SystemExit(f"study_switch: {refusal}")
         failed = run_study(
             runs,
             out,
             study=STUDY_NAME,
+            refuse_dirty=not (args.allow_dirty or args.quick),
             jobs=args.jobs,
             python=python,
             environment=env,

@@ -34,11 +34,12 @@ from pathlib import Path
 from rela_study.grid import (
     PIXELS,
     PRIOR_ARCH,
+    RECIPE_FLAGS,
     RunSpec,
     Sizes,
-    _base_flags,
-    _probe_flags,
+    base_flags,
     pretrain_run,
+    probe_flags,
     random_checkpoint,
     transported_checkpoint,
 )
@@ -94,7 +95,7 @@ class SwitchRow:
     probe_switch: bool = False  # kNN every N steps around the switch
     prior_spec: str = PIXELS  # "{digits}", "{random}", "{fashion}": files of the study
     extra: tuple[str, ...] = ()  # further fit flags
-    decay_exclude: str = "bias-norm"  # the earlier parts' setting (see grid._base_flags)
+    decay_exclude: str = "bias-norm"  # the earlier parts' setting (see grid.base_flags)
     first_seed_only: bool = False
 
 
@@ -195,7 +196,7 @@ def build_switch_plan(
     parts: tuple[str, ...] = DEFAULT_PARTS,
     long_seeds: list[int] | None = None,
     best: str,
-    features: set[str],
+    features: frozenset[str] = RECIPE_FLAGS,
     data_dir: str | None = None,
     switch: str | None = None,
     out: Path | None = None,
@@ -254,11 +255,11 @@ def _run(
     files: dict[str, Path | None] | None = None,
 ) -> RunSpec:
     epochs = sizes.epochs * (LONG_FACTOR if row.long else 1)
-    flags = _base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [
+    flags = base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [
         "--train-subset", str(sizes.train_subset), "--epochs", str(epochs),
         "--eval-every", str(sizes.eval_every * (LONG_FACTOR if row.long else 1)),
         "--eval-bank", str(sizes.eval_bank), "--budget", f"{row.budget:g}",
-        *_probe_flags(sizes, features),
+        *probe_flags(sizes, features),
     ]  # fmt: skip
     prior = None
     if row.prior:

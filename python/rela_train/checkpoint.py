@@ -24,6 +24,7 @@ import torch
 from rela_kernels.atomic_io import atomic_write, atomic_write_text
 from rela_train.build import accumulation_steps, epoch_steps
 from rela_train.config import RESUME_SETTINGS, TrainConfig
+from rela_train.run_directory import CHECKPOINT, checkpoint_path
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
     from rela_train.engine import Trainer
@@ -35,13 +36,13 @@ __all__ = [
     "Counters",
     "adapt_to_world",
     "check_checkpoint_config",
+    "checkpoint_path",
     "checkpoint_state",
     "load_checkpoint",
     "restore",
     "save_checkpoint",
 ]
 
-CHECKPOINT = "last.pt"
 FORMAT = "rela-train-checkpoint-v1"
 # What every checkpoint holds (see checkpoint_state); checked before any of it is used.
 _CHECKPOINT_KEYS = frozenset(
@@ -167,15 +168,19 @@ def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir:
         )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], parts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Read a checkpoint written by :class:`~rela_train.engine.Trainer` (a file, or a run
-    directory).
+    directory). With ``parts`` (e.g. ``("learner",)``), a tool that reads only those gets
+    them, checked to be there, from any file holding them; otherwise the whole checkpoint is
+    checked (its format marker and every key).
 
     Loaded with ``weights_only=True``: a checkpoint holds only tensors, plain containers and
     primitive values, so a crafted file cannot run code here; anything else is refused."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / CHECKPOINT
+        path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -192,6 +197,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
+    if parts is not None:
+        missing = [part for part in parts if not isinstance(state, dict) or part not in state]
+        if missing:
+            raise ValueError(f"{path}: not a rela-train checkpoint with {', '.join(missing)}")
+        return {part: state[part] for part in parts}
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a valid rela-train checkpoint (no {FORMAT} marker)")
     missing = sorted(_CHECKPOINT_KEYS - set(state))
