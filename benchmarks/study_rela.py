@@ -36,6 +36,7 @@ from rela_study.grid import (  # noqa: E402
     PRIOR_WIDTH,
     QUICK_SIZES,
     ROW_ORDER,
+    STUDY_NAME,
     build_plan,
     format_plan,
     pretrain_data_dir,
@@ -47,9 +48,6 @@ from rela_study.runner import log, main_until_stopped, run_study  # noqa: E402
 from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
-
-# The name every record of this study carries.
-STUDY_NAME = "rela-fashion-mnist"
 
 
 def _study_rows(records: list[dict]) -> list[dict]:

@@ -63,6 +63,7 @@ from rela_study.switch_grid import (  # noqa: E402
     PARTS,
     QUICK_STEPS,
     RES28_HARD_ROW,
+    STUDY_NAME,
     STUDY_STEPS,
     build_switch_plan,
     digits_checkpoint,
@@ -75,8 +76,6 @@ from rela_train.transition import MEASURED_BEST  # noqa: E402
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 HARD_ROW = "switch-a-hard"
-# The name every record of this study carries.
-STUDY_NAME = "rela-switch"
 
 
 def _parts(text: str) -> tuple[str, ...]:

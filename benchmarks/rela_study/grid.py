@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = [
+    "STUDY_NAME",
     "DEFAULT_SIZES",
     "QUICK_SIZES",
     "RECIPE_FLAGS",
@@ -25,6 +26,9 @@ __all__ = [
     "probe_flags",
     "with_overrides",
 ]
+
+# The name every record of this study carries.
+STUDY_NAME = "rela-fashion-mnist"
 
 PRETRAIN_ROW = "transported-prior-pretrain"
 # The transported prior is trained on these Fashion-MNIST classes (T-shirt, Trouser, Pullover,

@@ -45,6 +45,7 @@ from rela_study.grid import (
 )
 
 __all__ = [
+    "STUDY_NAME",
     "DEFAULT_PARTS",
     "PARTS",
     "QUICK_STEPS",
@@ -54,6 +55,9 @@ __all__ = [
     "build_switch_plan",
     "switch_rows",
 ]
+
+# The name every record of this study carries.
+STUDY_NAME = "rela-switch"
 
 PARTS = ("factors", "horizon", "views", "long", "res28", "transfer", "decay")
 # What a plain study runs: the views diagnostic only when asked for (--parts), so that the grid the
