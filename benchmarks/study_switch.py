@@ -1,8 +1,9 @@
-"""Issue 18's switch study: what the ReLA -> BYOL switch costs, and which transition keeps the
-ReLA phase's gain (docs/switch.md).
+"""The switch study: what the ReLA -> BYOL switch costs, and which transition keeps the ReLA
+phase's gain (docs/switch.md).
 
-Same data, recipe and sizes as issue 12's study (``study_rela.py``): Fashion-MNIST, 18,000
-training images, 15 epochs, batch 32, official recipe, ReLA 50% with the pixel prior. Parts
+Same data, recipe and sizes as the ReLA study (``study_rela.py``), so that the rows compare:
+Fashion-MNIST, 18,000 training images, 15 epochs, batch 32, official recipe, ReLA 50% with the
+pixel prior. Parts
 (``benchmarks/rela_study/switch_grid.py``), run in this order, two single-thread runs at a time:
 
 * ``factors``: one transition at a time (hard, reset-target, warm-heads, keep-views, lr-drop,

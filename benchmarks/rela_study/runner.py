@@ -102,7 +102,7 @@ def make_record(
         "budget": summary.get("budget"),
         "policy": summary.get("policy"),
         "curve": curve,
-        # --eval-steps points (issue 18): kNN against steps since the switch.
+        # --eval-steps points: kNN against steps since the switch.
         "step_curve": summary.get("step_evaluations") or [],
         "switch_transition": summary.get("switch_transition"),
         "run_seconds": round(seconds, 1),

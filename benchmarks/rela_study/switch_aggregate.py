@@ -1,4 +1,4 @@
-"""Issue 18's switch study, aggregated: per run the drop around the switch, per row mean +- std
+"""The switch study, aggregated: per run the drop around the switch, per row mean +- std
 over seeds, a markdown table, the rule for changing the default transition, and a plot of kNN
 against the steps since the switch with bands over seeds.
 
@@ -130,10 +130,11 @@ def format_paired_markdown(summaries: list[SwitchSummary], base: str, rows: list
 def default_verdict(
     summaries: list[SwitchSummary], hard: str, candidates: list[str], long_pairs: dict[str, str]
 ) -> str:
-    """Issue 18's rule for the default outside ``--recipe official``: a transition replaces
-    ``hard`` only if, at 3 or more seeds, its final kNN beats hard's by more than the larger of
-    the two seed stds at the study's epochs, and it is not worse at the long horizon
-    (``long_pairs``: candidate row -> its long row, plus ``hard`` -> hard's long row)."""
+    """The rule for the default outside ``--recipe official`` (docs/switch.md, "The default"):
+    a transition replaces ``hard`` only if, at 3 or more seeds, its final kNN beats hard's by
+    more than the larger of the two seed stds at the study's epochs, and it is not worse at the
+    long horizon (``long_pairs``: candidate row -> its long row, plus ``hard`` -> hard's long
+    row)."""
     by_row = {s.row: s for s in summaries}
     base = by_row.get(hard)
     if base is None or len(base.seeds) < 3 or "knn" not in base.stats:

@@ -1,10 +1,11 @@
-"""The runs of issue 18's switch study (benchmarks/study_switch.py): the same data, recipe and
-sizes as issue 12's study (Fashion-MNIST 18k, 15 epochs, batch 32, official recipe, ReLA 50% with
+"""The runs of the switch study (benchmarks/study_switch.py): the same data, recipe and sizes as
+the ReLA study (Fashion-MNIST 18k, 15 epochs, batch 32, official recipe, ReLA 50% with
 the pixel prior), in four parts, in this order:
 
-* ``factors`` -- ReLA 50% with each transition at the switch, one factor at a time (a: hard, as
-  today; b: reset-target; c: warm-heads; d: keep-views; e: lr-drop; and the blend), with kNN on
-  the fixed 5,000-image bank every 100 steps from 300 before the switch to 1,000 after it;
+* ``factors`` -- ReLA 50% with each transition at the switch, one factor at a time (a: hard, the
+  official code's; b: reset-target; c: warm-heads; d: keep-views; e: lr-drop; and the blend),
+  with kNN on the fixed 5,000-image bank every 100 steps from 300 before the switch to 1,000
+  after it;
 * ``horizon`` -- BYOL 100% and ReLA 50% that never switches at 15 epochs (ReLA 50% hard and with
   the best transition are factor rows);
 * ``views`` (only when asked for) -- a diagnostic of ``keep-views``: BYOL on all data, switched
@@ -60,8 +61,8 @@ __all__ = [
 STUDY_NAME = "rela-switch"
 
 PARTS = ("factors", "horizon", "views", "long", "res28", "transfer", "decay")
-# What a plain study runs: the views diagnostic only when asked for (--parts), so that the grid the
-# issue asks for stays within its time budget.
+# What a plain study runs: the diagnostic and the further parts only when asked for (--parts), so
+# that the grid that decides the default transition fits a day of two CPU cores.
 DEFAULT_PARTS = ("factors", "horizon", "long")
 # The long horizon's epochs, as a multiple of the study's.
 LONG_FACTOR = 3
@@ -79,8 +80,8 @@ class StepSizes:
     blend: int  # blend:STEPS
 
 
-# The issue's window (100 steps, -300 .. +1000) at 281 steps per epoch; the transitions last
-# about one epoch or two.
+# Evaluations every 100 steps from 300 before the switch to 1,000 after it, at 281 steps per
+# epoch: the drop and the recovery, while the transitions last about one epoch or two.
 STUDY_STEPS = StepSizes(eval_every=100, before=300, after=1000, warm=300, lr_drop=300, blend=500)
 # --quick: 31 steps per epoch, a constant switch at epoch 1 of 2.
 QUICK_STEPS = StepSizes(eval_every=5, before=15, after=30, warm=5, lr_drop=5, blend=8)
