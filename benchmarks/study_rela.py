@@ -27,25 +27,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
 from rela_study.aggregate import format_markdown, plot_study, summarize  # noqa: E402
-from rela_study.arguments import dirty_refusal, study_parser  # noqa: E402
+from rela_study.arguments import (  # noqa: E402
+    run_records,
+    study_parser,
+    study_setup,
+    write_prior_files,
+)
 from rela_study.grid import (  # noqa: E402
-    DEFAULT_SIZES,
-    PRETRAIN_CLASSES,
     PRETRAIN_ROW,
-    PRIOR_ARCH,
-    PRIOR_WIDTH,
-    QUICK_SIZES,
     ROW_ORDER,
     STUDY_NAME,
     build_plan,
     format_plan,
-    pretrain_data_dir,
-    random_checkpoint,
-    with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import log, main_until_stopped, run_study  # noqa: E402
-from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
+from rela_study.runner import main_until_stopped  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
@@ -61,58 +57,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    results = args.results or (args.out / "study.jsonl" if args.quick else RESULTS / "study.jsonl")
-    plot = args.plot or (args.out / "study.png" if args.quick else RESULTS / "study.png")
-    out = args.out.resolve()
+    setup = study_setup(args, "study", RESULTS)
+    out = setup.out
     failed: list[str] = []
 
     def aggregate() -> None:
         records = load_records(out)
-        write_jsonl(results, records)
+        write_jsonl(setup.results, records)
         summaries = summarize(_study_rows(records), ROW_ORDER)
         if summaries:
             atomic_write_text(out / "study.md", format_markdown(summaries) + "\n")
-            plot_study(summaries, plot)
+            plot_study(summaries, setup.plot)
 
     if not args.aggregate_only:
-        runs = build_plan(out, sizes, seeds, data_dir=args.data_dir)
-        print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
+        runs = build_plan(out, setup.sizes, setup.seeds, data_dir=args.data_dir)
+        print(format_plan(runs, setup.sizes, args.jobs, done_runs(out)), flush=True)
         if args.plan_only:
             return 0
-        write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
-        for seed in seeds:
-            random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(out, seed))
-
-        def env() -> dict:
-            return {
-                **environment("cpu"),
-                "threads_per_run": 1,
-                "parallel_runs": args.jobs,
-                "quick": args.quick,
-            }
-
-        refusal = dirty_refusal(env(), args)
-        if refusal is not None:
-            raise SystemExit(f"study_rela: {refusal}")
-        failed = run_study(
-            runs,
-            out,
-            study=STUDY_NAME,
-            refuse_dirty=not (args.allow_dirty or args.quick),
-            jobs=args.jobs,
-            environment=env,
+        write_prior_files(args, setup)
+        failed = run_records(
+            runs, args, setup, study=STUDY_NAME, environment=lambda: environment("cpu"),
             on_record=aggregate,
-            log=log,
-        )
-        if failed:
-            log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+        )  # fmt: skip
     aggregate()
     records = _study_rows(load_records(out))
     if records:
         print(format_markdown(summarize(records, ROW_ORDER)))
-        print(f"\nrecords: {results}\nplot: {plot}")
+        print(f"\nrecords: {setup.results}\nplot: {setup.plot}")
     return 1 if failed else 0
 
 

@@ -36,22 +36,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
-from rela_study.arguments import dirty_refusal, seed_list, study_parser  # noqa: E402
+from rela_study.arguments import (  # noqa: E402
+    run_records,
+    seed_list,
+    study_parser,
+    study_setup,
+    write_prior_files,
+)
 from rela_study.digits_prior import train_digits_prior  # noqa: E402
 from rela_study.grid import (  # noqa: E402
-    DEFAULT_SIZES,
-    PRETRAIN_CLASSES,
     PRETRAIN_ROW,
-    PRIOR_ARCH,
-    PRIOR_WIDTH,
-    QUICK_SIZES,
     format_plan,
-    pretrain_data_dir,
-    random_checkpoint,
-    with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import log, main_until_stopped, run_study  # noqa: E402
+from rela_study.runner import log, main_until_stopped  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
     default_verdict,
     format_paired_markdown,
@@ -71,7 +69,6 @@ from rela_study.switch_grid import (  # noqa: E402
     switch_rows,
 )
 from rela_study.transfer import transfer_markdown  # noqa: E402
-from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 from rela_train.transition import MEASURED_BEST  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
@@ -114,16 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
     args = parse_args(argv)
-    sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
+    setup = study_setup(args, "switch", RESULTS)
+    sizes, seeds, out = setup.sizes, setup.seeds, setup.out
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
     # The transition the default uses in a run that switches (docs/switch.md, "The default").
     best = args.best or MEASURED_BEST
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    results = args.results or (
-        args.out / "switch.jsonl" if args.quick else RESULTS / "switch.jsonl"
-    )
-    plot = args.plot or (args.out / "switch.png" if args.quick else RESULTS / "switch.png")
-    out = args.out.resolve()
     rows = switch_rows(steps, best)
     order = [row.name for row in rows]
     candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
@@ -137,7 +129,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
 
     def aggregate() -> None:
         records = load_records(out)
-        write_jsonl(results, records)
+        write_jsonl(setup.results, records)
         summaries = summarize_switch([r for r in records if r["row"] != PRETRAIN_ROW], order)
         if summaries:
             table = format_switch_markdown(summaries)
@@ -151,7 +143,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             if transfer:
                 body += f"\n{transfer}\n"
             atomic_write_text(out / "switch.md", body)
-            plot_switch(summaries, plot, steps.eval_every)
+            plot_switch(summaries, setup.plot, steps.eval_every)
 
     failed: list[str] = []
     if not args.aggregate_only:
@@ -171,40 +163,16 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         if "transfer" in args.parts:
             # The transfer part's prior files: written before any run needs them (each is
             # skipped when it exists; all are seeded).
-            write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
+            write_prior_files(args, setup)
             train_digits_prior(digits_checkpoint(out), epochs=2 if args.quick else 15, log=log)
-            for seed in seeds:
-                random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(out, seed))
-
-        def env() -> dict:
-            return {
-                **environment("cpu"),
-                "threads_per_run": 1,
-                "parallel_runs": args.jobs,
-                "quick": args.quick,
-                "best": best,
-            }
-
-        refusal = dirty_refusal(env(), args)
-        if refusal is not None:
-            raise SystemExit(f"study_switch: {refusal}")
-        failed = run_study(
-            runs,
-            out,
-            study=STUDY_NAME,
-            refuse_dirty=not (args.allow_dirty or args.quick),
-            jobs=args.jobs,
-            python=python,
-            environment=env,
-            on_record=aggregate,
-            log=log,
-        )
-        if failed:
-            log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+        failed = run_records(
+            runs, args, setup, study=STUDY_NAME, python=python, on_record=aggregate,
+            environment=lambda: {**environment("cpu"), "best": best},
+        )  # fmt: skip
     aggregate()
     if (out / "switch.md").is_file():
         print((out / "switch.md").read_text(encoding="utf-8"))
-        print(f"records: {results}\nplot: {plot}")
+        print(f"records: {setup.results}\nplot: {setup.plot}")
     return 1 if failed else 0
 
 

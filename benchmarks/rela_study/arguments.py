@@ -1,6 +1,6 @@
 """The command line both study scripts share (``study_rela.py``, ``study_switch.py``): the same
-flags parsed by the same rules (the trainer's ``rela_train.arg_types``), and the clean-tree rule
-for their records.
+flags parsed by the same rules (the trainer's ``rela_train.arg_types``), what they decide (sizes,
+seeds, output files), the priors' files, and running the records under the clean-tree rule.
 
 A record says which code measured it: ``environment.git_sha`` with ``dirty`` (uncommitted
 changes to tracked files) and ``diff_sha256`` (the hash of ``git diff HEAD``, naming the exact
@@ -11,12 +11,37 @@ changes). A full study refuses to run, and to write a record, from a dirty tree 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rela_study.grid import (
+    DEFAULT_SIZES,
+    PRETRAIN_CLASSES,
+    PRIOR_ARCH,
+    PRIOR_WIDTH,
+    QUICK_SIZES,
+    RunSpec,
+    Sizes,
+    pretrain_data_dir,
+    random_checkpoint,
+    with_overrides,
+)
+from rela_study.runner import log, run_study
+from rela_study.transport import random_prior_checkpoint, write_class_subset
 from rela_train.arg_types import non_empty, non_negative_int, positive_int
 
-__all__ = ["dirty_refusal", "seed_list", "study_parser"]
+__all__ = [
+    "StudySetup",
+    "dirty_refusal",
+    "run_records",
+    "seed_list",
+    "study_parser",
+    "study_setup",
+    "write_prior_files",
+]
 
 
 def seed_list(text: str) -> list[int]:
@@ -65,3 +90,65 @@ def dirty_refusal(environment: dict[str, Any], args: argparse.Namespace) -> str 
         f"{environment.get('diff_sha256')}); commit them and rerun, or pass --allow-dirty to "
         "write records marked dirty"
     )
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """What a study's flags decide: the sizes, the seeds, the study directory and where the
+    records' JSONL and the plot go (``--quick``: under ``--out``, never the committed ones)."""
+
+    sizes: Sizes
+    seeds: list[int]
+    out: Path
+    results: Path
+    plot: Path
+
+
+def study_setup(args: argparse.Namespace, name: str, results_dir: Path) -> StudySetup:
+    """The setup of study ``name`` (its files: ``NAME.jsonl``, ``NAME.png``) from its flags."""
+    where = args.out if args.quick else results_dir
+    return StudySetup(
+        sizes=with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs),
+        seeds=args.seeds or ([0] if args.quick else [0, 1, 2]),
+        out=args.out.resolve(),
+        results=args.results or where / f"{name}.jsonl",
+        plot=args.plot or where / f"{name}.png",
+    )
+
+
+def write_prior_files(args: argparse.Namespace, setup: StudySetup) -> None:
+    """The files the studies' priors read, before any run needs them: the transported prior's
+    class subset and a seeded random network per seed (each skipped when it exists)."""
+    write_class_subset(args.data_dir, pretrain_data_dir(setup.out), PRETRAIN_CLASSES)
+    for seed in setup.seeds:
+        random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(setup.out, seed))
+
+
+def run_records(
+    runs: list[RunSpec],
+    args: argparse.Namespace,
+    setup: StudySetup,
+    *,
+    study: str,
+    environment: Callable[[], dict[str, Any]],
+    on_record: Callable[[], None],
+    python: str = sys.executable,
+) -> list[str]:
+    """Run ``runs`` (:func:`~rela_study.runner.run_study`) with the flags' jobs and clean-tree
+    rule; every record's environment also says how the runs shared the machine. Returns the
+    failed runs (logged)."""
+
+    def env() -> dict[str, Any]:
+        shared = {"threads_per_run": 1, "parallel_runs": args.jobs, "quick": args.quick}
+        return {**environment(), **shared}
+
+    refusal = dirty_refusal(env(), args)
+    if refusal is not None:
+        raise SystemExit(f"{study}: {refusal}")
+    failed = run_study(
+        runs, setup.out, study=study, jobs=args.jobs, python=python, environment=env,
+        refuse_dirty=not (args.allow_dirty or args.quick), on_record=on_record, log=log,
+    )  # fmt: skip
+    if failed:
+        log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+    return failed
