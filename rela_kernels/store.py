@@ -113,6 +113,11 @@ def _append_journal(fd: int, record: ChunkRecord) -> None:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
+def _manifest_field(name: str, doc: str) -> property:
+    """A read-only property of an :class:`EmbeddingStore`: its manifest's ``name``."""
+    return property(lambda store: store._manifest[name], doc=doc)
+
+
 class EmbeddingStore:
     """A directory holding N prior embeddings of width D as float16, filled chunk by chunk.
 
@@ -352,33 +357,16 @@ class EmbeddingStore:
     # Properties
     # ---------------------------------------------------------------------------------------
 
-    @property
-    def n(self) -> int:
-        return self._manifest["n"]
-
-    @property
-    def dim(self) -> int:
-        return self._manifest["dim"]
+    n = _manifest_field("n", "Rows of the store (the dataset's size).")
+    dim = _manifest_field("dim", "Width of each row.")
+    fingerprint = _manifest_field("fingerprint", "The dataset's fingerprint.")
+    prior = _manifest_field("prior", "The prior's identity.")
+    input_size = _manifest_field("input_size", "The image side the prior saw (None: any).")
+    chunk_rows = _manifest_field("chunk_rows", "Rows per chunk (the last may be shorter).")
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n, self.dim)
-
-    @property
-    def fingerprint(self) -> str:
-        return self._manifest["fingerprint"]
-
-    @property
-    def prior(self) -> str:
-        return self._manifest["prior"]
-
-    @property
-    def input_size(self) -> int | None:
-        return self._manifest["input_size"]
-
-    @property
-    def chunk_rows(self) -> int:
-        return self._manifest["chunk_rows"]
 
     @property
     def metadata(self) -> dict[str, Any]:

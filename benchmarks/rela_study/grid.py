@@ -74,17 +74,10 @@ DEFAULT_SIZES = Sizes(
 )
 # A smoke run of the whole machinery (every row at one seed) in a few minutes; too short for the
 # adaptive switch to fire or for the accuracies to mean anything.
-QUICK_SIZES = Sizes(
-    train_subset=2000,
-    val_subset=1000,
-    batch_size=32,
-    epochs=2,
-    eval_every=1,
-    eval_bank=1000,
-    probe_epochs=10,
-    pretrain_subset=1000,
-    pretrain_epochs=1,
-)
+QUICK_SIZES = replace(
+    DEFAULT_SIZES, train_subset=2000, val_subset=1000, epochs=2, eval_every=1, eval_bank=1000,
+    probe_epochs=10, pretrain_subset=1000, pretrain_epochs=1,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

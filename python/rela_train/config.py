@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rela_train.arg_types import device
+from rela_train.arg_types import Bounds, device
 from rela_train.transition import parse_transition, resolve_transition
 
 __all__ = [
@@ -55,33 +55,6 @@ AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
 RESUME_SETTINGS = ("progress", "threads", "tensorboard")
 DECODERS = ("auto", "pil", "simplejpeg")
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The allowed range of a numeric setting: ``low`` to ``high`` (``None``: unbounded), each end
-    closed unless marked open; ``note`` follows the range in the error message."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return low_ok and high_ok
-
-    def __str__(self) -> str:
-        if self.high is None:
-            text = f"{'>' if self.low_open else '>='} {self.low}"
-        else:
-            text = (
-                f"in {'(' if self.low_open else '['}{self.low}, {self.high}"
-                f"{')' if self.high_open else ']'}"
-            )
-        return text + self.note
 
 
 AT_LEAST_ONE = Bounds(1)
