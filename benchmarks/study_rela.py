@@ -26,20 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
+from rela_study import arguments, grid  # noqa: E402
 from rela_study.aggregate import format_markdown, plot_study, summarize  # noqa: E402
-from rela_study.arguments import (  # noqa: E402
-    run_records,
-    study_parser,
-    study_setup,
-    write_prior_files,
-)
-from rela_study.grid import (  # noqa: E402
-    PRETRAIN_ROW,
-    ROW_ORDER,
-    STUDY_NAME,
-    build_plan,
-    format_plan,
-)
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
 from rela_study.runner import main_until_stopped  # noqa: E402
 
@@ -48,41 +36,41 @@ from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 def _study_rows(records: list[dict]) -> list[dict]:
     """The records of the table and plot (the transported prior's training is a means)."""
-    return [record for record in records if record["row"] != PRETRAIN_ROW]
+    return [record for record in records if record["row"] != grid.PRETRAIN_ROW]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return study_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    return arguments.study_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup = study_setup(args, "study", RESULTS)
+    setup = arguments.study_setup(args, "study", RESULTS)
     out = setup.out
     failed: list[str] = []
 
     def aggregate() -> None:
         records = load_records(out)
         write_jsonl(setup.results, records)
-        summaries = summarize(_study_rows(records), ROW_ORDER)
+        summaries = summarize(_study_rows(records), grid.ROW_ORDER)
         if summaries:
             atomic_write_text(out / "study.md", format_markdown(summaries) + "\n")
             plot_study(summaries, setup.plot)
 
     if not args.aggregate_only:
-        runs = build_plan(out, setup.sizes, setup.seeds, data_dir=args.data_dir)
-        print(format_plan(runs, setup.sizes, args.jobs, done_runs(out)), flush=True)
+        runs = grid.build_plan(out, setup.sizes, setup.seeds, data_dir=args.data_dir)
+        print(grid.format_plan(runs, setup.sizes, args.jobs, done_runs(out)), flush=True)
         if args.plan_only:
             return 0
-        write_prior_files(args, setup)
-        failed = run_records(
-            runs, args, setup, study=STUDY_NAME, environment=lambda: environment("cpu"),
+        arguments.write_prior_files(args, setup)
+        failed = arguments.run_records(
+            runs, args, setup, study=grid.STUDY_NAME, environment=lambda: environment("cpu"),
             on_record=aggregate,
         )  # fmt: skip
     aggregate()
     records = _study_rows(load_records(out))
     if records:
-        print(format_markdown(summarize(records, ROW_ORDER)))
+        print(format_markdown(summarize(records, grid.ROW_ORDER)))
         print(f"\nrecords: {setup.results}\nplot: {setup.plot}")
     return 1 if failed else 0
 

@@ -36,13 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
-from rela_study.arguments import (  # noqa: E402
-    run_records,
-    seed_list,
-    study_parser,
-    study_setup,
-    write_prior_files,
-)
+from rela_study import arguments  # noqa: E402
 from rela_study.digits_prior import train_digits_prior  # noqa: E402
 from rela_study.grid import (  # noqa: E402
     PRETRAIN_ROW,
@@ -87,10 +81,10 @@ def _parts(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = study_parser(__doc__.split("\n\n")[0])
+    parser = arguments.study_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--long-seeds",
-        type=seed_list,
+        type=arguments.seed_list,
         default=None,
         help="the long horizon's (default: first seed)",
     )
@@ -111,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
     args = parse_args(argv)
-    setup = study_setup(args, "switch", RESULTS)
+    setup = arguments.study_setup(args, "switch", RESULTS)
     sizes, seeds, out = setup.sizes, setup.seeds, setup.out
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
     # The transition the default uses in a run that switches (docs/switch.md, "The default").
@@ -163,9 +157,9 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         if "transfer" in args.parts:
             # The transfer part's prior files: written before any run needs them (each is
             # skipped when it exists; all are seeded).
-            write_prior_files(args, setup)
+            arguments.write_prior_files(args, setup)
             train_digits_prior(digits_checkpoint(out), epochs=2 if args.quick else 15, log=log)
-        failed = run_records(
+        failed = arguments.run_records(
             runs, args, setup, study=STUDY_NAME, python=python, on_record=aggregate,
             environment=lambda: {**environment("cpu"), "best": best},
         )  # fmt: skip

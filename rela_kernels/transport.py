@@ -47,11 +47,8 @@ class Transport:
         self._set(mean, matrix, bias)
 
     def _set(self, mean: object, matrix: object, bias: object) -> None:
-        mean = check_tensor(_WHERE, "mean", mean, ndim=1, shape_hint="[Dp]")
-        matrix = check_tensor(_WHERE, "matrix", matrix, ndim=2, shape_hint="[Dp, d]")
-        for name, value in (("mean", mean), ("matrix", matrix)):
-            if not value.is_floating_point():
-                raise TypeError(f"{_WHERE}: {name} must be floating point, got {value.dtype}")
+        mean = check_tensor(_WHERE, "mean", mean, ndim=1, shape_hint="[Dp]", floating=True)
+        matrix = check_tensor(_WHERE, "matrix", matrix, ndim=2, shape_hint="[Dp, d]", floating=True)
         if matrix.shape[0] != mean.shape[0]:
             raise ValueError(
                 f"{_WHERE}: matrix must be [{mean.shape[0]}, d] to match mean [{mean.shape[0]}], "
@@ -60,9 +57,7 @@ class Transport:
         if matrix.shape[0] == 0 or matrix.shape[1] == 0:
             raise ValueError(f"{_WHERE}: matrix must be non-empty, got {tuple(matrix.shape)}")
         if bias is not None:
-            bias = check_tensor(_WHERE, "bias", bias, ndim=1, shape_hint="[d]")
-            if not bias.is_floating_point():
-                raise TypeError(f"{_WHERE}: bias must be floating point, got {bias.dtype}")
+            bias = check_tensor(_WHERE, "bias", bias, ndim=1, shape_hint="[d]", floating=True)
             if bias.shape[0] != matrix.shape[1]:
                 raise ValueError(
                     f"{_WHERE}: bias must be [{matrix.shape[1]}] to match matrix "

@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rela_train.config import TrainConfig
-from rela_train.engine import Hooks, RunResult, Trainer
+from rela_train.engine import RunResult, Trainer
 
 __all__ = ["default_run_dir", "fit"]
 
 
-def fit(
-    config: TrainConfig,
-    out: str | os.PathLike[str],
-    *,
-    resume: bool = False,
-    hooks: Hooks | None = None,
-    log: Callable[[str], None] | None = None,
-) -> RunResult:
-    """Train (or, with ``resume=True``, continue) the run in directory ``out``.
+def fit(config: TrainConfig, out: str | os.PathLike[str], **options: Any) -> RunResult:
+    """Train (or, with ``resume=True``, continue) the run in directory ``out``; ``options`` are
+    :class:`Trainer`'s (``resume``, ``hooks``, ``log``).
 
     Returns a :class:`RunResult` whose ``status`` is ``finished`` (``summary.json`` written) or
     ``interrupted`` (SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was written).
     """
-    return Trainer(config, out, resume=resume, hooks=hooks, log=log).run()
+    return Trainer(config, out, **options).run()
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
