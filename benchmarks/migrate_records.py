@@ -95,11 +95,21 @@ def migrate_record(record: dict[str, Any], study: str | None) -> dict[str, Any]:
 
 
 def _rewrite_jsonl(path: Path, migrate: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    migrated = [migrate(record) for record in records]
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in migrated))
-    return sum(a != b for a, b in zip(records, migrated, strict=True))
+    """Rewrite the lines whose record changes (keys sorted where the line had them sorted);
+    every other line, and a file without changes, stays byte for byte."""
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out, changed = [], 0
+    for line in lines:
+        record = json.loads(line)
+        migrated = migrate(record)
+        if migrated == record:
+            out.append(line)
+            continue
+        changed += 1
+        out.append(json.dumps(migrated, sort_keys=json.dumps(record, sort_keys=True) == line))
+    if changed:
+        atomic_write_text(path, "".join(line + "\n" for line in out))
+    return changed
 
 
 def migrate_path(path: Path, study: str | None = None) -> int:

@@ -100,3 +100,15 @@ def test_the_committed_records_are_in_the_current_format() -> None:
                 assert record["study"] == study, (path.name, record["run"])
                 assert record.get("policy") == migrate.run_policy(record["command"]), record["run"]
                 assert "selection" not in record, record["run"]
+
+
+def test_lines_without_changes_stay_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "gate.jsonl"
+    text = '{"z": 1, "a": 2}\n{"b": 1, "git_sha": "' + "f" * 40 + '-dirty"}\n'
+    path.write_text(text)
+    assert migrate.migrate_path(path) == 1
+    first, second = path.read_text().splitlines()
+    assert first == '{"z": 1, "a": 2}'  # untouched, its key order kept
+    assert json.loads(second) == {"b": 1, "git_sha": "f" * 40, "dirty": True, "diff_sha256": None}
+    before = path.read_bytes()
+    assert migrate.migrate_path(path) == 0 and path.read_bytes() == before
