@@ -43,7 +43,7 @@ from rela_kernels.atomic_io import atomic_write, fsync_dir
 from rela_train.build import accumulation_steps
 from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_checkpoint_every
 from rela_train.provenance import run_provenance
-from rela_train.run_directory import RunDirectory
+from rela_train.run_directory import CHECKPOINT, RunDirectory, checkpoint_path
 from rela_train.runtime import agree_min
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
@@ -72,7 +72,6 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CHECKPOINT = "last.pt"
 CHECKPOINTS = "checkpoints"
 FORMAT = "rela-train-checkpoint-v1"
 _STEP_FILE = re.compile(r"step-(\d{9})\.pt")
@@ -108,11 +107,6 @@ _COUNTER_NAMES = tuple(f.name for f in dataclasses.fields(Counters))
 # Settings a resumed run may have changed since its checkpoint: the output only, or adapted to a
 # new world size (see adapt_to_world).
 RESUME_MAY_DIFFER = {*RESUME_SETTINGS, "batch_size", "accum_steps"}
-
-
-def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
-    """The newest checkpoint of the run in ``run_dir`` (it may not exist yet)."""
-    return Path(run_dir) / CHECKPOINTS / CHECKPOINT
 
 
 def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
@@ -289,15 +283,19 @@ def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir:
         )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], parts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Read a checkpoint written by :class:`~rela_train.engine.Trainer` (a file, or a run
-    directory).
+    directory). With ``parts`` (e.g. ``("learner",)``), a tool that reads only those gets
+    them, checked to be there, from any file holding them; otherwise the whole checkpoint is
+    checked (its format marker and every key).
 
     Loaded with ``weights_only=True``: a checkpoint holds only tensors, plain containers and
     primitive values, so a crafted file cannot run code here; anything else is refused."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / CHECKPOINT
+        path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -314,6 +312,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
+    if parts is not None:
+        missing = [part for part in parts if not isinstance(state, dict) or part not in state]
+        if missing:
+            raise ValueError(f"{path}: not a rela-train checkpoint with {', '.join(missing)}")
+        return {part: state[part] for part in parts}
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a valid rela-train checkpoint (no {FORMAT} marker)")
     missing = sorted(_CHECKPOINT_KEYS - set(state))

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rela_train.arg_types import (
     device,
@@ -192,22 +193,21 @@ def _embed_run(args: argparse.Namespace) -> int:
         return _print_plan(plan_embed(args, world=world))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _embed_distributed(args)
-    result = embed(
-        args.data,
-        args.prior,
-        args.out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        dim=args.dim,
-        chunk_rows=args.chunk_rows,
-        input_size=args.input_size,
-        normalize=args.normalize,
-        progress=not args.no_progress,
-        repair=args.repair,
-    )
+    result = embed(args.data, args.prior, args.out, **_embed_options(args))
     _print_embed_result(result)
     return 0
+
+
+# The `embed` flags passed on to prior.embedding.embed as they are.
+_EMBED_OPTIONS = (
+    "batch_size", "workers", "device", "dim", "chunk_rows", "input_size", "normalize", "repair"
+)  # fmt: skip
+
+
+def _embed_options(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
+    """``embed``'s keyword arguments from the flags, with ``changes`` applied."""
+    options = {name: getattr(args, name) for name in _EMBED_OPTIONS}
+    return {**options, "progress": not args.no_progress, **changes}
 
 
 def _embed_distributed(args: argparse.Namespace) -> int:
@@ -240,12 +240,11 @@ def _embed_distributed(args: argparse.Namespace) -> int:
     )
     try:
         with Peers(ctx, f"embedding into {args.out}", advice) as peers:
-            result = embed(
-                args.data, args.prior, args.out, batch_size=args.batch_size, workers=workers,
-                device=device, dim=args.dim, chunk_rows=args.chunk_rows,
-                input_size=args.input_size, normalize=args.normalize,
-                progress=not args.no_progress and ctx.main, repair=args.repair, peers=peers,
+            options = _embed_options(
+                args, workers=workers, device=device, peers=peers,
+                progress=not args.no_progress and ctx.main,
             )  # fmt: skip
+            result = embed(args.data, args.prior, args.out, **options)
     finally:
         ctx.close()
     if ctx.main:

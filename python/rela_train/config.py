@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rela_train.arg_types import device
+from rela_train.arg_types import Bounds, device
+from rela_train.transition import parse_transition, resolve_transition
 
 __all__ = [
     "DATASETS",
@@ -56,33 +57,6 @@ AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
 RESUME_SETTINGS = ("progress", "threads", "tensorboard", "checkpoint_every", "keep_checkpoints")
 DECODERS = ("auto", "pil", "simplejpeg")
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The allowed range of a numeric setting: ``low`` to ``high`` (``None``: unbounded), each end
-    closed unless marked open; ``note`` follows the range in the error message."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return low_ok and high_ok
-
-    def __str__(self) -> str:
-        if self.high is None:
-            text = f"{'>' if self.low_open else '>='} {self.low}"
-        else:
-            text = (
-                f"in {'(' if self.low_open else '['}{self.low}, {self.high}"
-                f"{')' if self.high_open else ']'}"
-            )
-        return text + self.note
 
 
 AT_LEAST_ONE = Bounds(1)
@@ -563,7 +537,7 @@ class TrainConfig:
 
     @staticmethod
     def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` as a config written today would hold them: the keys of
+        """``values`` as this version writes a config: the keys of
         :data:`RENAMED_KEYS` under their current names (a file holding both the old and the new
         name is refused), and every setting of :data:`LEGACY_VALUES` the file lacks set to the
         value it ran with (a config written before the setting existed)."""
@@ -605,8 +579,6 @@ class TrainConfig:
         """``switch_transition`` with ``auto`` made concrete for this run (``keep-views`` where it
         switches from ReLA to BYOL on in-memory small images, ``hard`` elsewhere;
         docs/switch.md)."""
-        from rela_train.transition import resolve_transition  # imports torch
-
         return resolve_transition(
             self.switch_transition, rela=self.rela, switch=self.switch, dataset=self.dataset
         )
@@ -621,7 +593,6 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
-        from rela_train.transition import parse_transition
 
         _need(
             self.arch in RESNET_ARCHS,

@@ -12,12 +12,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import rela_kernels as rk
 from rela_train.build import RunParts
 from rela_train.config import TrainConfig
 from rela_train.data.sources import Batch
+from rela_train.learner import frozen_statistics
 from rela_train.transition import Transition
 
 __all__ = ["MicroResult", "MicroStep", "PendingScores"]
@@ -68,13 +68,9 @@ class MicroStep:
         learner, targets = self.parts.learner, self.parts.prior
         byol = learner.byol
         keep = min(self.config.batch_size, indices.shape[0])
-        # BatchNorm momentum 0 while scoring: batch statistics as in training, running
-        # statistics untouched.
-        norms = [m for m in learner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.momentum = 0.0
-        try:
+        # Scoring normalises with batch statistics, as in training, and leaves BatchNorm's
+        # running statistics and counters as they were.
+        with frozen_statistics(learner):
             with self.autocast_context():
                 features = byol.backbone(views[0])
                 if phase == "rela":
@@ -86,9 +82,6 @@ class MicroStep:
                     target = byol.target(views[1])
                     scores = rk.cosine_loss(q, target, check_finite=False)  # one pair, in [0, 2]
                     chosen = rk.select_in_batch(scores, keep)
-        finally:
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
         return chosen, scores.float()
 
     def views(self, batch: Batch, g: torch.Generator, phase: str) -> list[torch.Tensor]:

@@ -29,11 +29,7 @@ Everything a transition does is a function of the steps since the switch (the ch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-
-from torch import nn
 
 __all__ = [
     "LR_DROP",
@@ -41,7 +37,6 @@ __all__ = [
     "MEASURED_DATASETS",
     "TRANSITION_KINDS",
     "Transition",
-    "frozen_statistics",
     "parse_transition",
     "resolve_transition",
 ]
@@ -152,21 +147,3 @@ def parse_transition(text: str) -> Transition:
         keep_views=bool(values.get("keep-views", False)),
         lr_drop_steps=int(values.get("lr-drop", 0)),
     )
-
-
-@contextmanager
-def frozen_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running
-    statistics and batch counters as they were (a frozen backbone that still trains-mode)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in norms]  # fmt: skip
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
