@@ -26,6 +26,7 @@ from rela_study.grid import RunSpec, transported_checkpoint
 from rela_study.records import done_runs, write_record
 from rela_study.transport import rgb_prior_checkpoint
 from rela_train.checkpoint import checkpoint_path
+from rela_train.step_evals import SINCE_SWITCH
 
 __all__ = ["log", "main_until_stopped", "make_record", "run_study"]
 
@@ -104,6 +105,7 @@ def make_record(
         "curve": curve,
         # --eval-steps points: kNN against steps since the switch.
         "step_curve": summary.get("step_evaluations") or [],
+        "since_switch": SINCE_SWITCH,  # how step_curve counts (switch_aggregate.steps_taken)
         "switch_transition": summary.get("switch_transition"),
         "run_seconds": round(seconds, 1),
         # CPU time of the fit process (None when only its record was missing): on a busy

@@ -4,10 +4,12 @@ against the steps since the switch with bands over seeds.
 
 The *drop* of a run is the peak kNN at or before the switch minus the lowest kNN after it, both
 from the ``--eval-steps`` points (``step_curve`` of the record, on the fixed per-epoch bank). A
-step curve point's ``since_switch`` is the number of BYOL-phase steps taken (0: the state the
-ReLA phase ended with). Points from runs whose switch steps differ are put on a common axis: the
-snapshots before the switch fall between multiples of the evaluation interval and are plotted at
-the multiple at or below them.
+step curve point's ``since_switch`` follows the trainer's convention (0: the first BYOL step, -1:
+the state the ReLA phase ended with) in records stamped with it
+(``rela_train.step_evals.SINCE_SWITCH``); older records counted the BYOL-phase steps taken (0:
+the state at the switch). :func:`steps_taken` reads both. Points from runs whose switch steps
+differ are put on a common axis: the snapshots before the switch fall between multiples of the
+evaluation interval and are plotted at the multiple at or below them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rela_study.aggregate import (
     save_figure,
     summarize_rows,
 )
+from rela_train.step_evals import SINCE_SWITCH
 
 __all__ = [
     "SwitchSummary",
@@ -34,15 +37,23 @@ __all__ = [
     "format_switch_markdown",
     "plot_switch",
     "run_drop",
+    "steps_taken",
     "summarize_switch",
 ]
+
+
+def steps_taken(record: dict[str, Any], point: dict[str, Any]) -> int:
+    """The BYOL-phase steps taken at a step curve point of ``record`` (0: the state at the
+    switch), whichever ``since_switch`` convention the record was written with."""
+    shift = 1 if record.get("since_switch") == SINCE_SWITCH else 0
+    return int(point["since_switch"]) + shift
 
 
 def run_drop(record: dict[str, Any]) -> dict[str, float] | None:
     """``{"peak", "low", "drop"}`` (kNN %) of one run, or None without points on both sides."""
     curve = [p for p in record.get("step_curve") or [] if p.get("knn_acc") is not None]
-    before = [100 * p["knn_acc"] for p in curve if p["since_switch"] <= 0]
-    after = [100 * p["knn_acc"] for p in curve if p["since_switch"] > 0]
+    before = [100 * p["knn_acc"] for p in curve if steps_taken(record, p) <= 0]
+    after = [100 * p["knn_acc"] for p in curve if steps_taken(record, p) > 0]
     if not before or not after:
         return None
     peak, low = max(before), min(after)
@@ -185,7 +196,7 @@ def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...
         for point in record.get("step_curve") or []:
             if point.get("knn_acc") is None or point.get("since_switch") is None:
                 continue
-            offset = _offset(point["since_switch"], every)
+            offset = _offset(steps_taken(record, point), every)
             seen[offset] = 100 * point["knn_acc"]
         for offset, value in seen.items():
             per_offset.setdefault(offset, []).append(value)

@@ -28,10 +28,20 @@ from rela_train.arg_types import (
     positive_int,
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
+from rela_train.export_commands import (
+    EXPORT_HELP,
+    add_backbone_eval_arguments,
+    check_checkpoint_eval,
+    export_arguments,
+    export_run,
+    run_backbone_eval,
+)
+from rela_train.stop import REQUEUE
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command"]
 
-# Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
+# Exit status of a run stopped by SIGINT after writing its checkpoint (128 + SIGINT); stopped by
+# SIGUSR1 or SIGTERM it is rela_train.stop.REQUEUE.
 INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -278,20 +288,30 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        metavar="RUN",
+        metavar="RUN|auto",
         type=non_empty,
         default=None,
-        help="continue the run in RUN from its last checkpoint (its config.json is used)",
+        help="continue the run in RUN from its last checkpoint (its config.json is used); "
+        "auto: continue the run in --out if it holds a checkpoint, else start it there (one "
+        "command for the first start and every requeue; the given settings must be the run's)",
     )
     add_config_arguments(parser)
 
 
 def _fit_run(args: argparse.Namespace) -> int:
+    from rela_train.checkpoint import load_run_config
     from rela_train.config import config_from_args
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
-    if args.resume is not None:
+    if args.resume == "auto":
+        if args.out is None:
+            raise ValueError(
+                "--resume auto: needs --out DIR, the run directory to continue or start"
+            )
+        config = config_from_args(get_preset(args.preset), args)
+        result = fit(config, Path(args.out), resume="auto")
+    elif args.resume is not None:
         given = [
             f.name
             for f in dataclasses.fields(TrainConfig)
@@ -301,11 +321,8 @@ def _fit_run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset/--out"
             raise ValueError(f"--resume continues a run with its saved configuration; drop {flags}")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
-        config = TrainConfig.load(run_dir / "config.json")
         changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
-        result = fit(config.replace(**changes), run_dir, resume=True)
+        result = fit(load_run_config(run_dir, changes), run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
         if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -314,9 +331,9 @@ def _fit_run(args: argparse.Namespace) -> int:
                 "rank (on a file system all nodes mount)"
             )
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
-        result = fit(config, run_dir)
-    if result.status != "finished":
-        return 128 + (result.signal or signal.SIGINT)
+        result = fit(config, run_dir, preset=args.preset)
+    if result.status != "finished":  # a checkpoint was written: run the same command again
+        return INTERRUPTED if result.signal == signal.SIGINT else REQUEUE
     summary = result.summary
     if not summary:  # ranks other than 0 of a distributed run
         return 0
@@ -342,8 +359,14 @@ FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_ar
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "checkpoint", metavar="CKPT", type=non_empty, help="a checkpoint file or a run directory"
+        "checkpoint",
+        metavar="CKPT",
+        type=non_empty,
+        nargs="?",
+        default=None,
+        help="a checkpoint file or a run directory (or give --backbone)",
     )
+    add_backbone_eval_arguments(parser)
     parser.add_argument(
         "--device", type=device, default="auto", help="auto (default), cpu, cuda, cuda:N"
     )
@@ -375,6 +398,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_run(args: argparse.Namespace) -> int:
     from rela_train.evaluate import evaluate_checkpoint
 
+    if args.backbone is not None or args.checkpoint is None:
+        return run_backbone_eval(args)
+    check_checkpoint_eval(args)
     result = evaluate_checkpoint(
         args.checkpoint,
         device=args.device,
@@ -403,6 +429,9 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 
 EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
+
+
+EXPORT = Command("export", EXPORT_HELP, export_arguments, export_run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -491,4 +520,4 @@ DEMO = Command(
 
 
 # Every subcommand, in `rela-train --help` order.
-COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, REPORT, DEMO)
+COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, EXPORT, REPORT, DEMO)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "add_config_arguments",
     "config_from_args",
+    "parse_checkpoint_every",
     "parse_step_window",
     "parse_switch",
 ]
@@ -53,7 +55,7 @@ SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
-RESUME_SETTINGS = ("progress", "threads", "tensorboard")
+RESUME_SETTINGS = ("progress", "threads", "tensorboard", "checkpoint_every", "keep_checkpoints")
 DECODERS = ("auto", "pil", "simplejpeg")
 
 
@@ -107,6 +109,25 @@ def parse_step_window(text: str) -> tuple[int, int]:
             f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
         )
     return int(before), int(after)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_checkpoint_every(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``N`` (optimizer steps, >= 1) -> ``(N, None)``; a duration
+    ``90s``, ``30m``, ``1.5h`` (> 0) -> ``(None, seconds)``. Raises ValueError naming the flag."""
+    value = text.strip()
+    steps = int(value) if value.isdigit() else None
+    duration = _DURATION.fullmatch(value)
+    seconds = float(duration[1]) * _UNIT_SECONDS[duration[2]] if duration else None
+    if (steps is None or steps < 1) and not (seconds is not None and seconds > 0):
+        raise ValueError(
+            "--checkpoint-every: expected a number of optimizer steps >= 1 or a duration > 0 "
+            f"such as 90s, 30m or 2h, got {text!r}"
+        )
+    return (steps, None) if steps is not None else (None, seconds)
 
 
 def parse_device(text: str) -> str:
@@ -177,6 +198,15 @@ class TrainConfig:
     )
     small_images: bool = field(
         default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
+    )
+    init_backbone: str | None = field(
+        default=None,
+        metadata=_opt(
+            "start the online and target backbones from this backbone file (safetensors or a "
+            "weights-only .pt state dict: `rela-train export`, or torchvision's ResNet weights); "
+            "its keys and shapes must match --arch/--width/--small-images",
+            metavar="FILE",
+        ),
     )
     byol_blur: str = field(
         default="on",
@@ -447,6 +477,24 @@ class TrainConfig:
         ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
+    # -- checkpoints ---------------------------------------------------------------------------
+    checkpoint_every: str | None = field(
+        default=None,
+        metadata=_opt(
+            "also write a step checkpoint every N optimizer steps, or every DURATION of wall "
+            "time (90s, 30m, 2h), besides the one at the end of each epoch",
+            parse=parse_checkpoint_every,
+            metavar="N|DURATION",
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=2,
+        metadata=_opt(
+            "step checkpoints kept (the newest; older ones deleted once a new one is durable)",
+            bounds=AT_LEAST_ONE,
+            metavar="K",
+        ),
+    )
     tensorboard: str | None = field(
         default=None,
         metadata=_opt(
@@ -615,6 +663,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "eval_steps": 0,
     "eval_steps_window": None,
     "decay_exclude": "bias-norm",
+    "init_backbone": None,
 }
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

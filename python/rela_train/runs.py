@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rela_train.config import TrainConfig
-from rela_train.engine import RunResult, Trainer
+from rela_train.engine import Hooks, RunResult, Trainer
 
 __all__ = ["default_run_dir", "fit"]
 
 
-def fit(config: TrainConfig, out: str | os.PathLike[str], **options: Any) -> RunResult:
-    """Train (or, with ``resume=True``, continue) the run in directory ``out``; ``options`` are
-    :class:`Trainer`'s (``resume``, ``hooks``, ``log``).
+def fit(
+    config: TrainConfig,
+    out: str | os.PathLike[str],
+    *,
+    resume: bool | str = False,
+    hooks: Hooks | None = None,
+    log: Callable[[str], None] | None = None,
+    preset: str | None = None,
+) -> RunResult:
+    """Train (or, with ``resume=True``, continue) the run in directory ``out``;
+    ``resume="auto"`` continues it when it holds a checkpoint and starts it otherwise.
 
     Returns a :class:`RunResult` whose ``status`` is ``finished`` (``summary.json`` written) or
-    ``interrupted`` (SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was written).
+    ``interrupted`` (SIGUSR1/SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was
+    written).
+    ``preset``: the name of the preset ``config`` started from, kept in the checkpoints'
+    provenance (a resumed run keeps its own).
     """
-    return Trainer(config, out, **options).run()
+    return Trainer(config, out, resume=resume, hooks=hooks, log=log, preset=preset).run()
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
