@@ -32,7 +32,6 @@ from torch import nn
 from rela_train.models import RESNET_ARCHS, build_resnet
 
 __all__ = [
-    "load_weights_only",
     "FORMATS",
     "TORCHVISION_ARCHS",
     "BackboneSpec",
@@ -41,6 +40,7 @@ __all__ = [
     "infer_resnet",
     "load_backbone_file",
     "load_into",
+    "load_weights_only",
     "serialise_backbone",
     "torchvision_incompatibility",
 ]
