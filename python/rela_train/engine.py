@@ -69,6 +69,7 @@ from rela_train.data.sources import Batch, FolderSource, Source
 from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import evaluate_backbone
 from rela_train.optim import ema_tau, scheduled_lr_factor, set_learning_rates
+from rela_train.parallel import PhaseParallel
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import (
     DistributedError,
@@ -505,7 +506,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         scale = 1.0 / len(batches)
-        ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
+        ddp = isinstance(self.objective, PhaseParallel)
         for micro, batch in enumerate(batches):
             seed = stable_seed(
                 config.seed, self.counters.epoch, self.counters.step_in_epoch, micro, self.rank
