@@ -26,10 +26,11 @@ from rela_train.models import resnet_feature_dim
 from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
 from rela_train.parallel import PhaseParallel
+from rela_train.peers import rank0_first
 from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
 from rela_train.rela import Switch, build_switch, rela_dim_cap
 from rela_train.run_directory import RunDirectory
-from rela_train.runtime import DistContext, agree_min, check_shared_directory, rank0_first
+from rela_train.runtime import DistContext, agree_min, check_shared_directory
 
 __all__ = [
     "RunParts",
@@ -171,6 +172,10 @@ def _build_parts(
                 device=device,
                 log=log,
                 preprocess=config.prior_preprocess,
+            ),
+            advice=(
+                f"What rank 0 finished of the prior is kept in {run_dir / 'prior'}; rerun the "
+                "same `rela-train fit` command (any number of ranks) to continue from there"
             ),
         )
     learner = build_learner(
