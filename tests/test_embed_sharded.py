@@ -4,9 +4,9 @@ The ranks are launched as torchrun would start them (RANK, WORLD_SIZE, MASTER_AD
 through ``embed_worker.py``, which can park a rank at a chosen point for the test to SIGKILL it.
 Checked: the store's bytes (rows, manifest, transport) are the same for 1, 2 and 3 ranks; after a
 SIGKILL of one rank or of all ranks, a resume under another number of ranks recomputes only the
-unfinished chunks and ends byte-identical; a dead or frozen rank makes the others stop with a message naming
-the store and the resume command; wrong setups stop every rank with one line before any row is
-written.
+unfinished chunks and ends byte-identical; a dead or frozen rank makes the others stop with a
+message naming the store and the resume command; wrong setups stop every rank with one line
+before any row is written.
 """
 
 from __future__ import annotations

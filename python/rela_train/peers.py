@@ -22,6 +22,7 @@ Keys live under a prefix unique to the launch and to the order in which ranks cr
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -91,9 +92,15 @@ class Peers:
         base = store if store is not None else dist.distributed_c10d._get_default_store()
         self._store = dist.PrefixStore(prefix, base)
         # The heartbeat thread talks over its own connection to the store.
-        beat_base = base.clone() if hasattr(base, "clone") else base
-        self._beat_store = dist.PrefixStore(prefix, beat_base)
         self._interval = min(1.0, ctx.timeout / 5)
+        beat_base = base
+        if hasattr(base, "clone"):
+            beat_base = base.clone()
+            # A beat waits at most a few intervals for the store, so that close() can always
+            # join the thread: one left inside a store call when the interpreter exits aborts
+            # the process ("terminate called without an active exception").
+            beat_base.set_timeout(datetime.timedelta(seconds=5 * self._interval))
+        self._beat_store = dist.PrefixStore(prefix, beat_base)
         self._beat()
         self._thread = threading.Thread(target=self._beat_forever, name="peers-heartbeat")
         self._thread.daemon = True
@@ -120,8 +127,8 @@ class Peers:
         while not self._stop.wait(self._interval):
             try:
                 self._beat()
-            except Exception:  # the store is gone: the waits of the main thread report it
-                return
+            except Exception:  # slow or gone: the waits of the main thread report a lost store
+                continue
 
     def _lost(self, error: BaseException) -> DistributedError:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -230,7 +237,7 @@ class Peers:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join()  # a beat waits at most its store's timeout
             self._thread = None
 
     def __enter__(self) -> Peers:
