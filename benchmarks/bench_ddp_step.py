@@ -100,7 +100,11 @@ def _rank(args: argparse.Namespace) -> None:
                 times[case].append(step(*case))
         if dist.get_rank() == 0:
             _report(args, times)
-        trainer.dist.close()
+        # Every reducer goes before the process group (PhaseParallel.close says why).
+        trainer.objective = phase_parallel
+        variants.clear()
+        del whole
+        phase_parallel.close()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -86,9 +86,7 @@ def test_twenty_two_rank_fits_exit_cleanly(tmp_path: Path) -> None:
     parallel = max(2, min(5, os.cpu_count() or 2))
     with ThreadPoolExecutor(parallel) as pool:
         runs = list(
-            pool.map(
-                lambda i: _two_ranks(tmp_path / f"run{i}", ["--epochs", "1"]), range(RUNS)
-            )
+            pool.map(lambda i: _two_ranks(tmp_path / f"run{i}", ["--epochs", "1"]), range(RUNS))
         )
     aborted = [
         i
@@ -100,8 +98,10 @@ def test_twenty_two_rank_fits_exit_cleanly(tmp_path: Path) -> None:
     details = {i: (runs[i]["codes"], runs[i]["stderr"][0][-800:], runs[i]["stderr"][1][-800:])
                for i in sorted({*aborted, *hung, *failed})}  # fmt: skip
     assert (len(aborted), len(hung), len(failed)) == (0, 0, 0), details
-    warned = {i: [line for err in run["stderr"] for line in err.splitlines() if WARNING.search(line)]
-              for i, run in enumerate(runs)}  # fmt: skip
+    warned = {
+        i: [line for err in run["stderr"] for line in err.splitlines() if WARNING.search(line)]
+        for i, run in enumerate(runs)
+    }
     assert not any(warned.values()), warned
 
 

@@ -645,6 +645,8 @@ class Trainer:
             self._close_sources()
             if self._run_directory is not None:
                 self._run_directory.release()
+            if isinstance(self.objective, PhaseParallel):
+                self.objective.close()  # before the process group goes (PhaseParallel.close)
             self.dist.close()
 
     def _train(self) -> RunResult:

@@ -19,6 +19,7 @@ all-reduced sums, and the parameters a step leaves out keep no gradient (``None`
 
 from __future__ import annotations
 
+import gc
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -104,6 +105,18 @@ class PhaseParallel:
             return ddp(
                 views, phase, prior, check, rela_weight=rela_weight, freeze_backbone=freeze_backbone
             )
+
+    def close(self) -> None:
+        """Release the wrappers; call it before the process group is destroyed.
+
+        Each wrapper's reducer holds a reference to the process group. Released after the
+        group's last Python reference, it would be the one to destroy the group, and it does so
+        holding the interpreter lock while joining the group's worker threads; a worker still
+        freeing the tensors of a finished collective needs that lock, so the rank hangs at exit
+        (or aborts, when this happens during interpreter shutdown). Released first, the group is
+        destroyed by its own Python object, which lets go of the lock while it joins."""
+        self._wrappers.clear()
+        gc.collect()  # a wrapper kept alive by a reference cycle goes now, not at exit
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
