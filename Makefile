@@ -9,9 +9,10 @@ PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
 # setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
-# what the TensorBoard, example and wheel tests use.
+# what the TensorBoard, example and wheel tests use; scikit-learn ships the digits behind the
+# switch study's prior from another distribution.
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow \
-  matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning
+  matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning scikit-learn
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
 SKIP_DEPS ?= 0

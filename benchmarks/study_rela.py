@@ -47,6 +47,9 @@ from rela_study.transport import random_prior_checkpoint, write_class_subset  # 
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
+# The name every record of this study carries.
+STUDY_NAME = "rela-fashion-mnist"
+
 
 def _study_rows(records: list[dict]) -> list[dict]:
     """The records of the table and plot (the transported prior's training is a means)."""
@@ -140,7 +143,15 @@ def main(argv: list[str] | None = None) -> int:
                 "quick": args.quick,
             }
 
-        failed = run_study(runs, out, jobs=args.jobs, environment=env, on_record=aggregate, log=log)
+        failed = run_study(
+            runs,
+            out,
+            study=STUDY_NAME,
+            jobs=args.jobs,
+            environment=env,
+            on_record=aggregate,
+            log=log,
+        )
         if failed:
             log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
     aggregate()

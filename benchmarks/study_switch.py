@@ -10,7 +10,11 @@ training images, 15 epochs, batch 32, official recipe, ReLA 50% with the pixel p
 * ``horizon``: BYOL 100% and ReLA 50% that never switches;
 * ``views`` (only with ``--parts``): BYOL on all data from step 0 of a ReLA run, on ReLA's views
   and on BYOL's own: whether ``keep-views`` is a better transition or milder views suit the data;
-* ``long``: BYOL 100%, ReLA 50% hard, with ``--best``, and never, at 3 x the epochs.
+* ``long``: BYOL 100%, ReLA 50% hard, with ``--best``, and never, at 3 x the epochs;
+* ``res28``, ``transfer``, ``decay`` (only with ``--parts``): the same questions at 28-px crops,
+  with a prior from another distribution (scikit-learn's digits) beside a random network, the
+  pixels and a Fashion-MNIST-trained one (with their transportability R^2), and the official
+  recipe's weight decay on biases and norms.
 
 Outputs: one record per run in ``OUT/records/`` (atomic), all of them in one JSONL (default
 ``benchmarks/results/switch.jsonl``; ``--quick``: ``OUT/switch.jsonl``), a markdown table with the
@@ -31,7 +35,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
-from rela_study.grid import DEFAULT_SIZES, QUICK_SIZES, format_plan, with_overrides  # noqa: E402
+from rela_study.digits_prior import train_digits_prior  # noqa: E402
+from rela_study.grid import (  # noqa: E402
+    DEFAULT_SIZES,
+    PRETRAIN_CLASSES,
+    PRETRAIN_ROW,
+    PRIOR_ARCH,
+    PRIOR_WIDTH,
+    QUICK_SIZES,
+    format_plan,
+    pretrain_data_dir,
+    random_checkpoint,
+    with_overrides,
+)
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
 from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
@@ -45,14 +61,20 @@ from rela_study.switch_grid import (  # noqa: E402
     DEFAULT_PARTS,
     PARTS,
     QUICK_STEPS,
+    RES28_HARD_ROW,
     STUDY_STEPS,
     build_switch_plan,
+    digits_checkpoint,
     switch_rows,
 )
+from rela_study.transfer import transfer_markdown  # noqa: E402
+from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 HARD_ROW = "switch-a-hard"
+# The name every record of this study carries.
+STUDY_NAME = "rela-switch"
 
 
 def _ints(text: str) -> list[int]:
@@ -131,6 +153,8 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     rows = switch_rows(steps, best)
     order = [row.name for row in rows]
     candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
+    candidates += [row.name for row in rows if row.part == "decay"]
+    res28 = [row.name for row in rows if row.part == "res28" and row.name != RES28_HARD_ROW]
     # The long horizon's "best" row runs --best: it pairs with the factor row of that transition.
     best_row = next((r.name for r in rows if r.part == "factors" and r.transition == best), None)
     long_pairs = {HARD_ROW: "long-rela-50-hard"}
@@ -140,12 +164,18 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     def aggregate() -> None:
         records = load_records(out)
         write_jsonl(results, records)
-        summaries = summarize_switch(records, order)
+        summaries = summarize_switch([r for r in records if r["row"] != PRETRAIN_ROW], order)
         if summaries:
             table = format_switch_markdown(summaries)
             paired = format_paired_markdown(summaries, HARD_ROW, candidates)
             verdict = default_verdict(summaries, HARD_ROW, candidates, long_pairs)
             body = f"{table}\n\n{paired}\n\n{verdict}\n" if paired else f"{table}\n\n{verdict}\n"
+            paired28 = format_paired_markdown(summaries, RES28_HARD_ROW, res28)
+            if paired28:
+                body += f"\n28 px, seed by seed:\n\n{paired28}\n"
+            transfer = transfer_markdown(summaries, out, python)
+            if transfer:
+                body += f"\n{transfer}\n"
             atomic_write_text(out / "switch.md", body)
             plot_switch(summaries, plot, steps.eval_every)
 
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         runs = build_switch_plan(
             sizes, steps, seeds, parts=args.parts, long_seeds=args.long_seeds, best=best,
             features=features, data_dir=args.data_dir,
-            switch="const:0.5" if args.quick else None,
+            switch="const:0.5" if args.quick else None, out=out,
         )  # fmt: skip
         if args.rows is not None:
             unknown = sorted(set(args.rows) - set(order))
@@ -167,6 +197,13 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
         if args.plan_only:
             return 0
+        if "transfer" in args.parts:
+            # The transfer part's prior files: written before any run needs them (each is
+            # skipped when it exists; all are seeded).
+            write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
+            train_digits_prior(digits_checkpoint(out), epochs=2 if args.quick else 15, log=log)
+            for seed in seeds:
+                random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(out, seed))
 
         def env() -> dict:
             return {
@@ -180,6 +217,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         failed = run_study(
             runs,
             out,
+            study=STUDY_NAME,
             jobs=args.jobs,
             python=python,
             environment=env,

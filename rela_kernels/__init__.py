@@ -15,7 +15,7 @@ from rela_kernels.ops import (
     transported_cosine_loss,
 )
 from rela_kernels.selection import ScoreTable, StreamingTopK, SubsetSampler, select_in_batch
-from rela_kernels.store import EmbeddingStore
+from rela_kernels.store import EmbeddingStore, StoreSpec
 from rela_kernels.transport import Transport
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EmbeddingStore",
     "ScoreTable",
+    "StoreSpec",
     "StreamingTopK",
     "SubsetSampler",
     "Transport",

@@ -61,14 +61,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from rela_kernels._validation import check_int, check_text
+from rela_kernels._validation import check_int
 from rela_kernels.atomic_io import atomic_write, fsync_dir
-from rela_kernels.store_claims import (
-    AHEAD,
-    ahead_entries_intact,
-    ahead_records,
-    with_chunks,
-)
+from rela_kernels.holder_lock import make_directory, remove_created
 from rela_kernels.store_journal import ChunkRecord, append_record, is_journal, journal_name
 from rela_kernels.store_journal import read_records as read_journal
 from rela_kernels.store_lock import (
@@ -79,22 +74,28 @@ from rela_kernels.store_lock import (
     take_lock,
     take_writer_lock,
 )
+from rela_kernels.store_manifest import (
+    AHEAD,
+    DATA,
+    DTYPE,
+    FORMAT_VERSION,
+    MANIFEST,
+    StoreSpec,
+    ahead_records,
+    check_data_file,
+    check_empty_directory,
+    check_store_entries,
+    chunk_bounds,
+    chunk_count,
+    new_manifest,
+    prefix_chunks,
+    read_manifest,
+    with_chunks,
+)
 
-__all__ = ["EmbeddingStore"]
+__all__ = ["DATA", "FORMAT_VERSION", "LOCK", "MANIFEST", "WRITERS", "EmbeddingStore", "StoreSpec"]
 
-FORMAT = "rela-embedding-store"
-FORMAT_VERSION = 2
-# Version 1 stores have no checksums and no skipped rows; they are read as unverified.
-_READABLE_VERSIONS = (1, 2)
-CHECKSUM = "crc32"
-MANIFEST = "manifest.json"
-DATA = "embeddings.f16"
-DEFAULT_CHUNK_ROWS = 4096
-
-_DTYPE = np.dtype("<f2")
 _WHERE = "rk.EmbeddingStore"
-# Fields a resumed run must agree on; anything else in the manifest is informational.
-_IDENTITY = ("fingerprint", "prior", "input_size", "n", "dim")
 
 
 def _write_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -110,12 +111,6 @@ def _append_journal(fd: int, record: ChunkRecord) -> None:
 
 # macOS has no fdatasync; fsync is the (slightly slower) portable equivalent.
 _datasync = getattr(os, "fdatasync", os.fsync)
-
-
-def _check_input_size(value: object) -> int | None:
-    if value is None:
-        return None
-    return check_int(_WHERE, "input_size", value, 1)
 
 
 class EmbeddingStore:
@@ -172,13 +167,8 @@ class EmbeddingStore:
         left by killed writers are folded into the manifest (:meth:`absorb_journals`).
 
         Args:
-            n, dim: rows (dataset size) and embedding width.
-            fingerprint: identifies the dataset (file list and sizes).
-            prior: identifies the prior model and its preprocessing.
-            input_size: image side the prior sees (None when not applicable).
-            chunk_rows: rows per chunk; None keeps the existing store's value, or uses 4096 for a
-                new one. A resumed store must be given its original value (or None).
-            metadata: free-form JSON written into a new store's manifest (not compared on resume).
+            n, dim, fingerprint, prior, input_size, chunk_rows, metadata: the :class:`StoreSpec`
+                (what the store holds; a resumed store must have been made with the same).
             job: a token naming the distributed job this leader belongs to; other processes of
                 the job :meth:`join` the store with it.
             companions: names of other files that belong in the store directory (the caller's
@@ -195,89 +185,47 @@ class EmbeddingStore:
             BlockingIOError: another process is writing this store (the message names it), or
                 writers of an earlier job still are.
         """
+        spec = StoreSpec(n, dim, fingerprint, prior, input_size, chunk_rows, metadata or {})
+        return cls.lead(path, spec, job=job, companions=companions, on_locked=on_locked)
+
+    @classmethod
+    def lead(
+        cls,
+        path: str | os.PathLike[str],
+        spec: StoreSpec,
+        *,
+        job: str | None = None,
+        companions: Sequence[str] = (),
+        on_locked: Callable[[], None] | None = None,
+    ) -> EmbeddingStore:
+        """:meth:`create_or_resume` with the store described by ``spec``."""
         path = Path(path)
-        n = check_int(_WHERE, "n", n, 1)
-        dim = check_int(_WHERE, "dim", dim, 1)
-        if chunk_rows is not None:
-            chunk_rows = check_int(_WHERE, "chunk_rows", chunk_rows, 1)
-        wanted = {
-            "n": n,
-            "dim": dim,
-            "fingerprint": check_text(_WHERE, "fingerprint", fingerprint),
-            "prior": check_text(_WHERE, "prior", prior),
-            "input_size": _check_input_size(input_size),
-        }
         if path.exists() and not path.is_dir():
             raise ValueError(f"{_WHERE}: {path} exists and is not a directory")
-        created = None
-        for candidate in (path, *path.parents):
-            if candidate.exists():
-                break
-            created = candidate
-        path.mkdir(parents=True, exist_ok=True)
-        lock_created = not (path / LOCK).exists()
+        created = make_directory(path)
         try:
-            previous_holder = b"" if lock_created else (path / LOCK).read_bytes()
-            lock_fd = take_lock(path, job)
+            lock = take_lock(path, job)
         except BaseException:
-            cls._remove_created(path, created, lock_created)
+            remove_created(path, created)
             raise
         try:
             if on_locked is not None:
-                try:
-                    on_locked()
-                except BaseException:
-                    os.ftruncate(lock_fd, 0)
-                    os.pwrite(lock_fd, previous_holder, 0)
-                    os.close(lock_fd)
-                    lock_fd = -1
-                    cls._remove_created(path, created, lock_created)
-                    raise
-            manifest_path = path / MANIFEST
-            if manifest_path.exists():
-                manifest = cls._read_manifest(path)
-                cls._check_identity(path, manifest, wanted)
-                if chunk_rows is not None and chunk_rows != manifest["chunk_rows"]:
-                    raise ValueError(
-                        f"{_WHERE}: the store at {path} is written in chunks of "
-                        f"{manifest['chunk_rows']} rows, got chunk_rows={chunk_rows}; pass "
-                        "chunk_rows=None to resume it"
-                    )
-                cls._check_foreign(path, companions)
-                check_no_writers(path)
-                if manifest["rows_done"] == 0 and not manifest.get(AHEAD):
-                    # Nothing is claimed yet, so a missing or short data file (a kill during
-                    # creation) is simply made again.
-                    cls._ensure_data_file(path, n * dim * _DTYPE.itemsize)
-                else:
-                    cls._check_data_file(path, manifest)
-            else:
-                cls._check_empty(path)
-                manifest = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "dtype": "float16",
-                    "byte_order": "little",
-                    "data_file": DATA,
-                    "chunk_rows": chunk_rows or DEFAULT_CHUNK_ROWS,
-                    "rows_done": 0,
-                    "checksum": CHECKSUM,
-                    "chunk_checksums": [],
-                    "skipped": [],
-                    "metadata": dict(metadata or {}),
-                    **wanted,
-                }
-                # Manifest first (claiming nothing), data file second: whichever moment a kill
-                # lands, the next call finds either an empty directory or a rows_done=0 store.
-                _write_manifest(manifest_path, manifest)
-                cls._ensure_data_file(path, n * dim * _DTYPE.itemsize)
-            store = cls(path, manifest, lock_fd=lock_fd)
+                on_locked()
         except BaseException:
-            if lock_fd >= 0:
-                # A refused start leaves the directory as it found it, holder record included.
-                os.ftruncate(lock_fd, 0)
-                os.pwrite(lock_fd, previous_holder, 0)
-                os.close(lock_fd)
+            lock.restore()
+            if lock.made_file:
+                lock.file.unlink(missing_ok=True)
+            remove_created(path, created)
+            raise
+        try:
+            if (path / MANIFEST).exists():
+                manifest = cls._resume(path, spec, companions)
+            else:
+                manifest = cls._create(path, spec)
+            store = cls(path, manifest, lock_fd=lock.fd)
+        except BaseException:
+            # A refused start leaves the directory as it found it, holder record included.
+            lock.restore()
             raise
         try:
             store.absorb_journals()  # what writers of a killed job finished is kept
@@ -285,6 +233,32 @@ class EmbeddingStore:
             store.close()
             raise
         return store
+
+    @classmethod
+    def _resume(cls, path: Path, spec: StoreSpec, companions: Sequence[str]) -> dict[str, Any]:
+        """The manifest of the store at ``path``, checked to be ``spec``'s and free to lead."""
+        manifest = read_manifest(path)
+        spec.check(path, manifest)
+        check_store_entries(path, companions)
+        check_no_writers(path)
+        if manifest["rows_done"] == 0 and not manifest.get(AHEAD):
+            # Nothing is claimed yet, so a missing or short data file (a kill during
+            # creation) is simply made again.
+            cls._ensure_data_file(path, spec.data_bytes)
+        else:
+            check_data_file(path, manifest)
+        return manifest
+
+    @classmethod
+    def _create(cls, path: Path, spec: StoreSpec) -> dict[str, Any]:
+        """A new store of ``spec`` in the (empty) directory ``path``; its manifest."""
+        check_empty_directory(path)
+        manifest = new_manifest(spec)
+        # Manifest first (claiming nothing), data file second: whichever moment a kill lands,
+        # the next call finds either an empty directory or a rows_done=0 store.
+        _write_manifest(path / MANIFEST, manifest)
+        cls._ensure_data_file(path, spec.data_bytes)
+        return manifest
 
     @classmethod
     def join(
@@ -298,8 +272,11 @@ class EmbeddingStore:
         fingerprint: str,
         prior: str,
         input_size: int | None,
+        chunk_rows: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> EmbeddingStore:
-        """Open the store that the leader of job ``job`` holds, as one more writer of it.
+        """Open the store that the leader of job ``job`` holds, as one more writer of it (the
+        arguments after ``writer`` are the :class:`StoreSpec`, ``metadata`` unused).
 
         The writer claims the chunks it writes in its own journal (named by ``writer``), never in
         the manifest; it holds a shared lock on ``.writers`` until :meth:`close`, so that no new
@@ -310,14 +287,15 @@ class EmbeddingStore:
                 shared with the leader), or the store there was made for other data or another
                 prior.
         """
+        spec = StoreSpec(n, dim, fingerprint, prior, input_size, chunk_rows, metadata or {})
+        return cls.follow(path, job, writer, spec)
+
+    @classmethod
+    def follow(
+        cls, path: str | os.PathLike[str], job: str, writer: str, spec: StoreSpec
+    ) -> EmbeddingStore:
+        """:meth:`join` the store described by ``spec``."""
         path = Path(path)
-        wanted = {
-            "n": check_int(_WHERE, "n", n, 1),
-            "dim": check_int(_WHERE, "dim", dim, 1),
-            "fingerprint": check_text(_WHERE, "fingerprint", fingerprint),
-            "prior": check_text(_WHERE, "prior", prior),
-            "input_size": _check_input_size(input_size),
-        }
         name = journal_name(writer)
         if cls.holder_job(path) != job:
             raise ValueError(cls.not_shared_message(path, job))
@@ -327,9 +305,9 @@ class EmbeddingStore:
             # between has written its own token by now (see store_lock.check_no_writers).
             if cls.holder_job(path) != job:
                 raise ValueError(cls.not_shared_message(path, job))
-            manifest = cls._read_manifest(path)
-            cls._check_identity(path, manifest, wanted)
-            cls._check_data_file(path, manifest)
+            manifest = read_manifest(path)
+            spec.check(path, manifest)
+            check_data_file(path, manifest)
             store = cls(path, manifest, lock_fd=None, writers_fd=writers_fd)
         except BaseException:
             os.close(writers_fd)
@@ -351,20 +329,6 @@ class EmbeddingStore:
         )
 
     @staticmethod
-    def _remove_created(path: Path, created: Path | None, lock_created: bool) -> None:
-        """Undo a start that failed before any store file was written."""
-        if lock_created:
-            (path / LOCK).unlink(missing_ok=True)
-        if created is not None:
-            for directory in (path, *path.parents):
-                try:
-                    directory.rmdir()
-                except OSError:
-                    break
-                if directory == created:
-                    break
-
-    @staticmethod
     def exists(path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` holds a store (a manifest), finished or not."""
         return (Path(path) / MANIFEST).is_file()
@@ -380,8 +344,8 @@ class EmbeddingStore:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"{_WHERE}: no embedding store at {path} (not a directory)")
-        manifest = cls._read_manifest(path)
-        cls._check_data_file(path, manifest)
+        manifest = read_manifest(path)
+        check_data_file(path, manifest)
         return cls(path, manifest, lock_fd=None)
 
     # ---------------------------------------------------------------------------------------
@@ -451,19 +415,20 @@ class EmbeddingStore:
         return sum(stop - start for (start, stop), crc in pairs if crc is None)
 
     def _written(self) -> list[tuple[int, int]]:
-        step = self.chunk_rows
-        return [(s, min(s + step, self.n)) for s in range(0, self.rows_done, step)]
+        return [self.chunk_bounds(c) for c in range(prefix_chunks(self._manifest))]
 
     def _checksums(self) -> list[int | None]:
         sums = list(self._manifest.get("chunk_checksums", []))
         return sums + [None] * (len(self._written()) - len(sums))
 
     @property
-    def _format(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "checksum": CHECKSUM}
+    def chunk_count(self) -> int:
+        """Chunks the store is written in (the last one may be shorter)."""
+        return chunk_count(self.n, self.chunk_rows)
 
-    def _bounds(self, chunk: int) -> tuple[int, int]:
-        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.n)
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """``(start, stop)``: the rows of chunk ``chunk``."""
+        return chunk_bounds(chunk, self.chunk_rows, self.n)
 
     def _claims(self) -> dict[int, int | None]:
         """Every chunk the manifest (or this writer's journal) claims, with its checksum."""
@@ -496,15 +461,15 @@ class EmbeddingStore:
             try:
                 for chunk, record in sorted(ahead.items()):
                     if self._crc_on_disk(fd, chunk) != record.crc:
-                        damaged.append(self._bounds(chunk))
+                        damaged.append(self.chunk_bounds(chunk))
             finally:
                 os.close(fd)
         return damaged
 
     def _crc_on_disk(self, fd: int, chunk: int) -> int | None:
         """CRC-32 of chunk ``chunk``'s bytes as the file holds them now (None: file too short)."""
-        start, stop = self._bounds(chunk)
-        row_bytes = self.dim * _DTYPE.itemsize
+        start, stop = self.chunk_bounds(chunk)
+        row_bytes = self.dim * DTYPE.itemsize
         offset, size = start * row_bytes, (stop - start) * row_bytes
         if hasattr(os, "posix_fadvise"):
             # Drop cached pages first: on a network file system they may predate another
@@ -526,8 +491,8 @@ class EmbeddingStore:
         """``(start, stop)`` of every chunk still to write, in the order a sole writer writes
         them: those neither the manifest nor this writer's journal claims."""
         claimed = self._claims()
-        count = -(-self.n // self.chunk_rows)
-        return [self._bounds(c) for c in range(len(self._written()), count) if c not in claimed]
+        first = len(self._written())
+        return [self.chunk_bounds(c) for c in range(first, self.chunk_count) if c not in claimed]
 
     def require_complete(self, where: str = _WHERE) -> None:
         if not self.complete:
@@ -628,7 +593,7 @@ class EmbeddingStore:
                 )
             marks[int(row)] = str(reason)
         with np.errstate(over="ignore"):
-            data = np.array(rows, dtype=_DTYPE, order="C")
+            data = np.array(rows, dtype=DTYPE, order="C")
         for row in marks:
             data[row - start] = 0  # no meaning: fixed bytes keep the store deterministic
         finite = np.isfinite(data).all(axis=1)
@@ -638,7 +603,7 @@ class EmbeddingStore:
                 f"{where}: row {bad} has non-finite values (or values beyond float16's range "
                 "±65504)"
             )
-        offset = start * self.dim * _DTYPE.itemsize
+        offset = start * self.dim * DTYPE.itemsize
         view = memoryview(data).cast("B")
         written = 0
         while written < len(view):
@@ -651,7 +616,7 @@ class EmbeddingStore:
             _append_journal(self._journal_fd, record)
             self._journaled[record.chunk] = record
             return
-        manifest = with_chunks(self._manifest, {record.chunk: record}, **self._format)
+        manifest = with_chunks(self._manifest, {record.chunk: record})
         _write_manifest(self.path / MANIFEST, manifest)
         self._manifest = manifest
         self._memmap = None
@@ -693,15 +658,14 @@ class EmbeddingStore:
             self._journaled = {}
             return []
         claimed = set(self._claims()) - set(self._journaled)  # the manifest's own claims
-        count = -(-self.n // self.chunk_rows)
         found: dict[int, ChunkRecord] = {}
         fd = os.open(self.path / DATA, os.O_RDONLY)
         try:
             for name in names:
                 for record in read_journal(self.path / name):
-                    first, stop = self._bounds(record.chunk) if record.chunk < count else (0, 0)
+                    first, stop = self.chunk_bounds(record.chunk)
                     if (
-                        record.chunk >= count
+                        record.chunk >= self.chunk_count
                         or record.chunk in claimed
                         or not all(first <= row < stop for row, _ in record.skipped)
                         or self._crc_on_disk(fd, record.chunk) != record.crc
@@ -711,7 +675,7 @@ class EmbeddingStore:
         finally:
             os.close(fd)
         if found:
-            manifest = with_chunks(self._manifest, found, **self._format)
+            manifest = with_chunks(self._manifest, found)
             _write_manifest(self.path / MANIFEST, manifest)
             self._manifest = manifest
             self._memmap = None
@@ -719,7 +683,7 @@ class EmbeddingStore:
             (self.path / name).unlink(missing_ok=True)
         fsync_dir(self.path)
         self._journaled = {}
-        return [self._bounds(chunk) for chunk in sorted(found)]
+        return [self.chunk_bounds(chunk) for chunk in sorted(found)]
 
     def close(self) -> None:
         """Release the data file and the writer's lock (reading still works afterwards)."""
@@ -749,10 +713,10 @@ class EmbeddingStore:
     def array(self) -> np.ndarray:
         """The written rows ``[rows_done, dim]`` as a read-only float16 memmap view."""
         if self.rows_done == 0:
-            return np.empty((0, self.dim), dtype=_DTYPE)
+            return np.empty((0, self.dim), dtype=DTYPE)
         if self._memmap is None:
             self._memmap = np.memmap(
-                self.path / DATA, dtype=_DTYPE, mode="r", shape=(self.n, self.dim)
+                self.path / DATA, dtype=DTYPE, mode="r", shape=(self.n, self.dim)
             )
         return self._memmap[: self.rows_done]
 
@@ -778,7 +742,7 @@ class EmbeddingStore:
                 f"{_WHERE}.read: row {bad} is out of range; {self.rows_done} of {self.n} rows "
                 "are written"
             )
-        rows = self.array[index] if index.size else np.empty((0, self.dim), dtype=_DTYPE)
+        rows = self.array[index] if index.size else np.empty((0, self.dim), dtype=DTYPE)
         return torch.from_numpy(np.ascontiguousarray(rows)).to(dtype)
 
     def iter_chunks(
@@ -796,11 +760,11 @@ class EmbeddingStore:
                 f"{_WHERE}.iter_chunks: need 0 <= start <= stop <= rows_done={self.rows_done}, "
                 f"got start={start}, stop={stop}"
             )
-        row_bytes = self.dim * _DTYPE.itemsize
+        row_bytes = self.dim * DTYPE.itemsize
         with open(self.path / DATA, "rb", buffering=0) as handle:
             for first in range(start, stop, chunk_rows):
                 rows = min(chunk_rows, stop - first)
-                buffer = np.empty((rows, self.dim), dtype=_DTYPE)
+                buffer = np.empty((rows, self.dim), dtype=DTYPE)
                 view = memoryview(buffer).cast("B")
                 handle.seek(first * row_bytes)
                 got = 0
@@ -823,136 +787,6 @@ class EmbeddingStore:
     # ---------------------------------------------------------------------------------------
     # Checks
     # ---------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _check_foreign(path: Path, companions: Sequence[str]) -> None:
-        """Everything in a store directory must be the store's, or a companion the caller named:
-        a foreign file there is a sign of a wrong --out (and would be mistaken for ours)."""
-        own = {MANIFEST, DATA, LOCK, WRITERS, *companions}
-        temporary = tuple(f".{name}." for name in (MANIFEST, *companions))
-        strangers = sorted(
-            entry
-            for entry in os.listdir(path)
-            if entry not in own
-            and not is_journal(entry)
-            and not (entry.startswith(temporary) and entry.endswith(".tmp"))
-        )
-        if strangers:
-            shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
-            raise ValueError(
-                f"{_WHERE}: the store directory {path} holds {shown}, which is not part of an "
-                "embedding store; move it out of the directory (or choose another one) and rerun"
-            )
-
-    @staticmethod
-    def _check_empty(path: Path) -> None:
-        """A directory without a manifest must hold nothing but our own leftovers."""
-        leftovers = {LOCK, DATA, WRITERS}
-        strangers = sorted(
-            entry
-            for entry in os.listdir(path)
-            if entry not in leftovers and not entry.startswith(f".{MANIFEST}.")
-        )
-        if strangers:
-            shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
-            raise ValueError(
-                f"{_WHERE}: {path} is not an embedding store (no {MANIFEST}) and is not empty "
-                f"(holds {shown}); choose a new or empty directory"
-            )
-        if (path / DATA).exists():
-            raise ValueError(
-                f"{_WHERE}: {path} has {DATA} but no {MANIFEST}; the manifest was removed, so "
-                "the rows cannot be trusted. Delete the directory to start over"
-            )
-
-    @staticmethod
-    def _read_manifest(path: Path) -> dict[str, Any]:
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{_WHERE}: no embedding store at {path} ({MANIFEST} is missing)"
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{_WHERE}: cannot read {manifest_path}: {error}") from error
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"{_WHERE}: {manifest_path} is not an embedding-store manifest")
-        if manifest.get("format_version") not in _READABLE_VERSIONS:
-            versions = " and ".join(map(str, _READABLE_VERSIONS))
-            raise ValueError(
-                f"{_WHERE}: {manifest_path} has format version {manifest.get('format_version')}; "
-                f"this rela_kernels reads versions {versions}"
-            )
-        missing = [
-            k for k in ("n", "dim", "chunk_rows", "rows_done", *_IDENTITY) if k not in manifest
-        ]
-        if missing:
-            raise ValueError(f"{_WHERE}: {manifest_path} is damaged (missing {missing})")
-        try:
-            n, dim = int(manifest["n"]), int(manifest["dim"])
-            chunk, done = int(manifest["chunk_rows"]), int(manifest["rows_done"])
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{_WHERE}: {manifest_path} is damaged ({error})") from error
-        if manifest.get("dtype") != "float16" or manifest.get("data_file") != DATA:
-            raise ValueError(f"{_WHERE}: {manifest_path} describes an unsupported data file")
-        if n < 1 or dim < 1 or chunk < 1 or not 0 <= done <= n or (done % chunk and done != n):
-            raise ValueError(
-                f"{_WHERE}: {manifest_path} is inconsistent (n={n}, dim={dim}, "
-                f"chunk_rows={chunk}, rows_done={done})"
-            )
-        sums = manifest.get("chunk_checksums", [])
-        skipped = manifest.get("skipped", [])
-        if (
-            not isinstance(sums, list)
-            or len(sums) > -(-done // chunk)
-            or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)) for s in sums)
-            or not isinstance(skipped, list)
-            or not all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and 0 <= e[0] < done
-                for e in skipped
-            )
-        ):
-            raise ValueError(
-                f"{_WHERE}: {manifest_path} is damaged (bad chunk_checksums or skipped entries)"
-            )
-        if not ahead_entries_intact(manifest.get(AHEAD, []), n, chunk):
-            raise ValueError(f"{_WHERE}: {manifest_path} is damaged (bad {AHEAD} entries)")
-        return manifest
-
-    @staticmethod
-    def _check_identity(path: Path, manifest: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
-        labels = {
-            "fingerprint": "dataset fingerprint",
-            "prior": "prior",
-            "input_size": "input size",
-            "n": "row count (dataset size)",
-            "dim": "embedding width",
-        }
-        for key in _IDENTITY:
-            if manifest[key] != wanted[key]:
-                raise ValueError(
-                    f"{_WHERE}: the store at {path} was made with {labels[key]} "
-                    f"{manifest[key]!r}, but this run has {wanted[key]!r}; use another output "
-                    "directory, or delete this one to start over"
-                )
-
-    @staticmethod
-    def _check_data_file(path: Path, manifest: Mapping[str, Any]) -> None:
-        data = path / DATA
-        expected = manifest["n"] * manifest["dim"] * _DTYPE.itemsize
-        if not data.is_file():
-            raise FileNotFoundError(
-                f"{_WHERE}: {data} is missing, but {path / MANIFEST} says "
-                f"{manifest['rows_done']} rows were written"
-            )
-        size = data.stat().st_size
-        if size != expected:
-            kind = "truncated" if size < expected else "too large"
-            raise ValueError(
-                f"{_WHERE}: {data} is {kind}: {size} bytes, expected {expected} "
-                f"({manifest['n']} x {manifest['dim']} float16)"
-            )
 
     @staticmethod
     def _ensure_data_file(path: Path, size: int) -> None:

@@ -11,13 +11,10 @@ SIGKILL included, so a killed job never blocks its own resume.
 from __future__ import annotations
 
 import errno
-import json
 import os
-import socket
-import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from rela_kernels.holder_lock import HolderLock, LockHeld, read_holder
 
 try:
     import fcntl
@@ -31,66 +28,24 @@ WRITERS = ".writers"  # shared flock of the non-leader writers of a job
 _WHERE = "rk.EmbeddingStore"
 
 
-def _holder(job: str | None) -> dict[str, Any]:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "job": job,
-    }
-
-
-def _read_holder_file(path: Path) -> dict[str, Any] | None:
-    try:
-        holder = json.loads((path / LOCK).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _describe_holder(holder: Mapping[str, Any] | None) -> str:
-    if not holder or not {"pid", "host", "started"} <= holder.keys():
-        return "holder unknown"
-    return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-
-
 def holder_job(path: Path) -> str | None:
     """The job token the current (or last) leader of the store at ``path`` recorded."""
-    holder = _read_holder_file(path)
+    holder = read_holder(path / LOCK)
     job = holder.get("job") if holder else None
     return job if isinstance(job, str) else None
 
 
-def take_lock(path: Path, job: str | None) -> int:
-    """The leader's exclusive lock on ``.lock`` (held until the returned fd is closed), with this
-    process and ``job`` recorded in it; BlockingIOError naming the holder if it is taken."""
-    if fcntl is None:
-        raise OSError(errno.ENOSYS, f"{_WHERE}: writing a store needs a POSIX system")
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
+def take_lock(path: Path, job: str | None) -> HolderLock:
+    """The leader's exclusive lock on ``.lock`` (held until released), with this process and
+    ``job`` recorded in it; BlockingIOError naming the holder if it is taken."""
     try:
-        # Released by the kernel when the holder exits, even on SIGKILL, so a killed run
-        # never blocks its own resume.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
-            holder = _describe_holder(_read_holder_file(path))
-            raise BlockingIOError(
-                error.errno,
-                f"{_WHERE}: another process is writing the store at {path} ({holder}); "
-                "wait for it to end, or write another directory",
-            ) from error
-        raise
-    try:
-        text = (json.dumps(_holder(job)) + "\n").encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text, 0)
-        # Durable before anyone is told to look: processes on other nodes read the token.
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return HolderLock.take(path / LOCK, job=job)
+    except LockHeld as error:
+        raise BlockingIOError(
+            error.errno,
+            f"{_WHERE}: another process is writing the store at {path} ({error.holder}); "
+            "wait for it to end, or write another directory",
+        ) from error
 
 
 def check_no_writers(path: Path) -> None:

@@ -84,6 +84,7 @@ STRINGS = {
     "byol_blur": "maybe",
     "prior_preprocess": "clip",
     "probe": "sgd",
+    "decay_exclude": "norms",
     "switch_scores": "drop",
     "inbatch_switch_loss": "mean",
     "amp": "fp8",

@@ -16,10 +16,8 @@ from rela_train import cli
 from rela_train.byol import hidden_width
 from rela_train.config import (
     LEGACY_VALUES,
-    OFFICIAL_RECIPE,
     TrainConfig,
     add_config_arguments,
-    apply_recipe,
     config_from_args,
 )
 from rela_train.data.augment import BYOL_VIEWS, byol_views
@@ -31,7 +29,7 @@ from rela_train.optim import (
     lr_scale,
     scheduled_lr_factor,
 )
-from rela_train.presets import get_preset
+from rela_train.presets import OFFICIAL_RECIPE, apply_recipe, get_preset
 from rela_train.prior.loaders import NORMALIZATIONS, load_prior
 from rela_train.rela import ConstSwitch, EpochSwitch, build_switch, rela_dim_cap
 
@@ -263,3 +261,44 @@ def test_the_official_recipe_in_the_trainer(tmp_path: Path) -> None:
     assert {s["phase"] for s in steps if s["epoch"] == 1} == {"byol"}
     assert result.summary["switch_epoch"] == 1
     assert math.isfinite(result.summary["linear_acc_official"])
+
+
+# -- weight decay on biases and norms ------------------------------------------------------------
+
+
+def _decays(cfg: TrainConfig) -> dict[str, float]:
+    """Each parameter group's weight decay, by group name, as the trainer builds them."""
+    from rela_train.build import build_optimizer_groups
+    from rela_train.learner import build_learner
+
+    learner = build_learner(cfg, channels=1, num_classes=10, rela_dim=None)
+    return {
+        group["name"]: group["weight_decay"] for group in build_optimizer_groups(learner, cfg, 0.1)
+    }
+
+
+def test_official_recipe_decays_biases_and_norms_and_the_default_spares_them() -> None:
+    official = parse("--recipe", "official")
+    assert official.decay_exclude == "none"
+    decays = _decays(official)
+    assert decays["byol"] == decays["byol.bias_norm"] == 0.01
+    default = parse("--weight-decay", "0.5")
+    assert default.decay_exclude == "bias-norm"
+    decays = _decays(default)
+    assert decays["byol"] == 0.5 and decays["byol.bias_norm"] == 0.0
+    # The flag wins over the recipe, like every other.
+    kept = parse("--recipe", "official", "--decay-exclude", "bias-norm")
+    assert _decays(kept)["byol.bias_norm"] == 0.0
+
+
+def test_an_old_official_config_resumes_sparing_biases_and_norms() -> None:
+    old = parse("--recipe", "official").to_dict()
+    del old["decay_exclude"]
+    assert TrainConfig.from_dict(old).decay_exclude == "bias-norm"
+
+
+def test_decay_exclude_rejects_an_unknown_value() -> None:
+    with pytest.raises(SystemExit):
+        parse("--decay-exclude", "norms")
+    with pytest.raises(ValueError, match="--decay-exclude: .*got .norms."):
+        dataclasses.replace(parse(), decay_exclude="norms").validate()

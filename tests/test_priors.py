@@ -306,3 +306,50 @@ def test_bad_specs() -> None:
         load_prior("")
     with pytest.raises(ValueError, match="normalisation must be one of"):
         load_prior("pixels", normalize="zscore")
+
+
+class _GrayNet(nn.Module):
+    """A network trained on one-channel images: the data reach priors as RGB."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+class _FixedSize(nn.Module):
+    """A network whose flatten fixes its input size at 8 x 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+def test_a_prior_of_another_channel_count_is_refused_naming_both_shapes(tmp_path: Path) -> None:
+    torch.jit.script(_GrayNet()).save(str(tmp_path / "gray.pt"))
+    with pytest.raises(ValueError) as caught:
+        load_prior(f"torchscript:{tmp_path / 'gray.pt'}", input_size=8)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "1-channel input" in message and "[B, 3, 8, 8]" in message
+
+
+def test_a_prior_is_given_its_own_input_size_and_refuses_another(
+    tmp_path: Path, folder: Path
+) -> None:
+    torch.jit.script(_FixedSize()).save(str(tmp_path / "fixed.pt"))
+    # The documented rule: images are resized to the prior's input size, so it runs at 8 px ...
+    prior = load_prior(f"torchscript:{tmp_path / 'fixed.pt'}", input_size=8)
+    assert prior.dim == 4 and prior.transform.size == 8
+    images = batch(folder, prior.transform)
+    assert images.shape[1:] == (3, 8, 8)
+    # ... and a size it cannot take is a one-line error naming the shape it was given.
+    with pytest.raises(ValueError) as caught:
+        load_prior(f"torchscript:{tmp_path / 'fixed.pt'}", input_size=10)
+    message = str(caught.value)
+    assert "\n" not in message and "[2, 3, 10, 10]" in message

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from rela_train import cli
-from rela_train.config import TrainConfig, apply_recipe
+from rela_train.config import TrainConfig
 from rela_train.engine import TIME_FIELDS, Hooks, Trainer
-from rela_train.presets import get_preset
+from rela_train.presets import apply_recipe, get_preset
 from rela_train.runs import fit
 
 import rela_kernels as rk

@@ -119,6 +119,7 @@ FAKE_FIT = textwrap.dedent(
         "samples_seen": int(1000 * budget), "train_time": 10.0 + seed, "wall_time": 12.0,
         "steps": 40, "switch": "adaptive" if "--prior" in args else None,
         "switch_step": 30 if "--prior" in args else None, "switch_epoch": 1, "budget": budget,
+        "policy": args[args.index("--selection") + 1] if "--selection" in args else "random",
         "evaluations": [
             {{"epoch": 0, "samples_seen": 500, "train_time": 5.0, "knn_acc": 0.4 + 0.01 * seed}},
             {{"epoch": 1, "samples_seen": 1000, "train_time": 10.0, "knn_acc": 0.5}},
@@ -158,7 +159,7 @@ def test_runner_records_and_resume_skip(tmp_path, fake_python):
     written: list[int] = []
     environment = {"device": "test"}
     failed = runner.run_study(
-        half, out, jobs=2, python=python, environment=lambda: environment,
+        half, out, study="test-study", jobs=2, python=python, environment=lambda: environment,
         on_record=lambda: written.append(1), log=logged.append,
     )  # fmt: skip
     assert failed == [] and len(written) == len(half)
@@ -172,12 +173,13 @@ def test_runner_records_and_resume_skip(tmp_path, fake_python):
             0.5 + 0.01 * run.seed + 0.1 * float(_flag(run, "--budget"))
         )
         assert record["switch_step"] == (30 if run.prior else None)
-        assert record["environment"] == environment
+        assert record["environment"] == environment and record["study"] == "test-study"
+        assert record["policy"] == (_flag(run, "--selection") or "random")
         assert record["command"].endswith(f"--out {out / 'runs' / run.run_id}")
         assert len(record["curve"]) == 2 and record["cpu_seconds"] >= 0
     # A resumed study runs only what has no record.
     failed = runner.run_study(
-        plan, out, jobs=2, python=python, environment=lambda: environment,
+        plan, out, study="test-study", jobs=2, python=python, environment=lambda: environment,
         on_record=lambda: None, log=logged.append,
     )  # fmt: skip
     fits = [call for call in _calls(calls) if "--help" not in call]
@@ -195,8 +197,8 @@ def test_runner_reports_a_failed_run_and_goes_on(tmp_path, fake_python):
     ]
     logged: list[str] = []
     failed = runner.run_study(
-        plan, out, jobs=1, python=python, environment=dict, on_record=lambda: None,
-        log=logged.append,
+        plan, out, study="test-study", jobs=1, python=python, environment=dict,
+        on_record=lambda: None, log=logged.append,
     )  # fmt: skip
     assert sorted(failed) == ["byol-100-seed13", "byol-random-50-seed13"]
     assert records.done_runs(out) == {"byol-100-seed2", "byol-random-50-seed2"}

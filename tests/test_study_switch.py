@@ -30,7 +30,7 @@ def test_plan_parts_rows_flags_and_order() -> None:
     steps = switch_grid.STUDY_STEPS
     plan = switch_grid.build_switch_plan(
         grid.DEFAULT_SIZES, steps, [0, 1, 2], best="blend:500", features=FEATURES,
-        parts=switch_grid.PARTS,
+        parts=("factors", "horizon", "views", "long"),
     )  # fmt: skip
     default = switch_grid.build_switch_plan(
         grid.DEFAULT_SIZES, steps, [0, 1, 2], best="blend:500", features=FEATURES
@@ -197,3 +197,71 @@ def test_seed_arguments_are_a_count_or_a_list() -> None:
     for bad in ("0", ",", "a,1", "-1"):
         with pytest.raises(SystemExit):
             parse(["--out", "x", "--long-seeds", bad])
+
+
+def test_the_resolution_transfer_and_decay_parts(tmp_path: Path) -> None:
+    steps = switch_grid.STUDY_STEPS
+    with pytest.raises(ValueError, match="needs the study directory"):
+        switch_grid.build_switch_plan(
+            grid.DEFAULT_SIZES, steps, [0], best="keep-views", features=FEATURES,
+            parts=("transfer",),
+        )  # fmt: skip
+    out = tmp_path / "study"
+    plan = switch_grid.build_switch_plan(
+        grid.DEFAULT_SIZES, steps, [0, 1, 2], best="keep-views", features=FEATURES,
+        parts=("res28", "transfer", "decay"), out=out,
+    )  # fmt: skip
+    by_row: dict[str, list[grid.RunSpec]] = {}
+    for run in plan:
+        by_row.setdefault(run.row, []).append(run)
+    # The Fashion-MNIST prior's network trains first; its one row waits for it.
+    assert plan[0].is_pretrain and _flag(plan[0], "--decay-exclude") == "bias-norm"
+    fashion = by_row["transfer-fashion-never"]
+    assert [run.seed for run in fashion] == [0] and fashion[0].needs == plan[0].run_id
+    assert _flag(fashion[0], "--prior") == f"checkpoint:resnet10:{grid.transported_checkpoint(out)}"
+    # 28 px: five rows at every seed, the official recipe as it stands, the same pixel prior.
+    res28 = [run for run in plan if run.row.startswith("res28-")]
+    assert len(res28) == 5 * 3
+    for run in res28:
+        assert _flag(run, "--image-size") == "28" and _flag(run, "--decay-exclude") == "none"
+        assert _flag(run, "--recipe") == "official" and _flag(run, "--epochs") == "15"
+        assert _flag(run, "--prior") in (None, "pixels:16")
+    assert _flag(by_row["res28-byol-random-50"][0], "--selection") == "random"
+    assert _flag(by_row["res28-byol-random-50"][0], "--prior") is None
+    assert _flag(by_row["res28-rela-50-keep-views"][0], "--switch-transition") == "keep-views"
+    assert _flag(by_row["res28-rela-50-never"][0], "--switch") == "never"
+    # Transfer: three priors x {never, hard} at every seed, at 16 px with the earlier settings.
+    for prior, spec in (
+        ("digits", f"checkpoint:resnet10:{switch_grid.digits_checkpoint(out)}"),
+        ("pixels", "pixels:16"),
+    ):
+        for switch in ("never", "hard"):
+            runs = by_row[f"transfer-{prior}-{switch}"]
+            assert [run.seed for run in runs] == [0, 1, 2]
+            assert all(_flag(run, "--prior") == spec for run in runs)
+            assert all(_flag(run, "--decay-exclude") == "bias-norm" for run in runs)
+            assert all(_flag(run, "--image-size") is None for run in runs)
+    random_priors = [_flag(run, "--prior") for run in by_row["transfer-random-hard"]]
+    assert random_priors == [
+        f"checkpoint:resnet10:{grid.random_checkpoint(out, seed)}" for seed in (0, 1, 2)
+    ]
+    assert _flag(by_row["transfer-digits-hard"][0], "--switch-transition") == "hard"
+    # The official weight decay, once, beside the factor row hard.
+    (decay,) = by_row["decay-rela-50-hard"]
+    assert _flag(decay, "--decay-exclude") == "none" and _flag(decay, "--image-size") is None
+
+
+def test_the_digits_prior_is_a_checkpoint_prior(tmp_path: Path) -> None:
+    from rela_study.digits_prior import train_digits_prior
+    from rela_train.prior.loaders import load_prior
+
+    path = tmp_path / "digits.pt"
+    note = train_digits_prior(path, epochs=1, log=lambda line: None)
+    assert note["train_images"] + note["held_out_images"] == 1797
+    assert 0.1 < note["held_out_accuracy"] <= 1.0  # above chance after one epoch
+    prior = load_prior(f"checkpoint:resnet10:{path}")
+    assert prior.dim == 256 and prior.input_size == 32
+    # Seeded and skipped when present: a second call returns the same note, file untouched.
+    mtime = path.stat().st_mtime_ns
+    assert train_digits_prior(path, epochs=1, log=lambda line: None) == note
+    assert path.stat().st_mtime_ns == mtime

@@ -13,10 +13,10 @@ import pytest
 import torch
 from rela_train import cli
 from rela_train.byol import byol_loss
-from rela_train.config import TrainConfig, apply_recipe
+from rela_train.config import TrainConfig
 from rela_train.engine import TIME_FIELDS, Hooks, Trainer
 from rela_train.learner import Objective, build_learner
-from rela_train.presets import get_preset
+from rela_train.presets import apply_recipe, get_preset
 from rela_train.rela import rela_loss
 from rela_train.runs import fit
 from rela_train.transition import LR_DROP, MEASURED_BEST, Transition, parse_transition

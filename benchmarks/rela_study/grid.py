@@ -19,6 +19,7 @@ __all__ = [
     "build_plan",
     "estimate_seconds",
     "format_plan",
+    "pretrain_run",
     "with_overrides",
 ]
 
@@ -130,6 +131,7 @@ class RunSpec:
     samples: int  # training samples it will see (for the time estimate)
     prior: str | None = None
     needs: str | None = None  # run id of the run whose output it uses
+    relative_cost: float = 1.0  # training cost per sample against the 16-px runs'
 
     @property
     def run_id(self) -> str:
@@ -155,7 +157,15 @@ def pretrain_data_dir(out: Path) -> Path:
     return out / "data" / "fashion-mnist-classes-0-4"
 
 
-def _base_flags(sizes: Sizes, seed: int, data_dir: str | None, features: set[str]) -> list[str]:
+def _base_flags(
+    sizes: Sizes,
+    seed: int,
+    data_dir: str | None,
+    features: set[str],
+    decay_exclude: str = "bias-norm",
+) -> list[str]:
+    """The flags every run shares. ``decay_exclude``: the studies measured before the official
+    recipe decayed every parameter spare biases and norms, so their runs stay reproducible."""
     flags = [
         "--preset", "fashion-mnist-demo", "--threads", "1", "--no-progress",
         "--val-subset", str(sizes.val_subset), "--batch-size", str(sizes.batch_size),
@@ -164,7 +174,7 @@ def _base_flags(sizes: Sizes, seed: int, data_dir: str | None, features: set[str
     if data_dir is not None:
         flags += ["--data-dir", data_dir]
     if "--recipe" in features:
-        flags += ["--recipe", "official"]
+        flags += ["--recipe", "official", "--decay-exclude", decay_exclude]
     return flags
 
 
@@ -173,6 +183,26 @@ def _probe_flags(sizes: Sizes, features: set[str]) -> list[str]:
         return ["--probe", "official", "--probe-epochs", str(sizes.probe_epochs)]
     # A trainer without the official probe: its L-BFGS probe stands in.
     return ["--probe-epochs", str(sizes.probe_epochs)]
+
+
+def pretrain_run(out: Path, sizes: Sizes, seed: int, features: set[str]) -> RunSpec:
+    """The training of the transported prior's network: BYOL on the classes-0-4 copy of
+    Fashion-MNIST (``transport.write_class_subset`` writes it to ``pretrain_data_dir(out)``)."""
+    return RunSpec(
+        row=PRETRAIN_ROW,
+        label="BYOL on classes 0-4 (the transported prior's network)",
+        core=False,
+        seed=seed,
+        flags=(
+            *_base_flags(sizes, seed, str(pretrain_data_dir(out)), features),
+            *("--train-subset", str(sizes.pretrain_subset)),
+            *("--epochs", str(sizes.pretrain_epochs)),
+            *("--image-size", str(sizes.pretrain_image_size)),
+            *("--arch", PRIOR_ARCH, "--width", str(PRIOR_WIDTH)),
+            *("--eval-every", "0", "--eval-bank", str(sizes.eval_bank), "--probe-epochs", "0"),
+        ),
+        samples=sizes.pretrain_subset * sizes.pretrain_epochs,
+    )
 
 
 def build_plan(
@@ -196,21 +226,7 @@ def build_plan(
         raise ValueError(f"--seeds: each seed once, got {seeds}")
     if sizes.epochs < 1:
         raise ValueError(f"--epochs: need at least 1, got {sizes.epochs}")
-    pretrain = RunSpec(
-        row=PRETRAIN_ROW,
-        label="BYOL on classes 0-4 (the transported prior's network)",
-        core=False,
-        seed=seeds[0],
-        flags=(
-            *_base_flags(sizes, seeds[0], str(pretrain_data_dir(out)), features),
-            *("--train-subset", str(sizes.pretrain_subset)),
-            *("--epochs", str(sizes.pretrain_epochs)),
-            *("--image-size", str(sizes.pretrain_image_size)),
-            *("--arch", PRIOR_ARCH, "--width", str(PRIOR_WIDTH)),
-            *("--eval-every", "0", "--eval-bank", str(sizes.eval_bank), "--probe-epochs", "0"),
-        ),
-        samples=sizes.pretrain_subset * sizes.pretrain_epochs,
-    )
+    pretrain = pretrain_run(out, sizes, seeds[0], features)
     runs = []
     for index, seed in enumerate(seeds):
         for row in ROWS:
@@ -267,7 +283,7 @@ SECONDS_NETWORK_PRIOR = 50.0
 def estimate_seconds(run: RunSpec) -> float:
     """Rough single-thread wall time of one run (training, prior embedding, evaluation)."""
     rate = SECONDS_PER_SAMPLE["rela" if run.prior else "byol"]
-    relative = PRETRAIN_RELATIVE_COST if run.is_pretrain else 1.0
+    relative = PRETRAIN_RELATIVE_COST if run.is_pretrain else run.relative_cost
     seconds = run.samples * rate * relative + SECONDS_PER_RUN
     if run.prior is not None and run.prior.startswith("checkpoint:"):
         seconds += SECONDS_NETWORK_PRIOR

@@ -28,7 +28,6 @@ from rela_study.transport import rgb_prior_checkpoint
 
 __all__ = ["fit_features", "log", "main_until_stopped", "make_record", "run_study"]
 
-STUDY = "rela-fashion-mnist"
 # Summary fields copied into the record (those the trainer does not produce are left out).
 METRICS = (
     "knn_acc",
@@ -83,6 +82,7 @@ def make_record(
     run: RunSpec,
     summary: dict[str, Any],
     *,
+    study: str,
     command: list[str],
     environment: dict[str, Any],
     seconds: float,
@@ -94,7 +94,7 @@ def make_record(
         for point in summary.get("evaluations", [])
     ]
     return {
-        "study": STUDY,
+        "study": study,
         "run": run.run_id,
         "row": run.row,
         "label": run.label,
@@ -108,7 +108,7 @@ def make_record(
         "switch_epoch": summary.get("switch_epoch"),
         "last_rho": summary.get("last_rho"),
         "budget": summary.get("budget"),
-        "selection": summary.get("selection"),
+        "policy": summary.get("policy"),
         "curve": curve,
         # --eval-steps points (issue 18): kNN against steps since the switch.
         "step_curve": summary.get("step_evaluations") or [],
@@ -127,12 +127,14 @@ class _Study:
         runs: list[RunSpec],
         out: Path,
         *,
+        study: str,
         python: str,
         environment: Callable[[], dict[str, Any]],
         on_record: Callable[[], None],
         log: Callable[[str], None],
     ) -> None:
         self.runs = {run.run_id: run for run in runs}
+        self.study = study
         self.out = out
         self.python = python
         self.environment = environment
@@ -168,6 +170,7 @@ class _Study:
         record = make_record(
             run,
             summary,
+            study=self.study,
             # The run's own command (a resumed run ran `fit --resume` on the same settings).
             command=["python", "-m", "rela_train", "fit", *run.flags, "--out", str(run_dir)],
             environment=self.environment(),
@@ -230,6 +233,7 @@ def run_study(
     runs: list[RunSpec],
     out: Path,
     *,
+    study: str,
     jobs: int,
     python: str = sys.executable,
     environment: Callable[[], dict[str, Any]],
@@ -237,11 +241,20 @@ def run_study(
     log: Callable[[str], None],
 ) -> list[str]:
     """Run every run of ``runs`` that has no record yet, ``jobs`` at a time; returns the ids of
-    the runs that failed (each failure is logged; the others go on)."""
+    the runs that failed (each failure is logged; the others go on). ``study`` names the study
+    in every record."""
     if jobs < 1:
         raise ValueError(f"--jobs: need at least 1, got {jobs}")
     finished = done_runs(out)
-    study = _Study(runs, out, python=python, environment=environment, on_record=on_record, log=log)
+    study = _Study(
+        runs,
+        out,
+        study=study,
+        python=python,
+        environment=environment,
+        on_record=on_record,
+        log=log,
+    )
     todo = [run for run in runs if run.run_id not in finished]
     failed = []
     pool = ThreadPoolExecutor(max_workers=jobs)

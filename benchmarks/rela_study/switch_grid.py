@@ -10,7 +10,17 @@ the pixel prior), in four parts, in this order:
 * ``views`` (only when asked for) -- a diagnostic of ``keep-views``: BYOL on all data, switched
   to at step 0 of a ReLA run, on ReLA's views (``keep-views``) and, as the control, on BYOL's own
   (``hard``). It tells a better transition apart from milder views suiting this data;
-* ``long`` -- the four horizon rows (BYOL 100%, ReLA 50% hard, best, never) at 3 x the epochs.
+* ``long`` -- the four horizon rows (BYOL 100%, ReLA 50% hard, best, never) at 3 x the epochs;
+* ``res28`` (only when asked for) -- full resolution: 28-px crops instead of 16, the official
+  recipe as it stands (every parameter decayed): BYOL 100%, BYOL random 50%, and ReLA 50% never,
+  hard and keep-views. The prior stays ``pixels:16`` so that only the crop size changes;
+* ``transfer`` (only when asked for) -- a prior from another distribution, at 16 px with the
+  earlier parts' settings (``--decay-exclude bias-norm``, as every part but res28 and decay):
+  ReLA 50% never and hard with the digits prior (``digits_prior.py``), a random network of the
+  same architecture and the pixels prior; at the first seed also with a Fashion-MNIST-trained
+  network (BYOL on classes 0-4, ``study_rela.py``'s prior), for the transportability table;
+* ``decay`` (only when asked for) -- ReLA 50% hard at 16 px with the official recipe's own
+  ``--decay-exclude none``, beside the factor row ``hard`` (which spares biases and norms).
 
 Each part runs every seed's runs before the next part starts, seed by seed, so the runs that
 finish first are the first seed of every factor.
@@ -18,9 +28,20 @@ finish first are the first seed of every factor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from rela_study.grid import PIXELS, RunSpec, Sizes, _base_flags, _probe_flags
+from rela_study.grid import (
+    PIXELS,
+    PRIOR_ARCH,
+    RunSpec,
+    Sizes,
+    _base_flags,
+    _probe_flags,
+    pretrain_run,
+    random_checkpoint,
+    transported_checkpoint,
+)
 
 __all__ = [
     "DEFAULT_PARTS",
@@ -33,7 +54,7 @@ __all__ = [
     "switch_rows",
 ]
 
-PARTS = ("factors", "horizon", "views", "long")
+PARTS = ("factors", "horizon", "views", "long", "res28", "transfer", "decay")
 # What a plain study runs: the views diagnostic only when asked for (--parts), so that the grid the
 # issue asks for stays within its time budget.
 DEFAULT_PARTS = ("factors", "horizon", "long")
@@ -71,6 +92,10 @@ class SwitchRow:
     transition: str | None  # --switch-transition
     long: bool = False  # the long horizon's epochs
     probe_switch: bool = False  # kNN every N steps around the switch
+    prior_spec: str = PIXELS  # "{digits}", "{random}", "{fashion}": files of the study
+    extra: tuple[str, ...] = ()  # further fit flags
+    decay_exclude: str = "bias-norm"  # the earlier parts' setting (see grid._base_flags)
+    first_seed_only: bool = False
 
 
 def switch_rows(steps: StepSizes, best: str) -> list[SwitchRow]:
@@ -104,7 +129,62 @@ def switch_rows(steps: StepSizes, best: str) -> list[SwitchRow]:
         SwitchRow("long-rela-50-never", "ReLA 50%, never switches (long)", "long", 0.5, True,
                   "never", None, True),
     ]  # fmt: skip
+    res28 = dict(extra=("--image-size", "28"), decay_exclude="none")
+    rows += [
+        SwitchRow("res28-byol-100", "28 px: BYOL, 100%", "res28", 1.0, False, None, None,
+                  **res28),
+        SwitchRow("res28-byol-random-50", "28 px: BYOL, random 50%", "res28", 0.5, False, None,
+                  None, **res28),
+        SwitchRow("res28-rela-50-never", "28 px: ReLA 50%, never switches", "res28", 0.5, True,
+                  "never", None, **res28),
+        SwitchRow(RES28_HARD_ROW, "28 px: ReLA 50%, hard", "res28", 0.5, True, None, "hard",
+                  **res28),
+        SwitchRow("res28-rela-50-keep-views", "28 px: ReLA 50%, keep-views", "res28", 0.5, True,
+                  None, "keep-views", **res28),
+    ]  # fmt: skip
+    for prior, spec, label in TRANSFER_PRIORS:
+        for switch, transition in (("never", None), (None, "hard")):
+            if prior == "fashion" and transition is not None:
+                continue  # the in-distribution prior is there for the R^2 table
+            name = f"transfer-{prior}-{switch or transition}"
+            rows.append(SwitchRow(
+                name, f"ReLA 50%, {label}, {switch or transition}", "transfer", 0.5, True,
+                switch, transition, prior_spec=spec,
+                first_seed_only=prior == "fashion",
+            ))  # fmt: skip
+    rows.append(
+        SwitchRow(
+            "decay-rela-50-hard",
+            "ReLA 50%, hard, every parameter decayed",
+            "decay",
+            0.5,
+            True,
+            None,
+            "hard",
+            decay_exclude="none",
+            first_seed_only=True,
+        )
+    )
     return rows
+
+
+RES28_HARD_ROW = "res28-rela-50-hard"
+SEED_MAJOR_PARTS = ("res28", "transfer", "decay")
+# A 28-px sample costs about twice a 16-px one (one epoch of 3,000 images, one thread, BYOL:
+# 20.4 s against 9.9 s of training on the study's CPU).
+RES28_RELATIVE_COST = 2.06
+# The transfer part's priors: name, --prior spec (files filled in per study and seed), label.
+TRANSFER_PRIORS = (
+    ("digits", "checkpoint:resnet10:{digits}", "digits prior (supervised, sklearn digits)"),
+    ("random", "checkpoint:resnet10:{random}", "random-network prior"),
+    ("pixels", PIXELS, "pixels prior"),
+    ("fashion", "checkpoint:resnet10:{fashion}", "Fashion-MNIST prior (BYOL, classes 0-4)"),
+)
+
+
+def digits_checkpoint(out: Path) -> Path:
+    """Where the digits prior's backbone is written (``digits_prior.train_digits_prior``)."""
+    return out / "priors" / f"digits-{PRIOR_ARCH}.pt"
 
 
 def build_switch_plan(
@@ -118,10 +198,13 @@ def build_switch_plan(
     features: set[str],
     data_dir: str | None = None,
     switch: str | None = None,
+    out: Path | None = None,
 ) -> list[RunSpec]:
     """The runs of ``parts`` in execution order: part by part, seed by seed, rows in order.
     ``long_seeds`` (default: the first seed) are the long horizon's; ``switch`` replaces the
-    adaptive rule (``--quick``: ``const:0.5``, so that the short runs switch)."""
+    adaptive rule (``--quick``: ``const:0.5``, so that the short runs switch). The transfer part
+    needs ``out`` (where its prior files are) and starts with the Fashion-MNIST prior's
+    training, which its ``fashion`` row waits for."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds: need distinct seeds, got {seeds}")
     unknown = sorted(set(parts) - set(PARTS))
@@ -130,13 +213,34 @@ def build_switch_plan(
     long_seeds = long_seeds or seeds[:1]
     rows = switch_rows(steps, best)
     runs = []
+    pretrain = None
+    if "transfer" in parts:
+        if out is None:
+            raise ValueError("the transfer part needs the study directory (out)")
+        pretrain = pretrain_run(out, sizes, seeds[0], features)
+        runs.append(pretrain)
     for part in PARTS:
         if part not in parts:
             continue
         for seed in long_seeds if part == "long" else seeds:
             for row in (r for r in rows if r.part == part):
-                runs.append(_run(row, sizes, steps, seed, features, data_dir, switch))
-    return runs
+                if row.first_seed_only and seed != seeds[0]:
+                    continue
+                files = {
+                    "digits": digits_checkpoint(out) if out else None,
+                    "random": random_checkpoint(out, seed) if out else None,
+                    "fashion": transported_checkpoint(out) if out else None,
+                }
+                run = _run(row, sizes, steps, seed, features, data_dir, switch, files)
+                if "{fashion}" in row.prior_spec and pretrain is not None:
+                    run = replace(run, needs=pretrain.run_id)
+                runs.append(run)
+    # The later parts run seed by seed across parts, so that a seed's runs (which share the
+    # machine, for paired differences) finish together and early seeds give every row first.
+    part_of = {row.name: row.part for row in rows}
+    head = [run for run in runs if part_of.get(run.row) not in SEED_MAJOR_PARTS]
+    tail = [run for run in runs if part_of.get(run.row) in SEED_MAJOR_PARTS]
+    return head + sorted(tail, key=lambda run: seeds.index(run.seed))
 
 
 def _run(
@@ -147,9 +251,10 @@ def _run(
     features: set[str],
     data_dir: str | None,
     switch: str | None,
+    files: dict[str, Path | None] | None = None,
 ) -> RunSpec:
     epochs = sizes.epochs * (LONG_FACTOR if row.long else 1)
-    flags = _base_flags(sizes, seed, data_dir, features) + [
+    flags = _base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [
         "--train-subset", str(sizes.train_subset), "--epochs", str(epochs),
         "--eval-every", str(sizes.eval_every * (LONG_FACTOR if row.long else 1)),
         "--eval-bank", str(sizes.eval_bank), "--budget", f"{row.budget:g}",
@@ -157,7 +262,7 @@ def _run(
     ]  # fmt: skip
     prior = None
     if row.prior:
-        prior = PIXELS
+        prior = row.prior_spec.format(**(files or {}))
         flags += ["--prior", prior, "--rela-head", "frozen", "--selection", "random"]
         chosen = row.switch or switch
         if chosen is not None:
@@ -169,6 +274,9 @@ def _run(
                 "--eval-steps", str(steps.eval_every),
                 "--eval-steps-window", f"{steps.before}:{steps.after}",
             ]  # fmt: skip
+    elif row.budget < 1:
+        flags += ["--selection", "random"]
+    flags += list(row.extra)
     return RunSpec(
         row=row.name,
         label=row.label,
@@ -177,4 +285,5 @@ def _run(
         flags=tuple(flags),
         samples=round(row.budget * sizes.train_subset) * epochs,
         prior=prior,
+        relative_cost=RES28_RELATIVE_COST if row.part == "res28" else 1.0,
     )

@@ -285,10 +285,20 @@ def build_optimizer_groups(
     ``lr``; the probe keeps its own fixed learning rate, no weight decay and no LARS."""
     groups = []
     for module in learner.byol.online_modules():
-        groups += parameter_groups(module, base_lr=lr, weight_decay=config.weight_decay, tag="byol")
+        groups += parameter_groups(
+            module,
+            base_lr=lr,
+            weight_decay=config.weight_decay,
+            tag="byol",
+            decay_exclude=config.decay_exclude,
+        )
     if learner.rela_head is not None and not learner.rela_head.frozen:
         groups += parameter_groups(
-            learner.rela_head, base_lr=lr, weight_decay=config.weight_decay, tag="rela"
+            learner.rela_head,
+            base_lr=lr,
+            weight_decay=config.weight_decay,
+            tag="rela",
+            decay_exclude=config.decay_exclude,
         )
     groups += parameter_groups(
         learner.probe, base_lr=config.probe_lr, weight_decay=0.0, tag="probe"

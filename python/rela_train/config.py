@@ -12,21 +12,20 @@ import argparse
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rela_train.arg_types import device
+
 __all__ = [
     "DATASETS",
     "LEGACY_VALUES",
-    "OFFICIAL_RECIPE",
     "POLICIES",
     "RENAMED_KEYS",
     "TrainConfig",
     "add_config_arguments",
-    "apply_recipe",
     "config_from_args",
     "parse_step_window",
     "parse_switch",
@@ -48,6 +47,7 @@ CONST_SWITCHES = ("step", "epoch")
 ON_OFF = ("on", "off")
 PRIOR_PREPROCESSING = ("prior", "official")
 PROBES = ("lbfgs", "official", "none")
+DECAY_EXCLUSIONS = ("bias-norm", "none")
 SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
@@ -56,8 +56,92 @@ RESUME_SETTINGS = ("progress", "threads", "tensorboard")
 DECODERS = ("auto", "pil", "simplejpeg")
 
 
-def _opt(help: str, **extra: Any) -> dict[str, Any]:
-    return {"help": help, **extra}
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric setting: ``low`` to ``high`` (``None``: unbounded), each end
+    closed unless marked open; ``note`` follows the range in the error message."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = (
+                f"in {'(' if self.low_open else '['}{self.low}, {self.high}"
+                f"{')' if self.high_open else ']'}"
+            )
+        return text + self.note
+
+
+AT_LEAST_ONE = Bounds(1)
+NON_NEGATIVE = Bounds(0)
+POSITIVE = Bounds(0, low_open=True)
+UNIT = Bounds(0, 1)
+UNIT_OPEN_TOP = Bounds(0, 1, high_open=True)
+UNIT_OPEN_BOTTOM = Bounds(0, 1, low_open=True)
+_BATCHNORM_BATCH = Bounds(2, note=" (BatchNorm needs at least two images per batch)")
+_SECONDS = Bounds(0, low_open=True, note=" seconds")
+
+
+def _opt(
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    bounds: Bounds | None = None,
+    parse: Callable[[str], Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A field's metadata: its help, and what :meth:`TrainConfig.validate` checks: ``choices``
+    (the allowed strings, also argparse's), ``bounds`` (a number's range) or ``parse`` (a parser
+    of the text raising ValueError that names the flag)."""
+    return {"help": help, "choices": choices, "bounds": bounds, "parse": parse, **extra}
+
+
+def parse_switch(text: str) -> tuple[str, float | None]:
+    """``adaptive`` | ``never`` | ``const:F`` (0 <= F <= 1) -> ``(kind, F or None)``."""
+    if text in ("adaptive", "never"):
+        return text, None
+    kind, _, value = text.partition(":")
+    if kind == "const":
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if 0.0 <= fraction <= 1.0:
+            return "const", fraction
+    raise ValueError(
+        f"--switch: expected adaptive, never or const:F with F in [0, 1], got {text!r}"
+    )
+
+
+def parse_step_window(text: str) -> tuple[int, int]:
+    """``BEFORE:AFTER`` (whole numbers >= 0) -> ``(before, after)``; raises ValueError naming
+    ``--eval-steps-window``."""
+    before, colon, after = text.partition(":")
+    if not (colon and before.isdigit() and after.isdigit()):
+        raise ValueError(
+            f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
+        )
+    return int(before), int(after)
+
+
+def parse_device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or another backend's name); raises ValueError
+    naming ``--device``."""
+    try:
+        return device(text)
+    except argparse.ArgumentTypeError as error:
+        raise ValueError(f"--device: {error}") from None
 
 
 @dataclass
@@ -78,20 +162,29 @@ class TrainConfig:
     )
     train_subset: int | None = field(
         default=None,
-        metadata=_opt("train on a fixed random subset of this many training images (all if unset)"),
+        metadata=_opt(
+            "train on a fixed random subset of this many training images (all if unset)",
+            bounds=AT_LEAST_ONE,
+        ),
     )
     val_subset: int | None = field(
-        default=None, metadata=_opt("evaluate on a fixed random subset of this many images")
+        default=None,
+        metadata=_opt("evaluate on a fixed random subset of this many images", bounds=AT_LEAST_ONE),
     )
-    image_size: int = field(default=28, metadata=_opt("side of the augmented crops, in pixels"))
+    image_size: int = field(
+        default=28, metadata=_opt("side of the augmented crops, in pixels", bounds=AT_LEAST_ONE)
+    )
     load_size: int | None = field(
         default=None,
         metadata=_opt(
             "folder: images are decoded, resized and center-cropped to this side before the "
-            "(batched) augmentation (default: 8/7 of --image-size)"
+            "(batched) augmentation (default: 8/7 of --image-size)",
+            bounds=AT_LEAST_ONE,
         ),
     )
-    workers: int = field(default=0, metadata=_opt("folder: image decoding processes per rank"))
+    workers: int = field(
+        default=0, metadata=_opt("folder: image decoding processes per rank", bounds=NON_NEGATIVE)
+    )
     decoder: str = field(
         default="auto",
         metadata=_opt(
@@ -100,11 +193,14 @@ class TrainConfig:
         ),
     )
     prefetch: int = field(
-        default=4, metadata=_opt("folder: batches each decoding process prepares ahead")
+        default=4,
+        metadata=_opt("folder: batches each decoding process prepares ahead", bounds=AT_LEAST_ONE),
     )
     # -- model ---------------------------------------------------------------------------------
     arch: str = field(default="resnet18", metadata=_opt("backbone (resnet10/18/34/50/101/152)"))
-    width: int = field(default=64, metadata=_opt("channels of the first ResNet stage"))
+    width: int = field(
+        default=64, metadata=_opt("channels of the first ResNet stage", bounds=AT_LEAST_ONE)
+    )
     small_images: bool = field(
         default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
     )
@@ -115,7 +211,9 @@ class TrainConfig:
             choices=ON_OFF,
         ),
     )
-    proj_hidden: int = field(default=4096, metadata=_opt("hidden width of projector/predictor"))
+    proj_hidden: int = field(
+        default=4096, metadata=_opt("hidden width of projector/predictor", bounds=AT_LEAST_ONE)
+    )
     proj_hidden_rule: str = field(
         default="fixed",
         metadata=_opt(
@@ -124,7 +222,9 @@ class TrainConfig:
             choices=PROJ_HIDDEN_RULES,
         ),
     )
-    proj_dim: int = field(default=256, metadata=_opt("output width of projector and predictor"))
+    proj_dim: int = field(
+        default=256, metadata=_opt("output width of projector and predictor", bounds=AT_LEAST_ONE)
+    )
     # -- optimisation --------------------------------------------------------------------------
     recipe: str = field(
         default="default",
@@ -134,20 +234,28 @@ class TrainConfig:
             choices=RECIPES,
         ),
     )
-    epochs: int = field(default=100, metadata=_opt("training epochs"))
-    batch_size: int = field(default=256, metadata=_opt("images per optimizer micro-batch"))
-    accum_steps: int = field(default=1, metadata=_opt("micro-batches per optimizer step"))
+    epochs: int = field(default=100, metadata=_opt("training epochs", bounds=AT_LEAST_ONE))
+    batch_size: int = field(
+        default=256, metadata=_opt("images per optimizer micro-batch", bounds=_BATCHNORM_BATCH)
+    )
+    accum_steps: int = field(
+        default=1, metadata=_opt("micro-batches per optimizer step", bounds=AT_LEAST_ONE)
+    )
     global_batch: int | None = field(
         default=None,
         metadata=_opt(
             "images per optimizer step over all ranks; sets --accum-steps to global_batch / "
-            "(batch_size x world size), which must be a whole number"
+            "(batch_size x world size), which must be a whole number",
+            bounds=AT_LEAST_ONE,
         ),
     )
     optimizer: str = field(default="lars", metadata=_opt("optimizer", choices=OPTIMIZERS))
     lr: float = field(
         default=0.2,
-        metadata=_opt("base learning rate per 256 images (scaled by the effective batch / 256)"),
+        metadata=_opt(
+            "base learning rate per 256 images (scaled by the effective batch / 256)",
+            bounds=POSITIVE,
+        ),
     )
     lr_schedule: str = field(
         default="cosine",
@@ -162,13 +270,25 @@ class TrainConfig:
             "linear (--lr x effective batch / 256) or none (--lr as given)", choices=LR_SCALINGS
         ),
     )
-    weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay"))
-    momentum: float = field(default=0.9, metadata=_opt("LARS momentum"))
-    lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient"))
-    warmup_epochs: float = field(default=10.0, metadata=_opt("linear warmup, in epochs"))
-    probe_lr: float = field(default=0.1, metadata=_opt("learning rate of the online linear probe"))
+    weight_decay: float = field(default=1.5e-6, metadata=_opt("weight decay", bounds=NON_NEGATIVE))
+    decay_exclude: str = field(
+        default="bias-norm",
+        metadata=_opt(
+            "parameters spared from weight decay: bias-norm (biases and normalisation weights, "
+            "BYOL's convention) or none (every parameter is decayed, the official code)",
+            choices=DECAY_EXCLUSIONS,
+        ),
+    )
+    momentum: float = field(default=0.9, metadata=_opt("LARS momentum", bounds=UNIT_OPEN_TOP))
+    lars_eta: float = field(default=0.001, metadata=_opt("LARS trust coefficient", bounds=POSITIVE))
+    warmup_epochs: float = field(
+        default=10.0, metadata=_opt("linear warmup, in epochs", bounds=NON_NEGATIVE)
+    )
+    probe_lr: float = field(
+        default=0.1, metadata=_opt("learning rate of the online linear probe", bounds=POSITIVE)
+    )
     ema_base: float = field(
-        default=0.99, metadata=_opt("target EMA tau at step 0 (see --tau-schedule)")
+        default=0.99, metadata=_opt("target EMA tau at step 0 (see --tau-schedule)", bounds=UNIT)
     )
     tau_schedule: str = field(
         default="cosine",
@@ -190,7 +310,9 @@ class TrainConfig:
         default=None,
         metadata=_opt("enable ReLA with an existing embedding store (with transport.pt)"),
     )
-    rela_dim: int = field(default=256, metadata=_opt("transport width d when computing a prior"))
+    rela_dim: int = field(
+        default=256, metadata=_opt("transport width d when computing a prior", bounds=AT_LEAST_ONE)
+    )
     rela_dim_rule: str = field(
         default="fixed",
         metadata=_opt(
@@ -217,7 +339,10 @@ class TrainConfig:
     )
     switch: str = field(
         default="adaptive",
-        metadata=_opt("ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never"),
+        metadata=_opt(
+            "ReLA -> BYOL switch: adaptive (EMA plateau rule), const:F, or never",
+            parse=parse_switch,
+        ),
     )
     switch_transition: str = field(
         default="auto",
@@ -237,7 +362,10 @@ class TrainConfig:
         ),
     )
     # -- data selection ------------------------------------------------------------------------
-    budget: float = field(default=1.0, metadata=_opt("fraction of the data per epoch, in (0, 1]"))
+    budget: float = field(
+        default=1.0,
+        metadata=_opt("fraction of the data per epoch, in (0, 1]", bounds=UNIT_OPEN_BOTTOM),
+    )
     policy: str = field(
         default="random",
         metadata=_opt("subset policy", choices=POLICIES, aliases=("--selection",)),
@@ -246,7 +374,8 @@ class TrainConfig:
         default=None,
         metadata=_opt(
             "annealing: the last floor(DELTA x epochs) epochs train on the full data with weight "
-            "1 (InfoBatch); DELTA in [0, 1); unset: 0.125 for infobatch, else 0"
+            "1 (InfoBatch); DELTA in [0, 1); unset: 0.125 for infobatch, else 0",
+            bounds=UNIT_OPEN_TOP,
         ),
     )
     switch_scores: str = field(
@@ -266,8 +395,13 @@ class TrainConfig:
         ),
     )
     # -- engine --------------------------------------------------------------------------------
-    seed: int = field(default=0, metadata=_opt("seed of initialisation, subsets, augmentation"))
-    device: str = field(default="auto", metadata=_opt("auto, cpu, cuda, cuda:N"))
+    seed: int = field(
+        default=0,
+        metadata=_opt("seed of initialisation, subsets, augmentation", bounds=NON_NEGATIVE),
+    )
+    device: str = field(
+        default="auto", metadata=_opt("auto, cpu, cuda, cuda:N", parse=parse_device)
+    )
     amp: str = field(
         default="auto", metadata=_opt("bf16 autocast (auto: on CUDA only)", choices=AMP_MODES)
     )
@@ -283,35 +417,44 @@ class TrainConfig:
         default=1800.0,
         metadata=_opt(
             "seconds a collective may wait for the other ranks before the run fails with a "
-            "clear error (a dead or hung rank)"
+            "clear error (a dead or hung rank)",
+            bounds=_SECONDS,
         ),
     )
     threads: int | None = field(
-        default=None, metadata=_opt("CPU threads for torch (default: torch's choice)")
+        default=None,
+        metadata=_opt("CPU threads for torch (default: torch's choice)", bounds=AT_LEAST_ONE),
     )
     # -- evaluation ----------------------------------------------------------------------------
-    knn_k: int = field(default=200, metadata=_opt("kNN neighbours"))
-    knn_t: float = field(default=0.1, metadata=_opt("kNN temperature"))
+    knn_k: int = field(default=200, metadata=_opt("kNN neighbours", bounds=AT_LEAST_ONE))
+    knn_t: float = field(default=0.1, metadata=_opt("kNN temperature", bounds=POSITIVE))
     eval_every: int = field(
-        default=1, metadata=_opt("kNN evaluation every this many epochs (0: only at the end)")
+        default=1,
+        metadata=_opt(
+            "kNN evaluation every this many epochs (0: only at the end)", bounds=NON_NEGATIVE
+        ),
     )
     eval_steps: int = field(
         default=0,
         metadata=_opt(
             "also kNN on the eval bank every this many optimizer steps (0: off); not counted as "
-            "training time, recorded as step_eval lines and in the summary"
+            "training time, recorded as step_eval lines and in the summary",
+            bounds=NON_NEGATIVE,
         ),
     )
     eval_steps_window: str | None = field(
         default=None,
         metadata=_opt(
             "BEFORE:AFTER: the --eval-steps evaluations only from BEFORE steps before the ReLA "
-            "-> BYOL switch (snapshots, evaluated at the switch) to AFTER steps after it"
+            "-> BYOL switch (snapshots, evaluated at the switch) to AFTER steps after it",
+            parse=parse_step_window,
         ),
     )
     eval_bank: int | None = field(
         default=None,
-        metadata=_opt("per-epoch kNN: use at most this many training images as the bank"),
+        metadata=_opt(
+            "per-epoch kNN: use at most this many training images as the bank", bounds=AT_LEAST_ONE
+        ),
     )
     probe: str = field(
         default="lbfgs",
@@ -325,7 +468,8 @@ class TrainConfig:
     probe_epochs: int = field(
         default=100,
         metadata=_opt(
-            "final linear probe: L-BFGS iterations, or the official probe's epochs (0: none)"
+            "final linear probe: L-BFGS iterations, or the official probe's epochs (0: none)",
+            bounds=NON_NEGATIVE,
         ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
@@ -412,159 +556,71 @@ class TrainConfig:
         return dataclasses.replace(self, **changes).validate()
 
     def validate(self) -> TrainConfig:
-        """Check every field's type, range and finiteness, then the combination; raises
-        ValueError naming the flag (the same checks for flags and for a ``config.json`` read on
-        resume). Returns self."""
-
-        def need(ok: bool, flag: str, message: str) -> None:
-            if not ok:
-                raise ValueError(f"--{flag.replace('_', '-')}: {message}")
-
+        """Check every field against its metadata (type, finiteness, choices, bounds, parser; an
+        optional text is never empty), then the combinations; raises ValueError naming the flag
+        (the same checks for flags and for a ``config.json`` read on resume). Returns self."""
         for f in dataclasses.fields(self):
-            _check_type(f, getattr(self, f.name))
-        need(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}")
-        need(
+            _check_field(f, getattr(self, f.name))
+        from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
+        from rela_train.transition import parse_transition
+
+        _need(
+            self.arch in RESNET_ARCHS,
+            "arch",
+            f"must be one of {', '.join(RESNET_ARCHS)}",
+            repr(self.arch),
+        )
+        _need(
             self.dataset != "folder" or self.data_dir is not None,
             "data_dir",
             "the folder dataset needs --data-dir (an image folder)",
+            "none",
         )
-        for name in ("image_size", "width", "proj_hidden", "proj_dim", "epochs", "batch_size"):
-            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        need(self.accum_steps >= 1, "accum_steps", f"must be >= 1, got {self.accum_steps}")
-        need(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
-        need(self.prefetch >= 1, "prefetch", f"must be >= 1, got {self.prefetch}")
-        need(self.decoder in DECODERS, "decoder", f"must be one of {', '.join(DECODERS)}")
-        need(
-            self.batch_size >= 2,
-            "batch_size",
-            f"must be >= 2 (BatchNorm needs at least two images per batch), got {self.batch_size}",
-        )
-        from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
-
-        need(
-            self.arch in RESNET_ARCHS,
-            "arch",
-            f"expected one of {', '.join(RESNET_ARCHS)}, got {self.arch!r}",
-        )
-        need(
-            _DEVICE.fullmatch(self.device) is not None,
-            "device",
-            f"expected auto, cpu, cuda or cuda:N, got {self.device!r}",
-        )
-        for name in ("prior", "prior_store", "data_dir", "val_dir", "tensorboard"):
-            value = getattr(self, name)
-            need(value is None or value.strip() != "", name, f"must not be empty, got {value!r}")
-        need(
-            math.isfinite(self.dist_timeout) and self.dist_timeout > 0,
-            "dist_timeout",
-            f"must be > 0 seconds, got {self.dist_timeout}",
-        )
-        for name in (
-            "train_subset", "val_subset", "eval_bank", "load_size", "threads", "global_batch"
-        ):  # fmt: skip
-            value = getattr(self, name)
-            need(value is None or value >= 1, name, f"must be >= 1, got {value}")
-        need(
+        _need(
             self.load_size is None or self.load_size >= self.image_size,
             "load_size",
             f"must be >= --image-size ({self.image_size})",
+            repr(self.load_size),
         )
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        for name in ("lr", "probe_lr"):
-            value = getattr(self, name)
-            need(math.isfinite(value) and value > 0, name, f"must be > 0, got {value}")
-        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        need(self.lars_eta > 0, "lars_eta", f"must be > 0, got {self.lars_eta}")
-        need(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
-        need(0 <= self.ema_base <= 1, "ema_base", f"must be in [0, 1], got {self.ema_base}")
-        need(
-            not (self.prior is not None and self.prior_store is not None),
+        _need(
+            self.prior is None or self.prior_store is None,
             "prior",
             "give either --prior or --prior-store, not both",
+            f"--prior {self.prior!r} and --prior-store {self.prior_store!r}",
         )
-        need(self.rela_dim >= 1, "rela_dim", f"must be >= 1, got {self.rela_dim}")
-        for name, allowed in (
-            ("recipe", RECIPES),
-            ("lr_schedule", LR_SCHEDULES),
-            ("lr_scaling", LR_SCALINGS),
-            ("tau_schedule", TAU_SCHEDULES),
-            ("proj_hidden_rule", PROJ_HIDDEN_RULES),
-            ("rela_head", RELA_HEADS),
-            ("rela_dim_rule", RELA_DIM_RULES),
-            ("const_switch", CONST_SWITCHES),
-            ("byol_blur", ON_OFF),
-            ("prior_preprocess", PRIOR_PREPROCESSING),
-            ("probe", PROBES),
-            ("switch_scores", SWITCH_SCORES),
-            ("inbatch_switch_loss", INBATCH_SWITCH_LOSSES),
-        ):
-            value = getattr(self, name)
-            need(value in allowed, name, f"must be one of {', '.join(allowed)}, got {value!r}")
-        need(
-            self.anneal is None or 0.0 <= self.anneal < 1.0,
-            "anneal",
-            f"must be in [0, 1), got {self.anneal}",
-        )
-        need(
+        _need(
             self.policy != "inbatch" or not self.anneal,
             "anneal",
-            f"does not apply to --policy inbatch (every batch is scored), got {self.anneal}",
+            "does not apply to --policy inbatch (every batch is scored)",
+            repr(self.anneal),
         )
-        parse_switch(self.switch)
-        self._validate_transition_and_step_evals(need)
-        need(
-            math.isfinite(self.budget) and 0 < self.budget <= 1,
-            "budget",
-            f"must be in (0, 1], got {self.budget}",
-        )
-        need(self.policy in POLICIES, "policy", f"must be one of {', '.join(POLICIES)}")
-        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        need(self.amp in AMP_MODES, "amp", f"must be one of {', '.join(AMP_MODES)}")
-        need(self.knn_k >= 1, "knn_k", f"must be >= 1, got {self.knn_k}")
-        need(self.knn_t > 0, "knn_t", f"must be > 0, got {self.knn_t}")
-        need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
-        need(self.probe_epochs >= 0, "probe_epochs", f"must be >= 0, got {self.probe_epochs}")
-        return self
-
-    def _validate_transition_and_step_evals(self, need: Callable[[bool, str, str], None]) -> None:
-        from rela_train.transition import parse_transition
-
         if not parse_transition(self.concrete_transition).hard:
-            need(
+            _need(
                 self.rela,
                 "switch_transition",
-                f"{self.switch_transition!r} needs ReLA (--prior or --prior-store)",
+                "needs ReLA (--prior or --prior-store)",
+                repr(self.switch_transition),
             )
-            need(
+            _need(
                 self.switch != "never",
                 "switch_transition",
-                f"{self.switch_transition!r} needs a switch, but --switch is never",
+                "needs a switch, but --switch is never",
+                repr(self.switch_transition),
             )
-        need(self.eval_steps >= 0, "eval_steps", f"must be >= 0, got {self.eval_steps}")
         if self.eval_steps_window is not None:
-            parse_step_window(self.eval_steps_window)
-            need(
+            _need(
                 self.eval_steps >= 1,
                 "eval_steps_window",
-                f"{self.eval_steps_window!r} needs --eval-steps N >= 1",
+                "needs --eval-steps N >= 1",
+                repr(self.eval_steps_window),
             )
-            need(
+            _need(
                 self.rela and self.switch != "never",
                 "eval_steps_window",
-                f"{self.eval_steps_window!r} is relative to the switch: needs ReLA with a switch",
+                "is relative to the switch: needs ReLA with a switch",
+                repr(self.eval_steps_window),
             )
-
-
-def parse_step_window(text: str) -> tuple[int, int]:
-    """``BEFORE:AFTER`` (whole numbers >= 0) -> ``(before, after)``; raises ValueError naming
-    ``--eval-steps-window``."""
-    before, colon, after = text.partition(":")
-    if not (colon and before.isdigit() and after.isdigit()):
-        raise ValueError(
-            f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
-        )
-    return int(before), int(after)
+        return self
 
 
 # Settings added after config.json files were first written: a file without the key ran with
@@ -587,56 +643,22 @@ LEGACY_VALUES: dict[str, Any] = {
     "switch_transition": "hard",
     "eval_steps": 0,
     "eval_steps_window": None,
+    "decay_exclude": "bias-norm",
 }
 
-# The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
-# scheduler), main.py get_parser (lr 1e-3, weight decay 0.01), methods/byol.py (tau 0.99,
-# hidden width 2 x feature width; TransformBYOL: no blur for CIFAR), boostor/rela.py (head not
-# optimised, PCA to min(feature width, prior width), const switch by epoch, Resize + CenterCrop
-# + ImageNet normalisation), metrics/lineareval.py (the probe).
-OFFICIAL_RECIPE: dict[str, Any] = {
-    "optimizer": "adamw",
-    "lr": 1e-3,
-    "weight_decay": 0.01,
-    "lr_schedule": "constant",
-    "lr_scaling": "none",
-    "tau_schedule": "constant",
-    "ema_base": 0.99,
-    "proj_hidden_rule": "double",
-    "rela_head": "frozen",
-    "rela_dim_rule": "min-width",
-    "const_switch": "epoch",
-    "prior_preprocess": "official",
-    "probe": "official",
-    "probe_epochs": 100,
-    "switch_transition": "hard",
-}
-
-# The official code turns blur off for CIFAR (32 px) only.
-_OFFICIAL_BLUR_MAX_SIZE = 32
-
-
-def apply_recipe(
-    config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
-) -> TrainConfig:
-    """``config`` with its ``recipe``'s settings applied to every field not in ``explicit``
-    (the fields the user set: they win). ``default`` changes nothing."""
-    if config.recipe == "default":
-        return config.validate()
-    values = dict(OFFICIAL_RECIPE)
-    values["byol_blur"] = "off" if config.image_size <= _OFFICIAL_BLUR_MAX_SIZE else "on"
-    changes = {name: value for name, value in values.items() if name not in explicit}
-    return dataclasses.replace(config, **changes).validate()
-
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|[a-z]+(:\d+)?")
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}
 
 
-def _check_type(f: dataclasses.Field, value: Any) -> None:
-    """``value`` has ``f``'s declared type (an int is a float; a bool is neither) and a float
-    is finite; raises ValueError naming the flag."""
-    flag = "--" + f.name.replace("_", "-")
+def _need(ok: bool, name: str, message: str, got: str) -> None:
+    """Unless ``ok``, raise the one-line error every check gives: ``--flag: message, got ...``."""
+    if not ok:
+        raise ValueError(f"--{name.replace('_', '-')}: {message}, got {got}")
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """``value`` has ``f``'s declared type (an int is a float; a bool is neither), a float is
+    finite, and it passes ``f``'s metadata (choices, bounds, parser); an optional text is not
+    empty. Raises ValueError naming the flag."""
     annotation = str(f.type).replace(" ", "")
     optional = annotation.endswith("|None")
     expected = _TYPES[annotation.removesuffix("|None")]
@@ -647,40 +669,23 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
         ok = True
     if not ok:
         wanted = expected.__name__ + (" or null" if optional else "")
-        raise ValueError(f"{flag}: expected {wanted}, got {value!r} ({type(value).__name__})")
-    if expected is float and not math.isfinite(value):
-        raise ValueError(f"{flag}: must be a finite number, got {value!r}")
-
-
-def parse_switch(text: str) -> tuple[str, float | None]:
-    """``adaptive`` | ``never`` | ``const:F`` (0 <= F <= 1) -> ``(kind, F or None)``."""
-    if text in ("adaptive", "never"):
-        return text, None
-    kind, _, value = text.partition(":")
-    if kind == "const":
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = math.nan
-        if 0.0 <= fraction <= 1.0:
-            return "const", fraction
-    raise ValueError(
-        f"--switch: expected adaptive, never or const:F with F in [0, 1], got {text!r}"
-    )
+        _need(False, f.name, f"expected {wanted}", f"{value!r} ({type(value).__name__})")
+    if expected is float:
+        _need(math.isfinite(value), f.name, "must be a finite number", repr(value))
+    choices, bounds, parse = (f.metadata.get(key) for key in ("choices", "bounds", "parse"))
+    if choices is not None:
+        _need(value in choices, f.name, f"must be one of {', '.join(choices)}", repr(value))
+    if bounds is not None:
+        _need(value in bounds, f.name, f"must be {bounds}", repr(value))
+    if expected is str and optional:
+        _need(value.strip() != "", f.name, "must not be empty", repr(value))
+    if parse is not None:
+        parse(value)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -732,4 +737,6 @@ def config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig
     for f in dataclasses.fields(TrainConfig):
         if _optional_int(f) and changes.get(f.name) == 0:
             changes[f.name] = None
+    from rela_train.presets import apply_recipe  # presets are built on this module
+
     return apply_recipe(dataclasses.replace(base, **changes), explicit=set(changes))

@@ -90,11 +90,19 @@ def _is_excluded(name: str, parameter: torch.Tensor) -> bool:
 
 
 def parameter_groups(
-    model: nn.Module, *, base_lr: float, weight_decay: float, tag: str
+    model: nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    tag: str,
+    decay_exclude: str = "bias-norm",
 ) -> list[dict]:
-    """Two groups of ``model``'s trainable parameters: regular, and biases/norms (excluded from
-    weight decay and LARS adaptation). ``tag`` names the groups (``base_lr`` is kept per group so
-    the schedule can rescale each)."""
+    """Two groups of ``model``'s trainable parameters: regular, and biases/norms (never adapted
+    by LARS). ``decay_exclude`` ``bias-norm`` spares the second group from weight decay (BYOL's
+    convention); ``none`` decays it too (the official ReLA code hands AdamW every parameter).
+    ``tag`` names the groups (``base_lr`` is kept per group so the schedule can rescale each)."""
+    if decay_exclude not in ("bias-norm", "none"):
+        raise ValueError(f"decay_exclude: expected bias-norm or none, got {decay_exclude!r}")
     regular, excluded = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -104,7 +112,12 @@ def parameter_groups(
         groups.append(dict(params=regular, weight_decay=weight_decay, lars_exclude=False, name=tag))
     if excluded:
         groups.append(
-            dict(params=excluded, weight_decay=0.0, lars_exclude=True, name=f"{tag}.bias_norm")
+            dict(
+                params=excluded,
+                weight_decay=weight_decay if decay_exclude == "none" else 0.0,
+                lars_exclude=True,
+                name=f"{tag}.bias_norm",
+            )
         )
     for group in groups:
         group["base_lr"] = base_lr
@@ -124,7 +137,7 @@ def build_optimizer(
     if kind == "lars":
         return LARS(groups, lr=0.0, weight_decay=weight_decay, momentum=momentum, eta=eta)
     if kind == "adamw":
-        # AdamW ignores lars_exclude; its per-group weight_decay already spares biases/norms.
+        # AdamW ignores lars_exclude; the per-group weight_decay says which groups decay.
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {kind!r}; known: lars, adamw")
 

@@ -1,15 +1,18 @@
-"""Named starting points for :class:`~rela_train.config.TrainConfig` (``--preset NAME``).
+"""Named starting points for :class:`~rela_train.config.TrainConfig` (``--preset NAME``) and
+the recipes (``--recipe NAME``).
 
-A preset only changes defaults; every flag given on the command line still wins.
+A preset only changes defaults; every flag given on the command line still wins. A recipe is
+applied after the flags, to the settings they did not give.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from rela_train.config import TrainConfig
 
-__all__ = ["PRESETS", "get_preset"]
+__all__ = ["OFFICIAL_RECIPE", "PRESETS", "apply_recipe", "get_preset"]
 
 # ResNet-18 with the small-image stem (3x3 stride-1, no max-pool) for 32-64 px image folders.
 _SMALL_IMAGES_R18: dict[str, Any] = dict(
@@ -137,3 +140,45 @@ def get_preset(name: str | None) -> TrainConfig:
     if config.dataset != "folder":
         config.validate()  # folder presets are complete only once --data-dir is given
     return config
+
+
+# The official ReLA code (LINs-lab/ReLA): methods/byol.py BYOL.configure_optimizers (AdamW, no
+# scheduler), main.py get_parser (lr 1e-3, weight decay 0.01), methods/byol.py (tau 0.99,
+# hidden width 2 x feature width; TransformBYOL: no blur for CIFAR), boostor/rela.py (head not
+# optimised, PCA to min(feature width, prior width), const switch by epoch, Resize + CenterCrop
+# + ImageNet normalisation), metrics/lineareval.py (the probe).
+OFFICIAL_RECIPE: dict[str, Any] = {
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 0.01,
+    # BYOL.configure_optimizers hands AdamW every parameter: biases and norms are decayed too.
+    "decay_exclude": "none",
+    "lr_schedule": "constant",
+    "lr_scaling": "none",
+    "tau_schedule": "constant",
+    "ema_base": 0.99,
+    "proj_hidden_rule": "double",
+    "rela_head": "frozen",
+    "rela_dim_rule": "min-width",
+    "const_switch": "epoch",
+    "prior_preprocess": "official",
+    "probe": "official",
+    "probe_epochs": 100,
+    "switch_transition": "hard",
+}
+
+# The official code turns blur off for CIFAR (32 px) only.
+_OFFICIAL_BLUR_MAX_SIZE = 32
+
+
+def apply_recipe(
+    config: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()
+) -> TrainConfig:
+    """``config`` with its ``recipe``'s settings applied to every field not in ``explicit``
+    (the fields the user set: they win). ``default`` changes nothing."""
+    if config.recipe == "default":
+        return config.validate()
+    values = dict(OFFICIAL_RECIPE)
+    values["byol_blur"] = "off" if config.image_size <= _OFFICIAL_BLUR_MAX_SIZE else "on"
+    changes = {name: value for name, value in values.items() if name not in explicit}
+    return dataclasses.replace(config, **changes).validate()

@@ -13,18 +13,10 @@ except an embedding store of the prior in it, which is resumable work.
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; run directories need a POSIX system
-    fcntl = None
+from rela_kernels.holder_lock import HolderLock, LockHeld, make_directory
 
 __all__ = ["LOCK", "RUN_FILES", "RunDirectory"]
 
@@ -38,11 +30,10 @@ class RunDirectory:
     """The run directory held by this process: :meth:`open` it, :meth:`release` it at the end,
     or :meth:`abandon` it when the start failed."""
 
-    def __init__(self, path: Path, fd: int, created: Path | None, lock_created: bool) -> None:
+    def __init__(self, path: Path, lock: HolderLock, created: Path | None) -> None:
         self.path = path
-        self._fd: int | None = fd
+        self._lock = lock
         self._created = created  # the topmost directory this start made, if it made one
-        self._lock_created = lock_created
 
     @classmethod
     def check_new(cls, path: Path) -> None:
@@ -70,81 +61,41 @@ class RunDirectory:
     def open(cls, path: Path, *, new: bool) -> RunDirectory:
         """Create (``new`` runs) and lock ``path``; raises ValueError if another process holds
         it, or (``new``) if it holds a run or foreign files."""
-        if fcntl is None:
-            raise OSError(errno.ENOSYS, "rela-train: run directories need a POSIX system")
         if new:
             cls.check_new(path)
-        created = _first_missing(path)
-        path.mkdir(parents=True, exist_ok=True)
-        lock_created = not (path / LOCK).exists()
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        created = make_directory(path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise ValueError(
-                    f"--out: {path} is being written by another rela-train run ({holder}); "
-                    "wait for it to end or choose another directory"
-                ) from error
-            raise
-        held = cls(path, fd, created, lock_created)
-        try:
-            if new:
+            lock = HolderLock.take(path / LOCK)
+        except LockHeld as error:
+            raise ValueError(
+                f"--out: {path} is being written by another rela-train run ({error.holder}); "
+                "wait for it to end or choose another directory"
+            ) from error
+        held = cls(path, lock, created)
+        if new:
+            try:
                 cls.check_new(path)  # again, now that no other start can race this one
-            _write_holder(fd)
-        except BaseException:
-            held.release()
-            raise
+            except BaseException:
+                held.release()  # what is there now is another start's: left as it is
+                raise
         return held
 
     def release(self) -> None:
         """Unlock (the lock file stays: it marks the directory as a rela-train run's)."""
-        if self._fd is not None:
-            os.close(self._fd)  # closing the only descriptor releases the flock
-            self._fd = None
+        self._lock.release()
 
     def abandon(self) -> None:
         """The start failed: remove what it created, then unlock. A directory this start did not
         create is left as it was, and so is one holding the prior's (resumable) embeddings."""
         try:
             prior = self.path / "prior"
-            if self._fd is not None and not (prior.is_dir() and any(prior.iterdir())):
+            if self._lock.fd is not None and not (prior.is_dir() and any(prior.iterdir())):
                 if self._created is not None:
                     shutil.rmtree(self._created, ignore_errors=True)
-                elif self._lock_created:
-                    (self.path / LOCK).unlink(missing_ok=True)
+                elif self._lock.made_file:
+                    self._lock.file.unlink(missing_ok=True)
         finally:
             self.release()
 
     def __del__(self) -> None:
         self.release()
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The topmost ancestor of ``path`` (or itself) that does not exist yet."""
-    missing = None
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            break
-        missing = candidate
-    return missing
-
-
-def _write_holder(fd: int) -> None:
-    holder = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode())
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"

@@ -261,15 +261,9 @@ def embed(
         "prior_spec": prior.spec,
         "classes": len(dataset.classes),
     }
-    create = {
-        "n": n,
-        "dim": prior.dim,
-        "fingerprint": dataset.fingerprint,
-        "prior": prior.identity,
-        "input_size": prior.input_size,
-        "chunk_rows": chunk_rows,
-        "metadata": metadata,
-    }
+    spec = rk.StoreSpec(
+        n, prior.dim, dataset.fingerprint, prior.identity, prior.input_size, chunk_rows, metadata
+    )
 
     def check_and_repair(store: rk.EmbeddingStore) -> int:
         damaged = store.verify() if store.rows_done or store.chunks_ahead else []
@@ -307,7 +301,7 @@ def embed(
             peers,
             out,
             identity=shown,
-            create=create,
+            spec=spec,
             compute=lambda store, chunks, write, bar: _compute(
                 store, chunks, write, dataset, prior, batch_size, workers, device, bar, log
             ),
@@ -336,7 +330,7 @@ def embed(
             shard.repaired_rows, shard.seconds,
         )  # fmt: skip
 
-    with rk.EmbeddingStore.create_or_resume(out, **create, companions=(TRANSPORT_FILE,)) as store:
+    with rk.EmbeddingStore.lead(out, spec, companions=(TRANSPORT_FILE,)) as store:
         repaired = check_and_repair(store)
         todo = store.pending_chunks()
         computed = sum(stop - start for start, stop in todo)
@@ -590,15 +584,11 @@ def embed_tensors(
     With ``peers`` of several ranks, each computes its share of the chunks (module doc).
     """
     log(f"embedding {source.n} images with {prior.identity} (D={prior.dim})")
-    create = {
-        "n": source.n,
-        "dim": prior.dim,
-        "fingerprint": source.fingerprint,
-        "prior": prior.identity,
-        "input_size": prior.input_size,
-        "chunk_rows": batch_size * _TENSOR_CHUNK_BATCHES,
-        "metadata": {"data": source.name, "prior_spec": prior.spec},
-    }
+    spec = rk.StoreSpec(
+        source.n, prior.dim, source.fingerprint, prior.identity, prior.input_size,
+        chunk_rows=batch_size * _TENSOR_CHUNK_BATCHES,
+        metadata={"data": source.name, "prior_spec": prior.spec},
+    )  # fmt: skip
 
     def compute(store, chunks, write, bar) -> None:
         if chunks:
@@ -613,11 +603,11 @@ def embed_tensors(
             "--prior": (prior.identity, prior.spec),
         }
         fill_sharded(
-            peers, Path(out), identity=identity, create=create, compute=compute,
+            peers, Path(out), identity=identity, spec=spec, compute=compute,
             companions=(TRANSPORT_FILE,), log=log,
         )  # fmt: skip
         return rk.EmbeddingStore.open(out)
-    with rk.EmbeddingStore.create_or_resume(out, **create, companions=(TRANSPORT_FILE,)) as store:
+    with rk.EmbeddingStore.lead(out, spec, companions=(TRANSPORT_FILE,)) as store:
         compute(store, store.pending_chunks(), store.write_chunk, None)
     return rk.EmbeddingStore.open(out)
 

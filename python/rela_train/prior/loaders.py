@@ -132,8 +132,24 @@ class ModelPrior(Prior):
         self.identity = f"{identity} | {transform.describe()}"
 
     def _probe_width(self) -> int:
+        """The embedding width, from a batch shaped as the data reach every prior: RGB (a gray
+        image repeated on the three channels) at the prior's input size. A network that takes
+        another channel count is refused here, naming both shapes, never broadcast."""
         size = self.transform.size
-        out = self._run(torch.zeros(2, 3, size, size))
+        channels = _input_channels(self.module)
+        if channels is not None and channels != 3:
+            raise ValueError(
+                f"prior {self.spec}: the network takes {channels}-channel input, but images reach "
+                f"a prior as [B, 3, {size}, {size}] (gray repeated to RGB, resized to the prior's "
+                "input size); export a 3-channel network"
+            )
+        try:
+            out = self._run(torch.zeros(2, 3, size, size))
+        except RuntimeError as error:
+            raise ValueError(
+                f"prior {self.spec}: the network rejects input of shape [2, 3, {size}, {size}] "
+                f"(RGB at the prior's input size): {_first_line(error)}"
+            ) from error
         return out.shape[1]
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
@@ -167,6 +183,14 @@ class ModelPrior(Prior):
                 f"prior {self.spec}: output width changed from {self.dim} to {out.shape[1]}"
             )
         return out
+
+
+def _input_channels(module: nn.Module) -> int | None:
+    """The input channels of ``module``'s first 4-D weight (its stem convolution), if any."""
+    for parameter in module.parameters():
+        if parameter.dim() == 4:
+            return int(parameter.shape[1])
+    return None
 
 
 class PrecomputedPrior(Prior):

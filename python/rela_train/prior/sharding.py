@@ -86,7 +86,7 @@ def fill_sharded(
     out: Path,
     *,
     identity: Mapping[str, tuple[str, str]],
-    create: Mapping[str, Any],
+    spec: rk.StoreSpec,
     compute: Compute,
     prepare: Callable[[rk.EmbeddingStore], int] | None = None,
     companions: Sequence[str] = (),
@@ -97,8 +97,7 @@ def fill_sharded(
 
     Args:
         identity: what every rank must agree on, ``flag -> (value compared, value shown)``.
-        create: ``EmbeddingStore.create_or_resume``'s arguments (``n``, ``dim``,
-            ``fingerprint``, ``prior``, ``input_size``, ``chunk_rows``, ``metadata``).
+        spec: what the store holds (its identity, chunk size and metadata).
         compute: computes chunks of the store and hands each to the writer it is given.
         prepare: run by the leader alone on the opened store before the chunks are shared out
             (checks and repairs); returns the rows it recomputed.
@@ -111,11 +110,11 @@ def fill_sharded(
     """
     _agree(peers, identity)
     if peers.main:
-        return _lead(peers, out, create, compute, prepare, companions, progress, log)
-    return _follow(peers, out, create, compute, progress, log)
+        return _lead(peers, out, spec, compute, prepare, companions, progress, log)
+    return _follow(peers, out, spec, compute, progress, log)
 
 
-def _lead(peers, out, create, compute, prepare, companions, progress, log) -> ShardResult:
+def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> ShardResult:
     members = range(1, peers.world)
     token = secrets.token_hex(8)
     published: list[str] = []
@@ -134,8 +133,8 @@ def _lead(peers, out, create, compute, prepare, companions, progress, log) -> Sh
             )
 
     try:
-        store = rk.EmbeddingStore.create_or_resume(
-            out, **create, job=token, companions=companions, on_locked=everyone_sees_it
+        store = rk.EmbeddingStore.lead(
+            out, spec, job=token, companions=companions, on_locked=everyone_sees_it
         )
     except BaseException as error:
         peers.publish_failure("ready" if published else "token", error)
@@ -177,7 +176,7 @@ def _lead(peers, out, create, compute, prepare, companions, progress, log) -> Sh
     return ShardResult(rows, repaired, seconds)
 
 
-def _follow(peers, out, create, compute, progress, log) -> ShardResult:
+def _follow(peers, out, spec, compute, progress, log) -> ShardResult:
     value = peers.collect("token", [0])[0]
     peers.raise_failure(0, value)
     sees = rk.EmbeddingStore.holder_job(out) == value
@@ -192,15 +191,9 @@ def _follow(peers, out, create, compute, progress, log) -> ShardResult:
     ready = peers.collect("ready", [0])[0]
     peers.raise_failure(0, ready)
     try:
-        store = rk.EmbeddingStore.join(
-            out,
-            value,
-            f"rank{peers.rank}",
-            **{k: create[k] for k in ("n", "dim", "fingerprint", "prior", "input_size")},
-        )
+        store = rk.EmbeddingStore.follow(out, value, f"rank{peers.rank}", spec)
         with store:
-            step = store.chunk_rows
-            pending = [(s, min(s + step, store.n)) for s in json.loads(ready)]
+            pending = [store.chunk_bounds(s // store.chunk_rows) for s in json.loads(ready)]
             rows, seconds = _compute_share(peers, store, pending, compute, progress, log)
         # Closed (its lock on .writers released) before the leader hears it is done.
     except BaseException as error:
