@@ -16,14 +16,14 @@ table, the current epoch's subset, the switch state, counters, and the number of
 written). A resumed run therefore replays the remaining steps bit for bit (on the same device and
 thread count) and rewrites ``metrics.jsonl`` from the checkpoint on.
 
-Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained
-modules are wrapped in ``DistributedDataParallel``, one wrapper per kind of step over the
-parameters it trains (:mod:`rela_train.parallel`; gradients averaged in buckets that overlap the
-backward pass; no all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU
-CUDA runs, step losses are averaged for the switch, the score table all-gathers, and only rank 0
-writes files and evaluates. Each step starts with one tiny all-reduce in which the ranks agree on stopping (a
-signal seen by any rank stops all after the same step) and on skipping a step whose images were
-all unreadable on some rank. Data are consumed per step as one global chunk of the epoch's order
+Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained modules
+are wrapped in ``DistributedDataParallel``, one wrapper per kind of step over the parameters it
+trains (:mod:`rela_train.parallel`; gradients averaged in buckets that overlap the backward pass;
+no all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step
+losses are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
+evaluates. Each step starts with one tiny all-reduce in which the ranks agree on stopping (a signal
+seen by any rank stops all after the same step) and on skipping a step whose images were all
+unreadable on some rank. Data are consumed per step as one global chunk of the epoch's order
 (``global batch = micro-batch x accumulation x world``), sharded by ``rk.SubsetSampler``: a
 checkpoint therefore resumes on another world size (same global batch, the accumulation or the
 per-rank batch adapted) at the same position of the same epoch.
