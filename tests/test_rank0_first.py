@@ -101,7 +101,8 @@ def test_the_others_wait_for_rank0_as_long_as_it_lives(tmp_path: Path, mode: str
     elif mode == "fails":
         assert rank1.returncode == 2, err
         assert err.strip().splitlines()[-1] == (
-            "ValueError: rank 0 failed while preparing the test data: the data is missing"
+            "ValueError: rank 0 failed while preparing the test data: ValueError: the data is "
+            "missing"
         )
     else:
         assert rank1.returncode == 3, err

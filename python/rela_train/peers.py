@@ -261,7 +261,9 @@ def rank0_first(
             try:
                 result = work()
             except BaseException as error:
-                peers.publish_failure("done", error)
+                lost = isinstance(error, DistributedError)
+                named = RuntimeError(f"{type(error).__name__}: {error}")  # names its kind
+                peers.publish_failure("done", error if lost else named)
                 raise
             peers.publish("done", "ok")
             return result
