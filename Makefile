@@ -10,9 +10,10 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton>=3.4,<4
 # setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
 # what the TensorBoard, example and wheel tests use; scikit-learn ships the digits behind the
-# switch study's prior from another distribution.
+# switch study's prior from another distribution; safetensors is the backbone export's format.
 TOOLS := numpy pybind11 ninja pytest pytest-benchmark hypothesis expecttest ruff tqdm pillow \
-  matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning scikit-learn
+  matplotlib simplejpeg "setuptools>=77" wheel build tensorboard lightning scikit-learn \
+  safetensors
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 STAMP := build/.rela-installed-$(subst /,_,$(PYTHON))
 SKIP_DEPS ?= 0
@@ -71,7 +72,7 @@ bench-records: install
 
 # The GPU proof kit for a lent GPU machine: python3 there already has CUDA torch and Triton and
 # there is no network, so nothing is installed. Builds the CUDA extension in place, runs
-# `pytest -m cuda`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (8 minutes in
+# `pytest -m "cuda or interop"`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (8 minutes in
 # all), and writes at most 8 files to GPU_CHECK_OUT. Without a CUDA device it exits at once.
 GPU_CHECK_OUT ?= build/gpu-check
 GPU_PYTHON ?= python3
@@ -203,6 +204,33 @@ gpu-compile-calibrate: install
 # For tests/test_compile_gate.py: where Triton 3.6.0 is.
 triton-side-path:
 	@echo "TRITON_SIDE_DIR=$(TRITON_SIDE_DIR)"
+
+# ---------------------------------------------------------------------------------------------
+# `make interop-venv`: a side venv outside the repository where torchvision and timm import, for
+# the test that loads an exported backbone into them (tests/test_backbone_interop.py; it skips,
+# with the reason, where this venv is missing). The index's torchvision wheels link the CUDA
+# build of torch, which imports without a GPU; `===` pins that build, because `==` also matches
+# the local CPU build. About 4.8 GB; made on first use and reused afterwards.
+INTEROP_TORCH_SPEC ?= torch===2.13.0
+INTEROP_SPECS ?= torchvision==0.28.0 timm safetensors
+INTEROP_PY ?= $(CUDA_PY)
+INTEROP_VENV ?= $(CUDA_CACHE)/interop-venv-$(subst =,-,$(subst ===,-,$(INTEROP_TORCH_SPEC)))
+INTEROP_STAMP := $(INTEROP_VENV)/.rela-installed
+
+.PHONY: interop-venv interop-venv-path
+
+interop-venv: $(INTEROP_STAMP)
+
+$(INTEROP_STAMP):
+	[ -x "$(INTEROP_VENV)/bin/python" ] || "$(INTEROP_PY)" -m venv "$(INTEROP_VENV)"
+	"$(INTEROP_VENV)/bin/python" -m pip install --disable-pip-version-check \
+	  "$(INTEROP_TORCH_SPEC)" $(INTEROP_SPECS) numpy
+	"$(INTEROP_VENV)/bin/python" -c "import torch, torchvision, timm, safetensors"
+	touch "$@"
+
+# For tests/test_backbone_interop.py and benchmarks/gpu_check.py: where the interop venv is.
+interop-venv-path:
+	@echo "INTEROP_VENV=$(INTEROP_VENV)"
 
 # For tests/test_cuda_compile.py: where the side venv and the build directory are.
 cuda-compile-paths:

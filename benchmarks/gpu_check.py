@@ -5,7 +5,9 @@ no network: nothing is installed. Stages, each under its own time limit (a hang 
 its own budget) and all under one overall deadline, so the whole run ends within 8 minutes:
 
 1. build    the extension in place with its CUDA kernels (sm_90 only, to save compile time);
-2. tests    ``pytest -m cuda`` (JUnit XML and the log);
+2. tests    ``pytest -m "cuda or interop"`` (JUnit XML and the log): the CUDA tests, and the
+            exported ResNet-18/50 loaded strictly into torchvision and timm where they import
+            (tests/test_backbone_interop.py; skipped with the reason elsewhere);
 3. memcheck / racecheck: a few CUDA op tests under compute-sanitizer, where it runs;
 4. bench-*  fused loss, select_topk, score_and_select, each candidate configuration of the
             fused loss on its own (with the traffic model's prediction and the autotuner's
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     build_env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
     build = runner.run("build", [py, "setup.py", "build_ext", "--inplace"], "build.log", build_env)
 
-    tests = pytest_command(py, "-m", "cuda", f"--junitxml={out / 'junit.xml'}")
+    tests = pytest_command(py, "-m", "cuda or interop", f"--junitxml={out / 'junit.xml'}")
     if importlib.util.find_spec("xdist") is not None:
         tests += ["-n", "8"]  # Triton compiles per worker process: spread them over the CPUs
     # Each test worker's torch.compile would otherwise start a compile pool of every CPU.

@@ -63,7 +63,7 @@ def test_the_cli_reads_a_plain_list_of_commands() -> None:
     from rela_train.commands import COMMANDS
 
     names = [command.name for command in COMMANDS]
-    assert names == ["embed", "transportability", "fit", "eval", "report", "demo"]
+    assert names == ["embed", "transportability", "fit", "eval", "export", "report", "demo"]
     assert "sys.modules" not in (ROOT / "python" / "rela_train" / "cli.py").read_text()
     listed = re.findall(r"^    (\w+)\s", cli.build_parser().format_help(), re.MULTILINE)
     assert listed == names

@@ -99,6 +99,7 @@ STRINGS = {
     "data_dir": "",
     "val_dir": "",
     "tensorboard": "",
+    "init_backbone": "",
 }
 BOOLEAN_SWITCHES = ("small_images", "channels_last", "compile", "sync_bn", "progress")
 
@@ -170,6 +171,11 @@ OTHER_COMMANDS = [
     ("embed", ["--data", "D", "--prior", "pixels", "--out", "O"], "--normalize", "bogus"),
     ("fit", ["--preset", "synthetic-test"], "--out", ""),
     ("fit", [], "--resume", ""),
+    ("export", ["RUN"], "--out", ""),
+    ("export", ["RUN", "--out", "O"], "--format", "bogus"),
+    ("eval", [], "--backbone", ""),
+    ("eval", ["--backbone", "F"], "--dataset", "bogus"),
+    ("eval", ["--backbone", "F"], "--image-size", "0"),
 ]
 
 

@@ -18,11 +18,12 @@ from torch import nn
 
 import rela_kernels as rk
 from rela_kernels.selection import subset_size
+from rela_train.backbone_io import check_state_matches, load_backbone_file, load_into
 from rela_train.config import TrainConfig
 from rela_train.data.augment import RELA_VIEWS, Augmenter, byol_views
 from rela_train.data.sources import Source, build_sources
 from rela_train.learner import Learner, Objective, build_learner
-from rela_train.models import resnet_feature_dim
+from rela_train.models import build_resnet, resnet_feature_dim
 from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
 from rela_train.parallel import PhaseParallel
@@ -39,6 +40,7 @@ __all__ = [
     "build_run",
     "epoch_steps",
     "micro_batch_size",
+    "read_initial_backbone",
 ]
 
 
@@ -114,11 +116,14 @@ def build_run(
         # created or locked.
         train, val = build_sources(config, warn=log, pin_memory=device.type == "cuda")
         _check_trainable(config, train.n, dist.world)
+        # A resumed run's weights come from its checkpoint: the file is read for a new run only.
+        initial = read_initial_backbone(config, train.channels) if new else None
         run_directory = _open_run_directory(run_dir, dist, new=new)
         check_shared_directory(dist, run_dir)
         return _build_parts(
             config, run_dir, device, dist, train, val, run_directory,
             accum_steps=accum_steps, sync_bn=sync_bn, channels_last=channels_last, log=log,
+            initial_backbone=initial,
         )  # fmt: skip
     except BaseException:
         if run_directory is not None:
@@ -142,6 +147,7 @@ def _build_parts(
     sync_bn: bool,
     channels_last: bool,
     log: Callable[[str], None],
+    initial_backbone: dict[str, torch.Tensor] | None = None,
 ) -> RunParts:
     world = dist.world
     prior: PriorTargets | None = None
@@ -180,7 +186,12 @@ def _build_parts(
         )
     learner = build_learner(
         config, train.channels, len(train.classes), prior.dim if prior else None
-    ).to(device)
+    )
+    if initial_backbone is not None:
+        # Both networks start from the file, as a run's target starts as a copy of its online net.
+        for backbone in (learner.byol.backbone, learner.byol.target_backbone):
+            load_into(backbone, initial_backbone, "--init-backbone")
+    learner = learner.to(device)
     if sync_bn:
         learner = nn.SyncBatchNorm.convert_sync_batchnorm(learner)
     if channels_last and device.type != "cuda":
@@ -276,6 +287,20 @@ def _build_parts(
         augment=augment,
         channels_last=channels_last,
     )
+
+
+def read_initial_backbone(config: TrainConfig, channels: int) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``--init-backbone``, checked against the run's backbone (arch, width,
+    stem, ``channels`` input channels) before anything is created; None without the flag."""
+    if config.init_backbone is None:
+        return None
+    state = load_backbone_file(config.init_backbone, "--init-backbone")
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # shapes only
+        expected = build_resnet(
+            config.arch, small_images=config.small_images, width=config.width, in_channels=channels
+        )
+    check_state_matches(expected, state, "--init-backbone")
+    return state
 
 
 def build_optimizer_groups(

@@ -24,6 +24,7 @@ import torch
 from rela_kernels.atomic_io import atomic_write, atomic_write_text
 from rela_train.build import accumulation_steps, epoch_steps
 from rela_train.config import RESUME_SETTINGS, TrainConfig
+from rela_train.provenance import run_provenance
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
     from rela_train.engine import Trainer
@@ -100,6 +101,8 @@ def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
         "feature_dim": trainer.learner.feature_dim,
         "channels": trainer.train_source.channels,
         "classes": trainer.train_source.classes,
+        # The preset, data fingerprint and git sha of the run (absent from older checkpoints).
+        "provenance": trainer.provenance,
     }
 
 
@@ -136,6 +139,9 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.counters = Counters(**saved)
     trainer.train_source.skipped = trainer.counters.skipped_images
     trainer.evaluations = list(state["evaluations"])
+    trainer.provenance = run_provenance(
+        None, trainer.train_source.fingerprint, state.get("provenance") or trainer.provenance
+    )
     if trainer.step_evals is not None and state.get("step_evals") is not None:
         trainer.step_evals.load_state_dict(state["step_evals"])
     # Drop metric lines written after the checkpoint: the resumed run rewrites them.

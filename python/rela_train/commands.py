@@ -27,6 +27,14 @@ from rela_train.arg_types import (
     positive_int,
 )
 from rela_train.config import RESUME_SETTINGS, TrainConfig, add_config_arguments
+from rela_train.export_commands import (
+    EXPORT_HELP,
+    add_backbone_eval_arguments,
+    check_checkpoint_eval,
+    export_arguments,
+    export_run,
+    run_backbone_eval,
+)
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command"]
 
@@ -315,7 +323,7 @@ def _fit_run(args: argparse.Namespace) -> int:
                 "rank (on a file system all nodes mount)"
             )
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
-        result = fit(config, run_dir)
+        result = fit(config, run_dir, preset=args.preset)
     if result.status != "finished":
         return 128 + (result.signal or signal.SIGINT)
     summary = result.summary
@@ -343,8 +351,14 @@ FIT = Command("fit", "train BYOL (+ ReLA, + data selection); resumable", _fit_ar
 
 def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "checkpoint", metavar="CKPT", type=non_empty, help="a checkpoint file or a run directory"
+        "checkpoint",
+        metavar="CKPT",
+        type=non_empty,
+        nargs="?",
+        default=None,
+        help="a checkpoint file or a run directory (or give --backbone)",
     )
+    add_backbone_eval_arguments(parser)
     parser.add_argument(
         "--device", type=device, default="auto", help="auto (default), cpu, cuda, cuda:N"
     )
@@ -376,6 +390,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_run(args: argparse.Namespace) -> int:
     from rela_train.evaluate import evaluate_checkpoint
 
+    if args.backbone is not None or args.checkpoint is None:
+        return run_backbone_eval(args)
+    check_checkpoint_eval(args)
     result = evaluate_checkpoint(
         args.checkpoint,
         device=args.device,
@@ -404,6 +421,9 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 
 EVAL = Command("eval", "kNN and linear-probe accuracy of a checkpoint", _eval_arguments, _eval_run)
+
+
+EXPORT = Command("export", EXPORT_HELP, export_arguments, export_run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -492,4 +512,4 @@ DEMO = Command(
 
 
 # Every subcommand, in `rela-train --help` order.
-COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, REPORT, DEMO)
+COMMANDS: tuple[Command, ...] = (EMBED, TRANSPORTABILITY, FIT, EVAL, EXPORT, REPORT, DEMO)

@@ -204,6 +204,15 @@ class TrainConfig:
     small_images: bool = field(
         default=False, metadata=_opt("3x3 stride-1 stem without max-pool (for 32 px images)")
     )
+    init_backbone: str | None = field(
+        default=None,
+        metadata=_opt(
+            "start the online and target backbones from this backbone file (safetensors or a "
+            "weights-only .pt state dict: `rela-train export`, or torchvision's ResNet weights); "
+            "its keys and shapes must match --arch/--width/--small-images",
+            metavar="FILE",
+        ),
+    )
     byol_blur: str = field(
         default="on",
         metadata=_opt(
@@ -644,6 +653,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "eval_steps": 0,
     "eval_steps_window": None,
     "decay_exclude": "bias-norm",
+    "init_backbone": None,
 }
 
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str}

@@ -86,7 +86,7 @@ def run_demo(
         ("rela", rela, f"BYOL + ReLA (prior {prior}) on a {budget:.0%} subset per epoch"),
     ):
         echo(f"[{name}] {what} ...")
-        result = fit(config, out / name, hooks=hooks, log=log)
+        result = fit(config, out / name, hooks=hooks, log=log, preset="fashion-mnist-demo")
         if result.status != "finished":
             raise KeyboardInterrupt
         summaries[name] = result.summary

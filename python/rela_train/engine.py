@@ -70,6 +70,7 @@ from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import evaluate_backbone
 from rela_train.optim import ema_tau, scheduled_lr_factor, set_learning_rates
 from rela_train.parallel import PhaseParallel
+from rela_train.provenance import run_provenance
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import (
     DistributedError,
@@ -159,6 +160,7 @@ class Trainer:
         resume: bool = False,
         hooks: Hooks | None = None,
         log: Callable[[str], None] | None = None,
+        preset: str | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or Hooks()
@@ -258,6 +260,8 @@ class Trainer:
         self._pending_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.counters = Counters()  # restored on resume
         self.evaluations: list[dict[str, Any]] = []
+        # Preset, data fingerprint and code version (a resumed run's comes from its checkpoint).
+        self.provenance = run_provenance(preset, self.train_source.fingerprint)
         self._wall_start = time.perf_counter()
 
     def log(self, message: str) -> None:

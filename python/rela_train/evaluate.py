@@ -14,11 +14,13 @@
   exact (correct / images). ``--probe`` chooses the final probe (:func:`final_probe_results`).
 
 :func:`evaluate_backbone` is the one evaluation flow: the trainer calls it per epoch and at the
-end of a run, :func:`evaluate_checkpoint` (the ``eval`` command) on a saved backbone.
+end of a run, :func:`evaluate_checkpoint` (the ``eval`` command) on a saved backbone, and
+:func:`evaluate_backbone_file` (``eval --backbone``) on an exported or torchvision state dict.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import sys
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +44,7 @@ from rela_train.runtime import resolve_device
 __all__ = [
     "OfficialProbeResult",
     "evaluate_backbone",
+    "evaluate_backbone_file",
     "evaluate_checkpoint",
     "extract_features",
     "final_probe_results",
@@ -374,3 +378,126 @@ def evaluate_checkpoint(
         "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
         "eval_time": time.perf_counter() - start,
     }
+
+
+def evaluate_backbone_file(
+    path: str | os.PathLike[str],
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    val_dir: str | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    probe_iterations: int | None = None,
+    threads: int | None = None,
+    probe: str | None = None,
+    log: Callable[[str], None] = _log,
+) -> dict[str, Any]:
+    """kNN and linear-probe accuracy of a backbone file: one written by ``rela-train export``
+    or any torchvision-layout ResNet state dict (a classifier ``fc`` is ignored).
+
+    The net (arch, width, stem) follows from the file's keys and shapes. Where the file has an
+    export sidecar (``FILE.json``) the data and the protocol (kNN ``k`` and temperature, probe)
+    default to its run's, so ``eval --backbone`` of an exported run repeats the run's own
+    evaluation; ``dataset``, ``data_dir``, ``val_dir``, ``image_size`` override them. Without a
+    sidecar ``dataset`` is required and ``image_size`` defaults to 224 for the standard stem and
+    32 for the small-image stem.
+    """
+    from rela_train.backbone_io import infer_resnet, load_backbone_file, load_into
+    from rela_train.export import SIDECAR_FORMAT, sidecar_path
+
+    if probe is not None and probe not in PROBES:
+        raise ValueError(f"--probe: expected one of {', '.join(PROBES)}, got {probe!r}")
+    state = load_backbone_file(path, "--backbone")
+    spec = infer_resnet(state, "--backbone")
+    sidecar = _read_sidecar(sidecar_path(path), SIDECAR_FORMAT)
+    if sidecar is not None:
+        base = TrainConfig.from_dict(sidecar["run"]["config"])
+    elif dataset is None:
+        raise ValueError(
+            f"--dataset: required with --backbone when the file has no export sidecar "
+            f"({sidecar_path(path)}); got none"
+        )
+    else:
+        base = TrainConfig(image_size=224 if not spec.small_images else 32)
+    changes: dict[str, Any] = {
+        "arch": spec.arch, "width": spec.width, "small_images": spec.small_images,
+        "init_backbone": None,
+    }  # fmt: skip
+    for name, value in (
+        ("dataset", dataset), ("data_dir", data_dir), ("val_dir", val_dir),
+        ("image_size", image_size),
+    ):  # fmt: skip
+        if value is not None:
+            changes[name] = value
+    if dataset is not None and dataset != base.dataset and data_dir is None:
+        changes["data_dir"] = None  # the sidecar's data directory belongs to its dataset
+    config = base.replace(**changes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        dev = resolve_device(device)
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from error
+    start = time.perf_counter()
+    train, val = build_sources(config, warn=log)
+    try:
+        if train.channels != spec.in_channels:
+            raise ValueError(
+                f"--backbone: expected a backbone for the {train.channels}-channel images of "
+                f"{train.name}, got one taking {spec.in_channels} input channels"
+            )
+        backbone = spec.build()
+        load_into(backbone, state, "--backbone")
+        probe = config.probe if probe is None else probe
+        result = evaluate_backbone(
+            backbone.to(dev),
+            train,
+            val,
+            config=config,
+            num_classes=len(train.classes),
+            device=dev,
+            channels_last=False,
+            autocast=dev.type == "cuda" and config.amp != "off",
+            probe_iterations=config.probe_epochs if probe_iterations is None else probe_iterations,
+            probe=probe,
+        )
+    finally:
+        train.close()
+        val.close()
+    return {
+        "backbone": str(path),
+        "arch": spec.arch,
+        "width": spec.width,
+        "stem": spec.stem,
+        "dataset": train.name,
+        "image_size": config.image_size,
+        "knn_acc": result["knn_acc"],
+        "linear_acc": result.get("linear_acc"),
+        "probe": probe,
+        **{k: v for k, v in result.items() if k.startswith("linear_acc_official")},
+        "train_images": train.n,
+        "val_images": val.n,
+        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
+        "eval_time": time.perf_counter() - start,
+    }
+
+
+def _read_sidecar(path: Path, expected_format: str) -> dict[str, Any] | None:
+    """An export sidecar's contents, None where there is none; a damaged one is an error."""
+    if not path.is_file():
+        return None
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"--backbone: expected a readable sidecar, got {path} ({error})"
+        ) from error
+    run = sidecar.get("run") if isinstance(sidecar, dict) else None
+    if not isinstance(run, dict) or sidecar.get("format") != expected_format:
+        raise ValueError(f"--backbone: expected an export sidecar ({expected_format}), got {path}")
+    if not isinstance(run.get("config"), dict):
+        raise ValueError(
+            f"--backbone: expected a run configuration in the sidecar, got none in {path}"
+        )
+    return sidecar

@@ -21,13 +21,16 @@ def fit(
     resume: bool = False,
     hooks: Hooks | None = None,
     log: Callable[[str], None] | None = None,
+    preset: str | None = None,
 ) -> RunResult:
     """Train (or, with ``resume=True``, continue) the run in directory ``out``.
 
     Returns a :class:`RunResult` whose ``status`` is ``finished`` (``summary.json`` written) or
     ``interrupted`` (SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was written).
+    ``preset``: the name of the preset ``config`` started from, kept in the checkpoints'
+    provenance (a resumed run keeps its own).
     """
-    return Trainer(config, out, resume=resume, hooks=hooks, log=log).run()
+    return Trainer(config, out, resume=resume, hooks=hooks, log=log, preset=preset).run()
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:
