@@ -99,27 +99,13 @@ def main() -> None:
             for name, fn in runs.items():
                 times[name].append(median_time(fn, warmup=1, repeat=max(3, args.repeat // 5)))
         median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-        env = environment(args.device)
-        load = None
-        try:
-            import os
-
-            load = os.getloadavg()[0]
-        except OSError:
-            pass
+        # The environment holds the load average the timings were taken under.
+        shared = {"benchmark": "train_step", "preset": args.preset, "batch_size": args.batch_size,
+                  "threads": args.threads, **environment(args.device)}  # fmt: skip
         for name, seconds in median.items():
-            record = {
-                "benchmark": "train_step",
-                "variant": name,
-                "preset": args.preset,
-                "batch_size": args.batch_size,
-                "threads": args.threads,
-                "seconds": seconds,
-                "images_per_s": args.batch_size / seconds,
-                "ratio_to_byol": seconds / median["byol"],
-                "load_avg_1min": load,
-                **env,
-            }
+            per_step = {"seconds": seconds, "images_per_s": args.batch_size / seconds}
+            record = {"variant": name, **per_step, "ratio_to_byol": seconds / median["byol"]}
+            record.update(shared)
             if not args.no_save:
                 append_result("train_step.jsonl", record)
             print(

@@ -7,6 +7,7 @@ so a result in benchmarks/results/ always says where it was measured.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -120,26 +121,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _git_sha() -> str:
+def git_state() -> dict:
+    """The commit the tree is at (``git_sha``), whether tracked files differ from it (``dirty``)
+    and, if they do, the sha256 of ``git diff HEAD`` (``diff_sha256``: which changes)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
     try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        sha = git("rev-parse", "HEAD").decode().strip()
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+        diff = hashlib.sha256(git("diff", "HEAD", "--binary")).hexdigest() if dirty else None
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return {"git_sha": "unknown", "dirty": None, "diff_sha256": None}
+    return {"git_sha": sha, "dirty": dirty, "diff_sha256": diff}
 
 
 def environment(device: torch.device | str = "cpu") -> dict:
-    """Where a figure was measured: device name, core count, versions, git sha, time."""
+    """Where a figure was measured: device name, core count, versions, the code (git sha, and
+    whether the tree had uncommitted changes: :func:`git_state`), time."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -160,7 +161,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "python": platform.python_version(),
         # Other work on the machine skews CPU timings; the 1-minute load average says how much.
         "load_average_1min": round(os.getloadavg()[0], 2),
-        "git_sha": _git_sha(),
+        **git_state(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -73,8 +73,8 @@ class Case:
 
 
 # The quick subset (`--subset`, tests/test_compile_gate.py), by (dtype, d, mode): the Hopper
-# shape with gradient and histogram on sm_90, and the float32 d-tiled loop on sm_80, where the
-# spills of the old rule were.
+# shape with gradient and histogram on sm_90, and the float32 d-tiled loop on sm_80, the cases
+# where a per-thread register rule alone lets spilling configurations through.
 SUBSET = {
     ("bfloat16", BENCH_D, "grad"): (90,),
     ("bfloat16", BENCH_D, "hist-largest"): (90,),
@@ -138,6 +138,11 @@ class TargetDriver:
 
     def get_current_stream(self, device=None) -> int:
         return 0
+
+
+def target_arch(target: str) -> int:
+    """``sm_90`` -> ``90``: the compute capability a record's target names."""
+    return int(target.removeprefix("sm_"))
 
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
@@ -341,22 +346,12 @@ def run_case(case: Case, arch: int, every_config: bool) -> list[dict]:
             "num_stages": config.num_stages,
             "candidate": str(config) in candidate_keys,
         }
+        if case.op in ("fused", "transport"):
+            transport = case.op == "transport"
+            record["variant"] = resource_table.launch_variant(launch.meta, transport=transport)
+            record["config_key"] = resource_table.config_key(config)
         if case.op == "fused":
-            meta = launch.meta
-            record["variant"] = resource_table.variant_key(
-                single=meta["SINGLE_TILE"],
-                block_d=meta["BLOCK_D"],
-                dot=resource_table.dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"]),
-                grad=meta["COMPUTE_GRAD"],
-                hist=meta["HIST"],
-            )
-            record["config_key"] = resource_table.config_key(config)
             record["traffic"] = _traffic(case, launch, config)
-        elif case.op == "transport":
-            meta = launch.meta
-            dot = resource_table.dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"])
-            record["variant"] = resource_table.transport_variant_key(dot)
-            record["config_key"] = resource_table.config_key(config)
         try:
             record.update(compile_config(launch, config))
             record["error"] = None
@@ -376,10 +371,12 @@ def problems(records: list[dict]) -> list[str]:
         where += f"{r.get('BLOCK_D')}x{r.get('BLOCK_K')} w{r['num_warps']} s{r['num_stages']}"
         if r["error"] is not None:
             found.append(f"compile error: {where}: {r['error'].splitlines()[0]}")
-        elif r["candidate"] and r["spill_bytes"] > 0:
-            found.append(f"spills {r['spill_bytes']} bytes: {where}")
-        elif r["candidate"] and r["shared"] > resource_table.SHARED_LIMIT[int(r["target"][3:])]:
-            found.append(f"shared memory {r['shared']} bytes over the limit: {where}")
+        elif r["candidate"] and not resource_table.fits(target_arch(r["target"]), r):
+            found.append(
+                f"spills {r['spill_bytes']} bytes: {where}"
+                if r["spill_bytes"] > 0
+                else f"shared memory {r['shared']} bytes over the limit: {where}"
+            )
     return found
 
 
@@ -419,7 +416,7 @@ def calibrated_table(records: list[dict], previous: dict) -> dict:
         if "variant" not in r or r["error"] is not None:
             continue
         version = resource_table.version_key(r["triton"])
-        arch = r["target"][3:]
+        arch = str(target_arch(r["target"]))
         entry = table[version].setdefault(arch, {}).setdefault(r["variant"], {})
         worst = entry.setdefault(r["config_key"], {"registers": 0, "spill_bytes": 0, "shared": 0})
         for key in worst:
@@ -501,16 +498,14 @@ def _gate(args: argparse.Namespace) -> int:
             print(f"compile_gate: {args.from_records} is not from Triton {triton.__version__}",
                   file=sys.stderr)  # fmt: skip
             return 2
-        records = [r for r in records if int(r["target"][3:]) in args.targets]
-        for r in records:
-            _fill_keys(r)
+        records = [r for r in records if target_arch(r["target"]) in args.targets]
     for arch in args.targets if args.from_records is None else ():
         for case in CASES:
             if arch in case.subset or not args.subset:
                 records += run_case(case, arch, every_config=args.calibrate)
     cases = [c for c in CASES if not args.subset or set(c.subset) & set(args.targets)]
     if args.calibrate:
-        write_table(calibrated_table(records, _previous()))
+        write_table(calibrated_table(records, resource_table.load_table()))
         resource_table.reload()
         # The candidates as the new table prunes them (the autotuners cache nothing of it).
         for arch in args.targets:
@@ -573,35 +568,6 @@ def _gate(args: argparse.Namespace) -> int:
         atomic_write_text(args.summary, json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
     return 1 if found else 0
-
-
-def _fill_keys(record: dict) -> None:
-    """Records of runs before the transport kernel was in the table lack its keys: add them
-    from the case's launch, as run_case does now."""
-    import triton
-
-    from rela_kernels.triton import resource_table
-
-    if record["op"] != "transport" or "variant" in record:
-        return
-    case = next(c for c in CASES if c.name == record["case"])
-    arch = int(record["target"][3:])
-    triton.runtime.driver.set_active(TargetDriver(arch))
-    meta = launch_of(case, arch).meta
-    dot = resource_table.dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"])
-    record["variant"] = resource_table.transport_variant_key(dot)
-    blocks = {k: record[k] for k in ("BLOCK_B", "BLOCK_D", "BLOCK_K")}
-    config = triton.Config(blocks, num_warps=record["num_warps"], num_stages=record["num_stages"])
-    record["config_key"] = resource_table.config_key(config)
-
-
-def _previous() -> dict:
-    from rela_kernels.triton import resource_table
-
-    try:
-        return json.loads(resource_table.TABLE_PATH.read_text())["resources"]
-    except FileNotFoundError:
-        return {}
 
 
 if __name__ == "__main__":

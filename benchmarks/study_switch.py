@@ -1,8 +1,9 @@
-"""Issue 18's switch study: what the ReLA -> BYOL switch costs, and which transition keeps the
-ReLA phase's gain (docs/switch.md).
+"""The switch study: what the ReLA -> BYOL switch costs, and which transition keeps the ReLA
+phase's gain (docs/switch.md).
 
-Same data, recipe and sizes as issue 12's study (``study_rela.py``): Fashion-MNIST, 18,000
-training images, 15 epochs, batch 32, official recipe, ReLA 50% with the pixel prior. Parts
+Same data, recipe and sizes as the ReLA study (``study_rela.py``), so that the rows compare:
+Fashion-MNIST, 18,000 training images, 15 epochs, batch 32, official recipe, ReLA 50% with the
+pixel prior. Parts
 (``benchmarks/rela_study/switch_grid.py``), run in this order, two single-thread runs at a time:
 
 * ``factors``: one transition at a time (hard, reset-target, warm-heads, keep-views, lr-drop,
@@ -35,21 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment  # noqa: E402
+from rela_study import arguments  # noqa: E402
 from rela_study.digits_prior import train_digits_prior  # noqa: E402
 from rela_study.grid import (  # noqa: E402
-    DEFAULT_SIZES,
-    PRETRAIN_CLASSES,
     PRETRAIN_ROW,
-    PRIOR_ARCH,
-    PRIOR_WIDTH,
-    QUICK_SIZES,
     format_plan,
-    pretrain_data_dir,
-    random_checkpoint,
-    with_overrides,
 )
 from rela_study.records import done_runs, load_records, write_jsonl  # noqa: E402
-from rela_study.runner import fit_features, log, main_until_stopped, run_study  # noqa: E402
+from rela_study.runner import log, main_until_stopped  # noqa: E402
 from rela_study.switch_aggregate import (  # noqa: E402
     default_verdict,
     format_paired_markdown,
@@ -62,37 +56,18 @@ from rela_study.switch_grid import (  # noqa: E402
     PARTS,
     QUICK_STEPS,
     RES28_HARD_ROW,
+    STUDY_NAME,
     STUDY_STEPS,
     build_switch_plan,
     digits_checkpoint,
     switch_rows,
 )
 from rela_study.transfer import transfer_markdown  # noqa: E402
-from rela_study.transport import random_prior_checkpoint, write_class_subset  # noqa: E402
+from rela_train.transition import MEASURED_BEST  # noqa: E402
 
 from rela_kernels.atomic_io import atomic_write_text  # noqa: E402
 
 HARD_ROW = "switch-a-hard"
-# The name every record of this study carries.
-STUDY_NAME = "rela-switch"
-
-
-def _ints(text: str) -> list[int]:
-    """``3`` (seeds 0, 1, 2) or a comma-separated list ``0,4,7`` (one seed: ``4,``)."""
-    try:
-        values = [int(part) for part in text.split(",") if part] if "," in text else None
-        if values == []:
-            raise ValueError
-        if values is None:
-            count = int(text)
-            if count < 1:
-                raise ValueError
-            values = list(range(count))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a seed count >= 1 or a comma-separated list of seeds, got {text!r}"
-        ) from None
-    return values
 
 
 def _parts(text: str) -> tuple[str, ...]:
@@ -106,12 +81,12 @@ def _parts(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="study directory (resumed)")
-    parser.add_argument("--quick", action="store_true", help="every row, one seed, tiny sizes")
-    parser.add_argument("--seeds", type=_ints, default=None, help="count or list (default 3)")
+    parser = arguments.study_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--long-seeds", type=_ints, default=None, help="the long horizon's (default: first seed)"
+        "--long-seeds",
+        type=arguments.seed_list,
+        default=None,
+        help="the long horizon's (default: first seed)",
     )
     parser.add_argument(
         "--parts", type=_parts, default=DEFAULT_PARTS,
@@ -122,34 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these rows (comma-separated names; default: every row of --parts)",
     )  # fmt: skip
     parser.add_argument(
-        "--best", default=None, help="the long horizon's best row's transition (keep-views)"
+        "--best", default=None, help=f"the long horizon's best row's transition ({MEASURED_BEST})"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory")
-    parser.add_argument("--results", type=Path, default=None, help="JSONL of all records")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG")
-    parser.add_argument("--plan-only", action="store_true", help="print the plan and stop")
-    parser.add_argument("--aggregate-only", action="store_true", help="only table, JSONL, plot")
-    args = parser.parse_args(argv)
-    if args.jobs < 1 or (args.epochs is not None and args.epochs < 1):
-        parser.error("--jobs and --epochs must be >= 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
     args = parse_args(argv)
-    sizes = with_overrides(QUICK_SIZES if args.quick else DEFAULT_SIZES, args.epochs)
+    setup = arguments.study_setup(args, "switch", RESULTS)
+    sizes, seeds, out = setup.sizes, setup.seeds, setup.out
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
-    # The transition that kept the most of the ReLA phase at 15 epochs (docs/switch.md).
-    best = args.best or "keep-views"
-    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    results = args.results or (
-        args.out / "switch.jsonl" if args.quick else RESULTS / "switch.jsonl"
-    )
-    plot = args.plot or (args.out / "switch.png" if args.quick else RESULTS / "switch.png")
-    out = args.out.resolve()
+    # The transition the default uses in a run that switches (docs/switch.md, "The default").
+    best = args.best or MEASURED_BEST
     rows = switch_rows(steps, best)
     order = [row.name for row in rows]
     candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
@@ -163,7 +123,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
 
     def aggregate() -> None:
         records = load_records(out)
-        write_jsonl(results, records)
+        write_jsonl(setup.results, records)
         summaries = summarize_switch([r for r in records if r["row"] != PRETRAIN_ROW], order)
         if summaries:
             table = format_switch_markdown(summaries)
@@ -177,16 +137,13 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             if transfer:
                 body += f"\n{transfer}\n"
             atomic_write_text(out / "switch.md", body)
-            plot_switch(summaries, plot, steps.eval_every)
+            plot_switch(summaries, setup.plot, steps.eval_every)
 
     failed: list[str] = []
     if not args.aggregate_only:
-        features = fit_features(python)
-        if "--recipe" not in features:
-            raise SystemExit("study_switch: this trainer has no --recipe (official) option")
         runs = build_switch_plan(
             sizes, steps, seeds, parts=args.parts, long_seeds=args.long_seeds, best=best,
-            features=features, data_dir=args.data_dir,
+            data_dir=args.data_dir,
             switch="const:0.5" if args.quick else None, out=out,
         )  # fmt: skip
         if args.rows is not None:
@@ -200,36 +157,16 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         if "transfer" in args.parts:
             # The transfer part's prior files: written before any run needs them (each is
             # skipped when it exists; all are seeded).
-            write_class_subset(args.data_dir, pretrain_data_dir(out), PRETRAIN_CLASSES)
+            arguments.write_prior_files(args, setup)
             train_digits_prior(digits_checkpoint(out), epochs=2 if args.quick else 15, log=log)
-            for seed in seeds:
-                random_prior_checkpoint(PRIOR_ARCH, PRIOR_WIDTH, seed, random_checkpoint(out, seed))
-
-        def env() -> dict:
-            return {
-                **environment("cpu"),
-                "threads_per_run": 1,
-                "parallel_runs": args.jobs,
-                "quick": args.quick,
-                "best": best,
-            }
-
-        failed = run_study(
-            runs,
-            out,
-            study=STUDY_NAME,
-            jobs=args.jobs,
-            python=python,
-            environment=env,
-            on_record=aggregate,
-            log=log,
-        )
-        if failed:
-            log(f"{len(failed)} run(s) failed: {', '.join(failed)}; rerun to retry them")
+        failed = arguments.run_records(
+            runs, args, setup, study=STUDY_NAME, python=python, on_record=aggregate,
+            environment=lambda: {**environment("cpu"), "best": best},
+        )  # fmt: skip
     aggregate()
     if (out / "switch.md").is_file():
         print((out / "switch.md").read_text(encoding="utf-8"))
-        print(f"records: {results}\nplot: {plot}")
+        print(f"records: {setup.results}\nplot: {setup.plot}")
     return 1 if failed else 0
 
 

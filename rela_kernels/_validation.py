@@ -32,13 +32,16 @@ def check_tensor(
     ndim: int | None = None,
     dtypes: Sequence[torch.dtype] | None = None,
     shape_hint: str = "",
+    floating: bool = False,
 ) -> torch.Tensor:
-    """Type, rank and dtype of one tensor argument."""
+    """Type, rank and dtype of one tensor argument (``floating``: any floating-point dtype)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
         hint = f" {shape_hint}" if shape_hint else ""
         raise ValueError(f"{where}: {name} must be {ndim}-D{hint}, got shape {tuple(value.shape)}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got {value.dtype}")
     if dtypes is not None and value.dtype not in dtypes:
         raise TypeError(
             f"{where}: {name} must have dtype {_dtype_names(dtypes)}, got {value.dtype}"

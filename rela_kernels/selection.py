@@ -134,9 +134,7 @@ class ScoreTable:
         indices = check_tensor(where, "indices", indices, ndim=1, shape_hint="[m]")
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"{where}: indices must be an integer tensor, got {indices.dtype}")
-        scores = check_tensor(where, "scores", scores, ndim=1, shape_hint="[m]")
-        if not scores.is_floating_point():
-            raise TypeError(f"{where}: scores must be a floating-point tensor, got {scores.dtype}")
+        scores = check_tensor(where, "scores", scores, ndim=1, shape_hint="[m]", floating=True)
         if scores.shape[0] != indices.shape[0]:
             raise ValueError(
                 f"{where}: scores must have one entry per index ({indices.shape[0]}), "

@@ -113,6 +113,16 @@ def _append_journal(fd: int, record: ChunkRecord) -> None:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
+# A chunk's rows, and its skipped rows with the reasons (absolute row numbers).
+Rows = np.ndarray | torch.Tensor
+Skipped = Mapping[int, str] | None
+
+
+def _manifest_field(name: str, doc: str) -> property:
+    """A read-only property of an :class:`EmbeddingStore`: its manifest's ``name``."""
+    return property(lambda store: store._manifest[name], doc=doc)
+
+
 class EmbeddingStore:
     """A directory holding N prior embeddings of width D as float16, filled chunk by chunk.
 
@@ -266,17 +276,10 @@ class EmbeddingStore:
         path: str | os.PathLike[str],
         job: str,
         writer: str,
-        *,
-        n: int,
-        dim: int,
-        fingerprint: str,
-        prior: str,
-        input_size: int | None,
-        chunk_rows: int | None = None,
-        metadata: Mapping[str, Any] | None = None,
+        **spec: Any,
     ) -> EmbeddingStore:
-        """Open the store that the leader of job ``job`` holds, as one more writer of it (the
-        arguments after ``writer`` are the :class:`StoreSpec`, ``metadata`` unused).
+        """Open the store that the leader of job ``job`` holds, as one more writer of it; ``spec``
+        are :class:`StoreSpec`'s fields, by name (its ``metadata`` is not used).
 
         The writer claims the chunks it writes in its own journal (named by ``writer``), never in
         the manifest; it holds a shared lock on ``.writers`` until :meth:`close`, so that no new
@@ -287,8 +290,7 @@ class EmbeddingStore:
                 shared with the leader), or the store there was made for other data or another
                 prior.
         """
-        spec = StoreSpec(n, dim, fingerprint, prior, input_size, chunk_rows, metadata or {})
-        return cls.follow(path, job, writer, spec)
+        return cls.follow(path, job, writer, StoreSpec(**spec))
 
     @classmethod
     def follow(
@@ -352,33 +354,16 @@ class EmbeddingStore:
     # Properties
     # ---------------------------------------------------------------------------------------
 
-    @property
-    def n(self) -> int:
-        return self._manifest["n"]
-
-    @property
-    def dim(self) -> int:
-        return self._manifest["dim"]
+    n = _manifest_field("n", "Rows of the store (the dataset's size).")
+    dim = _manifest_field("dim", "Width of each row.")
+    fingerprint = _manifest_field("fingerprint", "The dataset's fingerprint.")
+    prior = _manifest_field("prior", "The prior's identity.")
+    input_size = _manifest_field("input_size", "The image side the prior saw (None: any).")
+    chunk_rows = _manifest_field("chunk_rows", "Rows per chunk (the last may be shorter).")
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n, self.dim)
-
-    @property
-    def fingerprint(self) -> str:
-        return self._manifest["fingerprint"]
-
-    @property
-    def prior(self) -> str:
-        return self._manifest["prior"]
-
-    @property
-    def input_size(self) -> int | None:
-        return self._manifest["input_size"]
-
-    @property
-    def chunk_rows(self) -> int:
-        return self._manifest["chunk_rows"]
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -506,13 +491,7 @@ class EmbeddingStore:
     # Writing
     # ---------------------------------------------------------------------------------------
 
-    def write_chunk(
-        self,
-        start: int,
-        rows: np.ndarray | torch.Tensor,
-        *,
-        skipped: Mapping[int, str] | None = None,
-    ) -> None:
+    def write_chunk(self, start: int, rows: Rows, *, skipped: Skipped = None) -> None:
         """Write the next chunk, rows ``[start, start + len(rows))``, and commit it durably.
 
         ``start`` must be the first row of the first of :meth:`pending_chunks` (a sole writer
@@ -540,13 +519,7 @@ class EmbeddingStore:
             )
         self._commit(start, rows, skipped, "write_chunk")
 
-    def rewrite_chunk(
-        self,
-        start: int,
-        rows: np.ndarray | torch.Tensor,
-        *,
-        skipped: Mapping[int, str] | None = None,
-    ) -> None:
+    def rewrite_chunk(self, start: int, rows: Rows, *, skipped: Skipped = None) -> None:
         """Replace an already written chunk (a repair of a range :meth:`verify` reported):
         ``start`` must be a chunk boundary below :attr:`rows_done`; otherwise as
         :meth:`write_chunk`. The chunk's checksum and skipped rows are replaced."""
@@ -564,13 +537,7 @@ class EmbeddingStore:
         if self._data_fd is None:
             raise RuntimeError(f"{_WHERE}: {self.path} was opened read-only; use create_or_resume")
 
-    def _commit(
-        self,
-        start: int,
-        rows: np.ndarray | torch.Tensor,
-        skipped: Mapping[int, str] | None,
-        method: str,
-    ) -> None:
+    def _commit(self, start: int, rows: Rows, skipped: Skipped, method: str) -> None:
         where = f"{_WHERE}.{method}"
         expected = (min(self.chunk_rows, self.n - start), self.dim)
         stop = start + expected[0]

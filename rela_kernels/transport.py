@@ -49,8 +49,10 @@ class Transport:
     def _set(self, mean: object, matrix: object, bias: object) -> None:
         mean = check_tensor(_WHERE, "mean", mean, ndim=1, shape_hint="[Dp]")
         matrix = check_tensor(_WHERE, "matrix", matrix, ndim=2, shape_hint="[Dp, d]")
-        for name, value in (("mean", mean), ("matrix", matrix)):
-            if not value.is_floating_point():
+        if bias is not None:
+            bias = check_tensor(_WHERE, "bias", bias, ndim=1, shape_hint="[d]")
+        for name, value in (("mean", mean), ("matrix", matrix), ("bias", bias)):
+            if value is not None and not value.is_floating_point():
                 raise TypeError(f"{_WHERE}: {name} must be floating point, got {value.dtype}")
         if matrix.shape[0] != mean.shape[0]:
             raise ValueError(
@@ -59,15 +61,11 @@ class Transport:
             )
         if matrix.shape[0] == 0 or matrix.shape[1] == 0:
             raise ValueError(f"{_WHERE}: matrix must be non-empty, got {tuple(matrix.shape)}")
-        if bias is not None:
-            bias = check_tensor(_WHERE, "bias", bias, ndim=1, shape_hint="[d]")
-            if not bias.is_floating_point():
-                raise TypeError(f"{_WHERE}: bias must be floating point, got {bias.dtype}")
-            if bias.shape[0] != matrix.shape[1]:
-                raise ValueError(
-                    f"{_WHERE}: bias must be [{matrix.shape[1]}] to match matrix "
-                    f"{tuple(matrix.shape)}, got {tuple(bias.shape)}"
-                )
+        if bias is not None and bias.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                f"{_WHERE}: bias must be [{matrix.shape[1]}] to match matrix "
+                f"{tuple(matrix.shape)}, got {tuple(bias.shape)}"
+            )
         check_same_device(_WHERE, mean=mean, matrix=matrix, bias=bias)
         cast = {
             name: None if value is None else value.detach().to(torch.float32, copy=True)

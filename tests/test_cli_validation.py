@@ -50,7 +50,7 @@ def assert_refused(code: int, err: str, flag: str, value: str) -> None:
 
 INT_AT_LEAST_ONE = (
     "image_size", "width", "proj_hidden", "proj_dim", "epochs", "accum_steps", "prefetch",
-    "rela_dim", "knn_k",
+    "rela_dim", "knn_k", "keep_checkpoints",
 )  # fmt: skip
 INT_AT_LEAST_ZERO = ("workers", "seed", "eval_every", "probe_epochs", "eval_steps")
 OPTIONAL_INT = (
@@ -115,6 +115,8 @@ def _fit_cases() -> list[tuple[str, str]]:
     for name, out_of_range in FLOAT_OUT_OF_RANGE.items():
         cases += [(name, v) for v in ("nan", "inf", "-inf", "x", out_of_range)]
     cases += list(STRINGS.items())
+    # steps >= 1 or a duration > 0
+    cases += [("checkpoint_every", v) for v in ("0", "-5", "0m", "30x", "2 h", "1.5", "m")]
     return cases
 
 

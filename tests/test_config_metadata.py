@@ -75,3 +75,14 @@ def test_every_check_is_one_line_with_what_came(changes: dict, message: str) -> 
         get_preset("synthetic-test").replace(**changes)
     text = str(refused.value)
     assert text.startswith(message) and ", got " in text and "\n" not in text, text
+
+
+def test_the_configuration_modules_do_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rela_train.config, rela_train.presets, rela_train.transition; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

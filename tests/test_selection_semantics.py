@@ -190,10 +190,10 @@ def test_inbatch_feeds_the_switch_the_scored_batch_mean(tmp_path: Path) -> None:
     trainer = Trainer(cfg, tmp_path / "run", log=lambda _: None)
     scored: list[torch.Tensor] = []
     fed: list[float] = []
-    select = trainer._inbatch_select
+    select = trainer.micro_step.inbatch_select
 
-    def spy_select(views, indices, prior):
-        chosen, scores = select(views, indices, prior)
+    def spy_select(views, indices, prior, phase):
+        chosen, scores = select(views, indices, prior, phase)
         scored.append(scores.detach().double().cpu())
         return chosen, scores
 
@@ -203,7 +203,7 @@ def test_inbatch_feeds_the_switch_the_scored_batch_mean(tmp_path: Path) -> None:
         fed.append(loss)
         return after_step(loss, step)
 
-    trainer._inbatch_select = spy_select
+    trainer.micro_step.inbatch_select = spy_select
     trainer.switch.after_step = spy_after_step
     assert trainer.run().status == "finished"
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

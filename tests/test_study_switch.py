@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import study_switch  # noqa: E402
 from rela_study import grid, switch_aggregate, switch_grid  # noqa: E402
+from rela_train.step_evals import SINCE_SWITCH  # noqa: E402
 
 FEATURES = {"--recipe", "--probe", "--anneal"}
 
@@ -92,6 +93,16 @@ def test_drop_table_and_verdict() -> None:
         _record("r", 0, 0.8, [(-287, 0.79), (0, 0.81), (100, 0.76), (200, 0.78)])
     )
     assert drop == pytest.approx({"peak": 81.0, "low": 76.0, "drop": 5.0})
+    # The same points in the trainer's convention (0: the first BYOL step), as records now say.
+    stamped = _record("r", 0, 0.8, [(-288, 0.79), (-1, 0.81), (99, 0.76), (199, 0.78)])
+    stamped["since_switch"] = SINCE_SWITCH
+    assert switch_aggregate.run_drop(stamped) == drop
+    assert [switch_aggregate.steps_taken(stamped, p) for p in stamped["step_curve"]] == [
+        -287,
+        0,
+        100,
+        200,
+    ]
     records = [
         _record("switch-a-hard", s, 0.79 + 0.001 * s, [(-250, 0.8), (0, 0.8), (100, 0.75)])
         for s in range(3)

@@ -319,10 +319,32 @@ def test_step_evaluations_leave_the_training_unchanged(tmp_path: Path) -> None:
     assert _steps(tmp_path / "plain") == _steps(tmp_path / "probed")
     assert plain.summary["knn_acc"] == probed.summary["knn_acc"]
     points = probed.summary["step_evaluations"]
-    # snapshots at steps 4 and 6 (within 5 steps before the switch at 8), the switch, +2, +4
-    assert [p["since_switch"] for p in points] == [-4, -2, 0, 2, 4]
+    # snapshots at steps 4 and 6 (within 5 steps before the switch at 8), the switch, +2, +4;
+    # since_switch as in the step records: 0 is the first BYOL step (step 9)
+    assert [p["step"] for p in points] == [4, 6, 8, 10, 12]
+    assert [p["since_switch"] for p in points] == [-5, -3, -1, 1, 3]
     assert [p["phase"] for p in points] == ["rela"] * 3 + ["byol"] * 2
     assert all(0 <= p["knn_acc"] <= 1 for p in points)
     # Without a window: every 5 steps of the whole run.
     every = fit(_config("hard", eval_steps=5), tmp_path / "every", log=lambda _: None)
     assert [p["step"] for p in every.summary["step_evaluations"]] == [5, 10, 15, 20, 25, 30]
+
+
+def test_since_switch_is_one_count_in_every_record(tmp_path: Path) -> None:
+    # The step record of step S and the evaluation made after it carry the same since_switch
+    # (0: the first BYOL step, S = SWITCH_AFTER + 1), in metrics.jsonl and in the summary.
+    run = tmp_path / "run"
+    result = fit(
+        _config("blend:3", eval_steps=3, eval_steps_window="4:6"), run,
+        log=lambda _: None,
+    )  # fmt: skip
+    steps = {s["step"]: s.get("since_switch") for s in _steps(run)}
+    evals = [line for line in _lines(run) if line.get("event") == "step_eval"]
+    assert steps[SWITCH_AFTER + 1] == 0
+    assert [e["step"] for e in evals] == [6, 8, 11, 14]  # snapshot, the switch, +3, +6
+    assert [e["since_switch"] for e in evals] == [-3, -1, 2, 5]
+    for point in evals:
+        if point["step"] > SWITCH_AFTER:
+            assert point["since_switch"] == steps[point["step"]]
+    summary = [(p["step"], p["since_switch"]) for p in result.summary["step_evaluations"]]
+    assert summary == [(e["step"], e["since_switch"]) for e in evals]

@@ -34,7 +34,6 @@ STEP_KEYS = {
 }
 EVAL_KEYS = {
     "knn_acc": "eval/knn_acc",
-    "knn_acc_bank": "eval/knn_acc_bank",
     "linear_acc": "eval/linear_acc",
 }
 
@@ -72,10 +71,16 @@ def expected_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
             for key, tag in STEP_KEYS.items():
                 add(tag, record["step"], record[key])
             add("train/phase", record["step"], {"rela": 0, "byol": 1}[record["phase"]])
+        elif record["event"] == "final":
+            # The curve's last point is the bank kNN like the others; the whole training set's
+            # kNN has its own tag.
+            bank = record["knn_acc_bank"]
+            add("eval/knn_acc", record["step"], record["knn_acc"] if bank is None else bank)
+            add("eval/knn_acc_full", record["step"], record["knn_acc"])
+            add("eval/linear_acc", record["step"], record.get("linear_acc"))
         else:
-            step = record["step"] if record["event"] == "epoch" else record["steps"]
             for key, tag in EVAL_KEYS.items():
-                add(tag, step, record.get(key))
+                add(tag, record["step"], record.get(key))
     return expected
 
 
@@ -94,11 +99,17 @@ def test_scalars_equal_metrics_jsonl(tmp_path: Path) -> None:
     assert [step for step, _ in got["eval/knn_acc"]] == [16, 32]  # epoch 1, then the final
 
     adaptive = tmp_path / "adaptive"
-    fit(config(prior="pixels:8", epochs=1, tensorboard=str(tmp_path / "abs")), adaptive,
-        log=lambda _: None)  # fmt: skip
+    cfg = config(prior="pixels:8", epochs=1, eval_bank=100, tensorboard=str(tmp_path / "abs"))
+    result = fit(cfg, adaptive, log=lambda _: None)
     got = read_scalars(tmp_path / "abs")  # an absolute DIR is used as given
     assert len(got["train/rho"]) == 16
     assert got == expected_scalars(adaptive)
+    # With a bank smaller than the training set the two final kNN figures differ: the curve
+    # ends on the bank's, the whole set's has its own tag.
+    summary = result.summary
+    assert summary["knn_acc_bank"] is not None
+    assert got["eval/knn_acc"][-1] == (16, float(np.float32(summary["knn_acc_bank"])))
+    assert got["eval/knn_acc_full"] == [(16, float(np.float32(summary["knn_acc"])))]
 
 
 class Crash(RuntimeError):

@@ -1,4 +1,6 @@
-"""The study's records as a markdown table (mean +- std over seeds) and a plot with error bars.
+"""The studies' aggregation core: records grouped by row, per-row mean +- std over seeds
+(:func:`summarize_rows`), and the bar panel and figure writing both studies' plots share; then
+the ReLA study's own markdown table and plot (mean +- std over seeds, with error bars).
 
 The std is the sample standard deviation (``ddof=1``) over a row's seeds; a row with one seed
 has none (shown as ``-``).
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,16 @@ from rela_kernels.atomic_io import atomic_write
 
 __all__ = [
     "RowSummary",
+    "bar_panel",
     "curve_stats",
     "format_markdown",
     "group_rows",
     "mean_std",
+    "new_figure",
     "plot_study",
+    "save_figure",
     "summarize",
+    "summarize_rows",
 ]
 
 
@@ -39,9 +46,14 @@ class RowSummary:
     row: str
     label: str
     seeds: list[int]
-    metrics: dict[str, tuple[float, float | None]]  # name -> (mean, std) over the seeds
+    stats: dict[str, tuple[float, float | None]]  # name -> (mean, std) over the seeds
     switch_steps: list[int | None]
     records: list[dict[str, Any]]
+
+    @property
+    def metrics(self) -> dict[str, tuple[float, float | None]]:
+        """:attr:`stats` of the ReLA study, whose values are the records' metrics."""
+        return self.stats
 
 
 def group_rows(
@@ -59,27 +71,38 @@ def group_rows(
     }
 
 
-def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
-    """One summary per row: rows named in ``order`` first, in that order, then the others in
-    the order they first appear in ``records``."""
+def summarize_rows(
+    records: list[dict[str, Any]],
+    values: Callable[[dict[str, Any]], dict[str, float]],
+    order: list[str] | None = None,
+) -> list[RowSummary]:
+    """One summary per row (rows named in ``order`` first, in that order, then the others in
+    the order they first appear): mean and std over the row's seeds of each of ``values(record)``
+    that every seed of the row has (a mean over some seeds only would mislead)."""
     summaries = []
     for name, group in group_rows(records, order).items():
-        metrics = {}
-        for key in sorted({k for record in group for k in record["metrics"]}):
-            values = [record["metrics"][key] for record in group if key in record["metrics"]]
-            if len(values) == len(group):  # a mean over some seeds only would mislead
-                metrics[key] = mean_std([float(v) for v in values])
+        per_key: dict[str, list[float]] = {}
+        for record in group:
+            for key, value in values(record).items():
+                per_key.setdefault(key, []).append(float(value))
         summaries.append(
             RowSummary(
                 row=name,
                 label=group[0]["label"],
                 seeds=[record["seed"] for record in group],
-                metrics=metrics,
+                stats={k: mean_std(v) for k, v in sorted(per_key.items()) if len(v) == len(group)},
                 switch_steps=[record.get("switch_step") for record in group],
                 records=group,
             )
         )
     return summaries
+
+
+def summarize(records: list[dict[str, Any]], order: list[str] | None = None) -> list[RowSummary]:
+    """The ReLA study's rows: every metric of the records (fractions, as recorded)."""
+    return summarize_rows(
+        records, lambda r: {k: v for k, v in r["metrics"].items() if v is not None}, order
+    )
 
 
 def _percent(stat: tuple[float, float | None] | None) -> str:
@@ -148,16 +171,57 @@ def curve_stats(records: list[dict[str, Any]], key: str) -> tuple[list[float], .
     return xs, ys, errors
 
 
-def plot_study(summaries: list[RowSummary], out: str | os.PathLike[str]) -> Path:
-    """Three panels: the kNN curve (mean +- std over seeds) against samples seen and against
-    training time, and each row's final kNN and linear probe with error bars."""
+def new_figure(panels: int, width: float) -> tuple[Any, Any]:
+    """A figure of ``panels`` side by side (matplotlib without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, panels, figsize=(width, 6), constrained_layout=True)
+
+
+def save_figure(figure: Any, out: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG at ``out`` (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out)
-    figure, axes = plt.subplots(1, 3, figsize=(18, 6), constrained_layout=True)
+    atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
+    plt.close(figure)
+    return out
+
+
+def bar_panel(
+    axis: Any,
+    summaries: list[RowSummary],
+    bars: tuple[tuple[str, str], ...],
+    *,
+    scale: float = 1.0,
+    margins: tuple[float, float] = (10.0, 5.0),
+) -> None:
+    """Each row's final accuracies as bars with error bars (± std over seeds): ``bars`` are
+    (stat key, legend name) pairs, ``scale`` takes a stat to percent, the y range is the
+    values widened by ``margins`` (below, above)."""
+    positions = range(len(summaries))
+    shown = []
+    for offset, (key, name) in zip((-0.2, 0.2), bars, strict=True):
+        means = [scale * s.stats[key][0] if key in s.stats else math.nan for s in summaries]
+        errors = [scale * (s.stats[key][1] or 0.0) if key in s.stats else 0.0 for s in summaries]
+        axis.bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3, label=name)
+        shown += [m for m in means if not math.isnan(m)]
+    axis.set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
+    axis.set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
+    if shown:
+        axis.set_ylim(max(0.0, min(shown) - margins[0]), min(100.0, max(shown) + margins[1]))
+    axis.legend()
+
+
+def plot_study(summaries: list[RowSummary], out: str | os.PathLike[str]) -> Path:
+    """Three panels: the kNN curve (mean +- std over seeds) against samples seen and against
+    training time, and each row's final kNN and linear probe with error bars."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = new_figure(3, 18)
     colors = plt.cm.tab20.colors
     # Curves for the rows with several seeds (the core rows); bars for every row.
     curved = [s for s in summaries if len(s.seeds) > 1] or summaries
@@ -173,25 +237,11 @@ def plot_study(summaries: list[RowSummary], out: str | os.PathLike[str]) -> Path
         if any("linear_acc_official" in s.metrics for s in summaries)
         else "linear_acc"
     )
-    positions = range(len(summaries))
-    shown = []
-    for offset, key, name in ((-0.2, "knn_acc", "kNN"), (0.2, probe, "linear probe")):
-        means = [100 * s.metrics[key][0] if key in s.metrics else math.nan for s in summaries]
-        errors = [100 * (s.metrics[key][1] or 0.0) if key in s.metrics else 0.0 for s in summaries]
-        axes[2].bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3,
-                    label=name)  # fmt: skip
-        shown += [m for m in means if not math.isnan(m)]
-    axes[2].set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
-    axes[2].set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
-    if shown:
-        axes[2].set_ylim(max(0.0, min(shown) - 10), min(100.0, max(shown) + 5))
-    axes[2].legend()
+    bar_panel(axes[2], summaries, (("knn_acc", "kNN"), (probe, "linear probe")), scale=100)
     axes[0].set_xlabel("training samples seen")
     axes[1].set_xlabel("training wall time (s, one thread)")
     for axis in axes[:2]:
         axis.set_ylabel("kNN top-1 accuracy (%, per-epoch bank), mean ± std")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="lower right")
-    atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
-    plt.close(figure)
-    return out
+    return save_figure(figure, out)

@@ -12,16 +12,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = [
+    "STUDY_NAME",
     "DEFAULT_SIZES",
     "QUICK_SIZES",
+    "RECIPE_FLAGS",
     "RunSpec",
     "Sizes",
     "build_plan",
     "estimate_seconds",
+    "base_flags",
     "format_plan",
     "pretrain_run",
+    "probe_flags",
     "with_overrides",
 ]
+
+# The name every record of this study carries.
+STUDY_NAME = "rela-fashion-mnist"
 
 PRETRAIN_ROW = "transported-prior-pretrain"
 # The transported prior is trained on these Fashion-MNIST classes (T-shirt, Trouser, Pullover,
@@ -67,17 +74,10 @@ DEFAULT_SIZES = Sizes(
 )
 # A smoke run of the whole machinery (every row at one seed) in a few minutes; too short for the
 # adaptive switch to fire or for the accuracies to mean anything.
-QUICK_SIZES = Sizes(
-    train_subset=2000,
-    val_subset=1000,
-    batch_size=32,
-    epochs=2,
-    eval_every=1,
-    eval_bank=1000,
-    probe_epochs=10,
-    pretrain_subset=1000,
-    pretrain_epochs=1,
-)
+QUICK_SIZES = replace(
+    DEFAULT_SIZES, train_subset=2000, val_subset=1000, epochs=2, eval_every=1, eval_bank=1000,
+    probe_epochs=10, pretrain_subset=1000, pretrain_epochs=1,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,11 @@ def pretrain_data_dir(out: Path) -> Path:
     return out / "data" / "fashion-mnist-classes-0-4"
 
 
-def _base_flags(
+# The official recipe's flags the runs give (a plan without them uses the trainer's defaults).
+RECIPE_FLAGS = frozenset({"--recipe", "--probe"})
+
+
+def base_flags(
     sizes: Sizes,
     seed: int,
     data_dir: str | None,
@@ -178,7 +182,7 @@ def _base_flags(
     return flags
 
 
-def _probe_flags(sizes: Sizes, features: set[str]) -> list[str]:
+def probe_flags(sizes: Sizes, features: set[str]) -> list[str]:
     if "--probe" in features:
         return ["--probe", "official", "--probe-epochs", str(sizes.probe_epochs)]
     # A trainer without the official probe: its L-BFGS probe stands in.
@@ -194,7 +198,7 @@ def pretrain_run(out: Path, sizes: Sizes, seed: int, features: set[str]) -> RunS
         core=False,
         seed=seed,
         flags=(
-            *_base_flags(sizes, seed, str(pretrain_data_dir(out)), features),
+            *base_flags(sizes, seed, str(pretrain_data_dir(out)), features),
             *("--train-subset", str(sizes.pretrain_subset)),
             *("--epochs", str(sizes.pretrain_epochs)),
             *("--image-size", str(sizes.pretrain_image_size)),
@@ -210,15 +214,15 @@ def build_plan(
     sizes: Sizes,
     seeds: list[int],
     *,
-    features: set[str],
+    features: frozenset[str] = RECIPE_FLAGS,
     data_dir: str | None = None,
 ) -> list[RunSpec]:
     """Every run of the study in execution order: the transported prior's training first (its
     users wait for it), then each seed's runs, most expensive first so that the two workers end
     together.
 
-    ``features``: the ``fit`` flags this trainer has (``--recipe``, ``--probe``); without them the
-    runs use the trainer's defaults and the records say so.
+    ``features``: which of the official recipe's flags (``--recipe``, ``--probe``) the runs
+    give (default: both); without them the runs use the trainer's defaults.
     """
     if not seeds:
         raise ValueError("--seeds: need at least one seed")
@@ -232,12 +236,12 @@ def build_plan(
         for row in ROWS:
             if not row.core and index > 0:
                 continue
-            flags = _base_flags(sizes, seed, data_dir, features) + [
+            flags = base_flags(sizes, seed, data_dir, features) + [
                 "--train-subset", str(sizes.train_subset), "--epochs", str(sizes.epochs),
                 "--eval-every", str(sizes.eval_every), "--eval-bank", str(sizes.eval_bank),
                 "--budget", f"{row.budget:g}",
             ]  # fmt: skip
-            flags += _probe_flags(sizes, features)
+            flags += probe_flags(sizes, features)
             prior = None
             if row.prior is not None:
                 prior = row.prior.format(

@@ -25,8 +25,10 @@ from typing import Any
 from rela_study.grid import RunSpec, transported_checkpoint
 from rela_study.records import done_runs, write_record
 from rela_study.transport import rgb_prior_checkpoint
+from rela_train.checkpoint import checkpoint_path
+from rela_train.step_evals import SINCE_SWITCH
 
-__all__ = ["fit_features", "log", "main_until_stopped", "make_record", "run_study"]
+__all__ = ["log", "main_until_stopped", "make_record", "run_study"]
 
 # Summary fields copied into the record (those the trainer does not produce are left out).
 METRICS = (
@@ -62,18 +64,9 @@ def main_until_stopped(main: Callable[[], int]) -> None:
         sys.exit(130)
 
 
-def fit_features(python: str = sys.executable) -> set[str]:
-    """The optional ``fit`` flags this trainer has (``--recipe``, ``--probe``, ``--anneal``)."""
-    done = subprocess.run(
-        [python, "-m", "rela_train", "fit", "--help"], capture_output=True, text=True, check=True
-    )
-    words = set(done.stdout.replace("[", " ").replace("]", " ").split())
-    return {flag for flag in ("--recipe", "--probe", "--anneal") if flag in words}
-
-
 def fit_command(python: str, run: RunSpec, run_dir: Path) -> list[str]:
     """The command that starts ``run`` in ``run_dir``, or continues it from its checkpoint."""
-    if (run_dir / "checkpoints" / "last.pt").is_file():
+    if checkpoint_path(run_dir).is_file():
         return [python, "-m", "rela_train", "fit", "--resume", str(run_dir), "--no-progress"]
     return [python, "-m", "rela_train", "fit", *run.flags, "--out", str(run_dir)]
 
@@ -110,8 +103,9 @@ def make_record(
         "budget": summary.get("budget"),
         "policy": summary.get("policy"),
         "curve": curve,
-        # --eval-steps points (issue 18): kNN against steps since the switch.
+        # --eval-steps points: kNN against steps since the switch.
         "step_curve": summary.get("step_evaluations") or [],
+        "since_switch": SINCE_SWITCH,  # how step_curve counts (switch_aggregate.steps_taken)
         "switch_transition": summary.get("switch_transition"),
         "run_seconds": round(seconds, 1),
         # CPU time of the fit process (None when only its record was missing): on a busy
@@ -128,6 +122,7 @@ class _Study:
         out: Path,
         *,
         study: str,
+        refuse_dirty: bool,
         python: str,
         environment: Callable[[], dict[str, Any]],
         on_record: Callable[[], None],
@@ -135,6 +130,7 @@ class _Study:
     ) -> None:
         self.runs = {run.run_id: run for run in runs}
         self.study = study
+        self.refuse_dirty = refuse_dirty
         self.out = out
         self.python = python
         self.environment = environment
@@ -167,13 +163,20 @@ class _Study:
         if run.is_pretrain:
             rgb_prior_checkpoint(run_dir, transported_checkpoint(self.out))
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        environment = self.environment()
+        if self.refuse_dirty and environment.get("dirty"):
+            raise RuntimeError(
+                f"{run.run_id}: finished, but the tree has uncommitted changes now (diff sha256 "
+                f"{environment.get('diff_sha256')}): its record is not written; commit them and "
+                "rerun to write it, or pass --allow-dirty"
+            )
         record = make_record(
             run,
             summary,
             study=self.study,
             # The run's own command (a resumed run ran `fit --resume` on the same settings).
             command=["python", "-m", "rela_train", "fit", *run.flags, "--out", str(run_dir)],
-            environment=self.environment(),
+            environment=environment,
             seconds=time.perf_counter() - start,
             cpu_seconds=cpu_seconds,
         )
@@ -235,6 +238,7 @@ def run_study(
     *,
     study: str,
     jobs: int,
+    refuse_dirty: bool = False,
     python: str = sys.executable,
     environment: Callable[[], dict[str, Any]],
     on_record: Callable[[], None],
@@ -242,7 +246,8 @@ def run_study(
 ) -> list[str]:
     """Run every run of ``runs`` that has no record yet, ``jobs`` at a time; returns the ids of
     the runs that failed (each failure is logged; the others go on). ``study`` names the study
-    in every record."""
+    in every record; with ``refuse_dirty`` no record is written while the tree has uncommitted
+    changes (the environment's ``dirty``)."""
     if jobs < 1:
         raise ValueError(f"--jobs: need at least 1, got {jobs}")
     finished = done_runs(out)
@@ -250,6 +255,7 @@ def run_study(
         runs,
         out,
         study=study,
+        refuse_dirty=refuse_dirty,
         python=python,
         environment=environment,
         on_record=on_record,

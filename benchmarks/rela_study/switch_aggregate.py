@@ -1,13 +1,15 @@
-"""Issue 18's switch study, aggregated: per run the drop around the switch, per row mean +- std
+"""The switch study, aggregated: per run the drop around the switch, per row mean +- std
 over seeds, a markdown table, the rule for changing the default transition, and a plot of kNN
 against the steps since the switch with bands over seeds.
 
 The *drop* of a run is the peak kNN at or before the switch minus the lowest kNN after it, both
 from the ``--eval-steps`` points (``step_curve`` of the record, on the fixed per-epoch bank). A
-step curve point's ``since_switch`` is the number of BYOL-phase steps taken (0: the state the
-ReLA phase ended with). Points from runs whose switch steps differ are put on a common axis: the
-snapshots before the switch fall between multiples of the evaluation interval and are plotted at
-the multiple at or below them.
+step curve point's ``since_switch`` follows the trainer's convention (0: the first BYOL step, -1:
+the state the ReLA phase ended with) in records stamped with it
+(``rela_train.step_evals.SINCE_SWITCH``); older records counted the BYOL-phase steps taken (0:
+the state at the switch). :func:`steps_taken` reads both. Points from runs whose switch steps
+differ are put on a common axis: the snapshots before the switch fall between multiples of the
+evaluation interval and are plotted at the multiple at or below them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rela_study.aggregate import group_rows, mean_std
-
-from rela_kernels.atomic_io import atomic_write
+from rela_study.aggregate import (
+    RowSummary,
+    bar_panel,
+    mean_std,
+    new_figure,
+    save_figure,
+    summarize_rows,
+)
+from rela_train.step_evals import SINCE_SWITCH
 
 __all__ = [
     "SwitchSummary",
@@ -30,29 +37,40 @@ __all__ = [
     "format_switch_markdown",
     "plot_switch",
     "run_drop",
+    "steps_taken",
     "summarize_switch",
 ]
+
+
+def steps_taken(record: dict[str, Any], point: dict[str, Any]) -> int:
+    """The BYOL-phase steps taken at a step curve point of ``record`` (0: the state at the
+    switch), whichever ``since_switch`` convention the record was written with."""
+    shift = 1 if record.get("since_switch") == SINCE_SWITCH else 0
+    return int(point["since_switch"]) + shift
 
 
 def run_drop(record: dict[str, Any]) -> dict[str, float] | None:
     """``{"peak", "low", "drop"}`` (kNN %) of one run, or None without points on both sides."""
     curve = [p for p in record.get("step_curve") or [] if p.get("knn_acc") is not None]
-    before = [100 * p["knn_acc"] for p in curve if p["since_switch"] <= 0]
-    after = [100 * p["knn_acc"] for p in curve if p["since_switch"] > 0]
+    before = [100 * p["knn_acc"] for p in curve if steps_taken(record, p) <= 0]
+    after = [100 * p["knn_acc"] for p in curve if steps_taken(record, p) > 0]
     if not before or not after:
         return None
     peak, low = max(before), min(after)
     return {"peak": peak, "low": low, "drop": peak - low}
 
 
-@dataclass
-class SwitchSummary:
-    row: str
-    label: str
-    seeds: list[int]
-    stats: dict[str, tuple[float, float | None]]  # name -> (mean, std), in %
-    switch_steps: list[int | None]
-    records: list[dict[str, Any]]
+SwitchSummary = RowSummary  # stats in kNN %: knn, probe, and peak, low, drop where measured
+
+
+def _switch_values(record: dict[str, Any]) -> dict[str, float]:
+    metrics = record["metrics"]
+    values = {
+        out: 100 * metrics[key]
+        for key, out in (("knn_acc", "knn"), ("linear_acc_official", "probe"))
+        if metrics.get(key) is not None
+    }
+    return {**values, **(run_drop(record) or {})}
 
 
 def summarize_switch(
@@ -60,29 +78,7 @@ def summarize_switch(
 ) -> list[SwitchSummary]:
     """One summary per row (rows in ``order`` first): final kNN and official probe, and the
     peak, low and drop around the switch where every seed of the row has them."""
-    summaries = []
-    for name, group in group_rows(records, order).items():
-        values: dict[str, list[float]] = {}
-        for record in group:
-            metrics = record["metrics"]
-            for key, out in (("knn_acc", "knn"), ("linear_acc_official", "probe")):
-                if metrics.get(key) is not None:
-                    values.setdefault(out, []).append(100 * metrics[key])
-            drop = run_drop(record)
-            for key, value in (drop or {}).items():
-                values.setdefault(key, []).append(value)
-        stats = {k: mean_std(v) for k, v in values.items() if len(v) == len(group)}
-        summaries.append(
-            SwitchSummary(
-                row=name,
-                label=group[0]["label"],
-                seeds=[record["seed"] for record in group],
-                stats=stats,
-                switch_steps=[record.get("switch_step") for record in group],
-                records=group,
-            )
-        )
-    return summaries
+    return summarize_rows(records, _switch_values, order)
 
 
 def _cell(stat: tuple[float, float | None] | None) -> str:
@@ -145,10 +141,11 @@ def format_paired_markdown(summaries: list[SwitchSummary], base: str, rows: list
 def default_verdict(
     summaries: list[SwitchSummary], hard: str, candidates: list[str], long_pairs: dict[str, str]
 ) -> str:
-    """Issue 18's rule for the default outside ``--recipe official``: a transition replaces
-    ``hard`` only if, at 3 or more seeds, its final kNN beats hard's by more than the larger of
-    the two seed stds at the study's epochs, and it is not worse at the long horizon
-    (``long_pairs``: candidate row -> its long row, plus ``hard`` -> hard's long row)."""
+    """The rule for the default outside ``--recipe official`` (docs/switch.md, "The default"):
+    a transition replaces ``hard`` only if, at 3 or more seeds, its final kNN beats hard's by
+    more than the larger of the two seed stds at the study's epochs, and it is not worse at the
+    long horizon (``long_pairs``: candidate row -> its long row, plus ``hard`` -> hard's long
+    row)."""
     by_row = {s.row: s for s in summaries}
     base = by_row.get(hard)
     if base is None or len(base.seeds) < 3 or "knn" not in base.stats:
@@ -199,7 +196,7 @@ def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...
         for point in record.get("step_curve") or []:
             if point.get("knn_acc") is None or point.get("since_switch") is None:
                 continue
-            offset = _offset(point["since_switch"], every)
+            offset = _offset(steps_taken(record, point), every)
             seen[offset] = 100 * point["knn_acc"]
         for offset, value in seen.items():
             per_offset.setdefault(offset, []).append(value)
@@ -217,13 +214,9 @@ def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...
 def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], every: int) -> Path:
     """Left: kNN against steps since the switch (mean, band = ± std over seeds) for each row
     with a step curve. Right: final kNN and official probe per row with error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    figure, axes = plt.subplots(1, 2, figsize=(16, 6), constrained_layout=True)
+    figure, axes = new_figure(2, 16)
     colors = plt.cm.tab10.colors
     curved = [s for s in summaries if any(r.get("step_curve") for r in s.records)]
     for index, s in enumerate(curved):
@@ -241,19 +234,6 @@ def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], eve
     axes[0].grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8, loc="lower right")
-    positions = range(len(summaries))
-    shown = []
-    for offset, key, name in ((-0.2, "knn", "final kNN"), (0.2, "probe", "official probe")):
-        means = [s.stats[key][0] if key in s.stats else math.nan for s in summaries]
-        errors = [(s.stats[key][1] or 0.0) if key in s.stats else 0.0 for s in summaries]
-        axes[1].bar([p + offset for p in positions], means, 0.4, yerr=errors, capsize=3,
-                    label=name)  # fmt: skip
-        shown += [m for m in means if not math.isnan(m)]
-    axes[1].set_xticks(list(positions), [s.row for s in summaries], rotation=60, ha="right")
-    axes[1].set_ylabel("final top-1 accuracy (%), mean ± std over seeds")
-    if shown:
-        axes[1].set_ylim(max(0.0, min(shown) - 8), min(100.0, max(shown) + 4))
-    axes[1].legend()
-    atomic_write(out, lambda handle: figure.savefig(handle, format="png", dpi=110))
-    plt.close(figure)
-    return out
+    bars = (("knn", "final kNN"), ("probe", "official probe"))
+    bar_panel(axes[1], summaries, bars, margins=(8.0, 4.0))
+    return save_figure(figure, out)

@@ -1,10 +1,11 @@
-"""The runs of issue 18's switch study (benchmarks/study_switch.py): the same data, recipe and
-sizes as issue 12's study (Fashion-MNIST 18k, 15 epochs, batch 32, official recipe, ReLA 50% with
+"""The runs of the switch study (benchmarks/study_switch.py): the same data, recipe and sizes as
+the ReLA study (Fashion-MNIST 18k, 15 epochs, batch 32, official recipe, ReLA 50% with
 the pixel prior), in four parts, in this order:
 
-* ``factors`` -- ReLA 50% with each transition at the switch, one factor at a time (a: hard, as
-  today; b: reset-target; c: warm-heads; d: keep-views; e: lr-drop; and the blend), with kNN on
-  the fixed 5,000-image bank every 100 steps from 300 before the switch to 1,000 after it;
+* ``factors`` -- ReLA 50% with each transition at the switch, one factor at a time (a: hard, the
+  official code's; b: reset-target; c: warm-heads; d: keep-views; e: lr-drop; and the blend),
+  with kNN on the fixed 5,000-image bank every 100 steps from 300 before the switch to 1,000
+  after it;
 * ``horizon`` -- BYOL 100% and ReLA 50% that never switches at 15 epochs (ReLA 50% hard and with
   the best transition are factor rows);
 * ``views`` (only when asked for) -- a diagnostic of ``keep-views``: BYOL on all data, switched
@@ -34,16 +35,18 @@ from pathlib import Path
 from rela_study.grid import (
     PIXELS,
     PRIOR_ARCH,
+    RECIPE_FLAGS,
     RunSpec,
     Sizes,
-    _base_flags,
-    _probe_flags,
+    base_flags,
     pretrain_run,
+    probe_flags,
     random_checkpoint,
     transported_checkpoint,
 )
 
 __all__ = [
+    "STUDY_NAME",
     "DEFAULT_PARTS",
     "PARTS",
     "QUICK_STEPS",
@@ -54,9 +57,12 @@ __all__ = [
     "switch_rows",
 ]
 
+# The name every record of this study carries.
+STUDY_NAME = "rela-switch"
+
 PARTS = ("factors", "horizon", "views", "long", "res28", "transfer", "decay")
-# What a plain study runs: the views diagnostic only when asked for (--parts), so that the grid the
-# issue asks for stays within its time budget.
+# What a plain study runs: the diagnostic and the further parts only when asked for (--parts), so
+# that the grid that decides the default transition fits a day of two CPU cores.
 DEFAULT_PARTS = ("factors", "horizon", "long")
 # The long horizon's epochs, as a multiple of the study's.
 LONG_FACTOR = 3
@@ -74,8 +80,8 @@ class StepSizes:
     blend: int  # blend:STEPS
 
 
-# The issue's window (100 steps, -300 .. +1000) at 281 steps per epoch; the transitions last
-# about one epoch or two.
+# Evaluations every 100 steps from 300 before the switch to 1,000 after it, at 281 steps per
+# epoch: the drop and the recovery, while the transitions last about one epoch or two.
 STUDY_STEPS = StepSizes(eval_every=100, before=300, after=1000, warm=300, lr_drop=300, blend=500)
 # --quick: 31 steps per epoch, a constant switch at epoch 1 of 2.
 QUICK_STEPS = StepSizes(eval_every=5, before=15, after=30, warm=5, lr_drop=5, blend=8)
@@ -94,7 +100,7 @@ class SwitchRow:
     probe_switch: bool = False  # kNN every N steps around the switch
     prior_spec: str = PIXELS  # "{digits}", "{random}", "{fashion}": files of the study
     extra: tuple[str, ...] = ()  # further fit flags
-    decay_exclude: str = "bias-norm"  # the earlier parts' setting (see grid._base_flags)
+    decay_exclude: str = "bias-norm"  # the earlier parts' setting (see grid.base_flags)
     first_seed_only: bool = False
 
 
@@ -195,7 +201,7 @@ def build_switch_plan(
     parts: tuple[str, ...] = DEFAULT_PARTS,
     long_seeds: list[int] | None = None,
     best: str,
-    features: set[str],
+    features: frozenset[str] = RECIPE_FLAGS,
     data_dir: str | None = None,
     switch: str | None = None,
     out: Path | None = None,
@@ -254,11 +260,11 @@ def _run(
     files: dict[str, Path | None] | None = None,
 ) -> RunSpec:
     epochs = sizes.epochs * (LONG_FACTOR if row.long else 1)
-    flags = _base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [
+    flags = base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [
         "--train-subset", str(sizes.train_subset), "--epochs", str(epochs),
         "--eval-every", str(sizes.eval_every * (LONG_FACTOR if row.long else 1)),
         "--eval-bank", str(sizes.eval_bank), "--budget", f"{row.budget:g}",
-        *_probe_flags(sizes, features),
+        *probe_flags(sizes, features),
     ]  # fmt: skip
     prior = None
     if row.prior:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rela_train.checkpoint import checkpoint_path, load_checkpoint
 from rela_train.data.fashion_mnist import MEAN, STD, load_fashion_mnist
 from rela_train.models import build_resnet
 from rela_train.prior.loaders import NORMALIZATIONS
@@ -80,9 +81,8 @@ def _backbone_state(learner: dict[str, torch.Tensor], where: Path) -> dict[str, 
 
 def rgb_prior_checkpoint(run_dir: Path, out: Path, normalization: str = "imagenet") -> Path:
     """Write the backbone of the finished run in ``run_dir`` as an RGB state dict at ``out``."""
-    path = run_dir / "checkpoints" / "last.pt"
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    learner = state.get("learner") if isinstance(state, dict) else None
+    path = checkpoint_path(run_dir)
+    learner = load_checkpoint(path, parts=("learner",))["learner"]
     if not isinstance(learner, dict):
         raise ValueError(f"{path}: not a rela-train checkpoint with learner weights")
     backbone = _backbone_state(learner, path)

@@ -72,7 +72,7 @@ def epoch_steps(sampler: rk.SubsetSampler, epoch: int, step_images: int) -> int:
 
 @dataclass
 class RunParts:
-    """What :func:`build_run` sets up; the trainer keeps each part under the same name."""
+    """What :func:`build_run` sets up; the trainer holds it and reads each part from it."""
 
     train_source: Source
     val_source: Source
@@ -93,6 +93,7 @@ class RunParts:
     switch: Switch
     augment: dict[str, Augmenter]  # by phase
     channels_last: bool  # the memory format the learner trains in (asked for, unless unsafe)
+    accum_steps: int  # micro-batches per optimizer step on each rank
 
 
 def build_run(
@@ -101,14 +102,17 @@ def build_run(
     device: torch.device,
     dist: DistContext,
     *,
-    accum_steps: int,
-    sync_bn: bool,
-    channels_last: bool,
     new: bool,
     log: Callable[[str], None],
 ) -> RunParts:
     """Set up the run in ``run_dir`` (``new``: create it; else it is resumed). A failure leaves
     nothing behind: sources are closed and a directory created here is removed."""
+    accum_steps = accumulation_steps(config, dist.world)
+    cuda = device.type == "cuda"
+    channels_last = cuda if config.channels_last is None else config.channels_last
+    sync_bn = (cuda and dist.world > 1) if config.sync_bn is None else config.sync_bn
+    if sync_bn and not cuda:
+        raise ValueError("--sync-bn: synchronised BatchNorm needs CUDA training")
     train = val = None
     run_directory = None
     try:
@@ -286,6 +290,7 @@ def _build_parts(
         switch=switch,
         augment=augment,
         channels_last=channels_last,
+        accum_steps=accum_steps,
     )
 
 

@@ -1,49 +1,80 @@
-"""A run's checkpoint: what it holds, writing and reading it, restoring a trainer from it, and
-resuming it on another world size.
+"""A run's checkpoints: what they hold, writing them durably, and resuming a run from them.
 
-A checkpoint holds everything of a run that evolves (weights, optimizer, score table, the current
-epoch's subset, the switch state, the :class:`Counters`, the evaluations so far) plus the config
-it was written under; with the fixed seeds that is enough to replay the remaining steps bit for
-bit. Files are read with ``weights_only=True``: a checkpoint never runs code.
+This module is the one owner of saving and resuming. Each part of a run saves and restores its
+own state (``state_dict()`` / ``load_state_dict()``: the learner, optimizer, score table,
+sampler, switch, metrics log and step evaluations); :func:`checkpoint_state` gathers them with
+the :class:`Counters` and the config, and :func:`restore` hands them back. :func:`resume` is the
+one way a run is continued (``fit --resume RUN``, ``fit --resume auto``, ``Trainer(...,
+resume=True)``): it reads ``config.json`` with the allowed changes, picks the newest readable
+checkpoint, checks that it belongs to the run and adapts the run to the world size.
+
+Files (in ``RUN/checkpoints/``): ``last.pt`` is always the newest checkpoint (end of an epoch, a
+stop, the end of the run, or a step checkpoint). Step checkpoints (``--checkpoint-every``) are
+written as ``step-NNNNNNNNN.pt`` and ``last.pt`` is then replaced by a hard link to it; the
+newest ``--keep-checkpoints`` of them are kept, older ones deleted only once the new one is
+durable (written, fsynced and renamed into place, the directory fsynced). A kill at any point
+leaves the previous checkpoint whole; a full disk fails the write with the path named and
+leaves it whole too.
+
+No random generator carries state from one step to the next: every draw is seeded from (seed,
+epoch, step, micro-batch, rank), so the counters and the sampler's epoch order are all a
+checkpoint needs to resume the data and augmentation streams bit for bit, wherever in an epoch
+it was written. Files are read with ``weights_only=True``: a checkpoint never runs code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import os
 import pickle
+import re
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rela_kernels.atomic_io import atomic_write, atomic_write_text
-from rela_train.build import accumulation_steps, epoch_steps
-from rela_train.config import RESUME_SETTINGS, TrainConfig
+from rela_kernels.atomic_io import atomic_write, fsync_dir
+from rela_train.build import accumulation_steps
+from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_checkpoint_every
 from rela_train.provenance import run_provenance
+from rela_train.run_directory import CHECKPOINT, RunDirectory, checkpoint_path
+from rela_train.runtime import agree_min
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
     from rela_train.engine import Trainer
 
 __all__ = [
     "CHECKPOINT",
+    "CheckpointClock",
     "FORMAT",
     "RESUME_MAY_DIFFER",
     "Counters",
+    "Resumed",
     "adapt_to_world",
     "check_checkpoint_config",
+    "checkpoint_path",
     "checkpoint_state",
+    "has_checkpoint",
     "load_checkpoint",
+    "load_run_config",
     "restore",
+    "resume",
     "save_checkpoint",
+    "save_step_checkpoint",
+    "should_resume",
+    "step_checkpoints",
+    "write_checkpoint",
 ]
 
-CHECKPOINT = "last.pt"
+CHECKPOINTS = "checkpoints"
 FORMAT = "rela-train-checkpoint-v1"
+_STEP_FILE = re.compile(r"step-(\d{9})\.pt")
 # What every checkpoint holds (see checkpoint_state); checked before any of it is used.
 _CHECKPOINT_KEYS = frozenset(
     ("format", "config", "learner", "optimizer", "score_table", "sampler", "sampler_policy",
@@ -65,6 +96,7 @@ class Counters:
     wall_time: float = 0.0
     switch_step: int | None = None
     switch_epoch: int | None = None
+    # Records in metrics.jsonl (kept by the MetricsLog; saved here).
     metrics_lines: int = 0
     # Unreadable training images skipped so far (the training source keeps the live count).
     skipped_images: int = 0
@@ -77,13 +109,66 @@ _COUNTER_NAMES = tuple(f.name for f in dataclasses.fields(Counters))
 RESUME_MAY_DIFFER = {*RESUME_SETTINGS, "batch_size", "accum_steps"}
 
 
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
+    return checkpoint_path(run_dir).is_file() or bool(step_checkpoints(run_dir))
+
+
+def step_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The step checkpoints of a run, newest first."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _STEP_FILE.fullmatch(p.name)]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def should_resume(run_dir: Path, resume: bool | str) -> bool:
+    """Whether to continue the run in ``run_dir``: ``resume`` itself, or with ``"auto"``
+    whether it holds a checkpoint (otherwise a new run starts there, which must be allowed:
+    a directory holding another program's run files is refused, naming the flag)."""
+    if resume != "auto":
+        return bool(resume)
+    if has_checkpoint(run_dir):
+        return True
+    try:
+        RunDirectory.check_new(run_dir)
+    except ValueError as error:
+        raise ValueError(f"--resume auto: {str(error).removeprefix('--out: ')}") from error
+    return False
+
+
+class CheckpointClock:
+    """When step checkpoints are due (``--checkpoint-every``): after every N-th optimizer step
+    of the run (the same steps however often it was resumed), or once the given wall time has
+    passed since the last checkpoint this process wrote (or its start)."""
+
+    def __init__(self, every: str | None) -> None:
+        self.steps, self.seconds = (None, None) if every is None else parse_checkpoint_every(every)
+        self._last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether a step checkpoint is due after optimizer step ``step`` (numbered from 1)."""
+        if self.steps is not None:
+            return step % self.steps == 0
+        return self.seconds is not None and time.monotonic() - self._last >= self.seconds
+
+    def saved(self) -> None:
+        self._last = time.monotonic()
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_FILE.fullmatch(path.name)[1])
+
+
 def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
     """Everything :func:`restore` needs to continue ``trainer`` where it stands."""
     counters = dataclasses.replace(
         trainer.counters,
         wall_time=trainer.wall_time,
         skipped_images=trainer.train_source.skipped,
+        **trainer.metrics.state_dict(),
     )
+    step_evals = trainer.step_evals
     return {
         "format": FORMAT,
         "config": trainer.config.to_dict(),
@@ -96,7 +181,7 @@ def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
         "counters": dataclasses.asdict(counters),
         "evaluations": trainer.evaluations,
         # --eval-steps: pending snapshots and results (absent from older checkpoints).
-        "step_evals": None if trainer.step_evals is None else trainer.step_evals.state_dict(),
+        "step_evals": None if step_evals is None else step_evals.state_dict(),
         "world_size": trainer.world,
         "feature_dim": trainer.learner.feature_dim,
         "channels": trainer.train_source.channels,
@@ -106,15 +191,14 @@ def checkpoint_state(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (a kill leaves the previous checkpoint)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
-
-
 def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     """Put the state of a checkpoint into a freshly built ``trainer`` of the same run."""
+    saved = state["counters"]
+    missing = [name for name in _COUNTER_NAMES if name not in saved]
+    unknown = sorted(set(saved) - set(_COUNTER_NAMES))
+    if missing or unknown:
+        what = f"lacks counter {missing[0]}" if missing else f"has unknown counter {unknown[0]}"
+        raise ValueError(f"--resume: the checkpoint in {trainer.run_dir} {what}")
     try:
         trainer.learner.load_state_dict(state["learner"])
     except RuntimeError as error:
@@ -125,17 +209,7 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.score_table.load_state_dict(state["score_table"])
     trainer.sampler = trainer.samplers[state["sampler_policy"]]
     trainer.sampler.load_state_dict(state["sampler"])
-    # An annealed epoch (--anneal) takes more steps than a pruned one.
-    trainer.steps_per_epoch = epoch_steps(
-        trainer.sampler, trainer.sampler.epoch, trainer.step_images
-    )
     trainer.switch.load_state_dict(state["switch"])
-    saved = state["counters"]
-    missing = [name for name in _COUNTER_NAMES if name not in saved]
-    unknown = sorted(set(saved) - set(_COUNTER_NAMES))
-    if missing or unknown:
-        what = f"lacks counter {missing[0]}" if missing else f"has unknown counter {unknown[0]}"
-        raise ValueError(f"--resume: the checkpoint in {trainer.run_dir} {what}")
     trainer.counters = Counters(**saved)
     trainer.train_source.skipped = trainer.counters.skipped_images
     trainer.evaluations = list(state["evaluations"])
@@ -145,10 +219,46 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     if trainer.step_evals is not None and state.get("step_evals") is not None:
         trainer.step_evals.load_state_dict(state["step_evals"])
     # Drop metric lines written after the checkpoint: the resumed run rewrites them.
-    metrics = trainer.run_dir / "metrics.jsonl"
-    if trainer.main and metrics.exists():
-        lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
-        atomic_write_text(metrics, "".join(lines[: trainer.counters.metrics_lines]))
+    trainer.metrics.load_state_dict({"metrics_lines": trainer.counters.metrics_lines})
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically: a kill, or a full disk, leaves the previous
+    checkpoint as it was. A failed write raises OSError naming ``path``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        atomic_write(path, lambda handle: handle.write(buffer.getbuffer()))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if error.errno == errno.ENOSPC:
+            reason = "no space left on the device"
+        raise OSError(
+            error.errno,
+            f"cannot write the checkpoint {path}: {reason}; the previous checkpoint is kept",
+        ) from error
+
+
+def save_step_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write a step checkpoint (``step-NNNNNNNNN.pt``), make it ``last.pt`` and keep the
+    newest ``keep`` step checkpoints; returns its path. Older ones are deleted only after the
+    new one and ``last.pt`` are durable."""
+    directory = Path(run_dir) / CHECKPOINTS
+    path = directory / f"step-{int(state['counters']['global_step']):09d}.pt"
+    save_checkpoint(path, state)
+    last = directory / CHECKPOINT
+    link = directory / f".{CHECKPOINT}.link.tmp"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)  # no second copy of the bytes
+    except OSError:  # a file system without hard links
+        save_checkpoint(last, state)
+    else:
+        os.replace(link, last)
+        fsync_dir(directory)
+    for old in step_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
 
 
 def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
@@ -173,15 +283,19 @@ def check_checkpoint_config(state: dict[str, Any], config: TrainConfig, run_dir:
         )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str], parts: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Read a checkpoint written by :class:`~rela_train.engine.Trainer` (a file, or a run
-    directory).
+    directory). With ``parts`` (e.g. ``("learner",)``), a tool that reads only those gets
+    them, checked to be there, from any file holding them; otherwise the whole checkpoint is
+    checked (its format marker and every key).
 
     Loaded with ``weights_only=True``: a checkpoint holds only tensors, plain containers and
     primitive values, so a crafted file cannot run code here; anything else is refused."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoints" / CHECKPOINT
+        path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -198,6 +312,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
         raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
+    if parts is not None:
+        missing = [part for part in parts if not isinstance(state, dict) or part not in state]
+        if missing:
+            raise ValueError(f"{path}: not a rela-train checkpoint with {', '.join(missing)}")
+        return {part: state[part] for part in parts}
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a valid rela-train checkpoint (no {FORMAT} marker)")
     missing = sorted(_CHECKPOINT_KEYS - set(state))
@@ -242,3 +361,106 @@ def adapt_to_world(
         f"(global batch {batch * accum * old_world}, unchanged)"
     )
     return adapted
+
+
+@dataclass
+class Resumed:
+    """A run about to continue: its config (adapted to the world size), the checkpoint's state
+    and the file it came from."""
+
+    config: TrainConfig
+    state: dict[str, Any]
+    path: Path
+
+
+def load_run_config(run_dir: Path, overrides: Mapping[str, Any]) -> TrainConfig:
+    """The config of the run in ``run_dir`` (its ``config.json``) with ``overrides`` applied.
+
+    Only the settings that cannot change the results (:data:`RESUME_SETTINGS`) are taken from
+    ``overrides``; any other setting it holds must equal the run's, or the resume is refused
+    with the differing settings named (``fit --resume auto`` passes the whole command's
+    config, so that a requeue with another command is not silently trained as the old run)."""
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
+    saved = TrainConfig.load(run_dir / "config.json")
+    if overrides.get("switch_transition") is not None:  # config.json holds the concrete one
+        wanted = TrainConfig(**{**saved.to_dict(), **overrides}).concrete_transition
+        overrides = {**overrides, "switch_transition": wanted}
+    old = saved.to_dict()
+    differ = sorted(
+        name
+        for name, value in overrides.items()
+        if name not in RESUME_MAY_DIFFER and old.get(name) != value
+    )
+    if differ:
+        shown = ", ".join(f"--{n.replace('_', '-')}: {old.get(n)!r} vs {overrides[n]!r}"
+                          for n in differ[:6])  # fmt: skip
+        raise ValueError(
+            f"--resume: {run_dir} holds a run with other settings than the ones given "
+            f"(run's vs given: {shown}); give the run's settings, or choose another --out"
+        )
+    return saved.replace(**{n: overrides[n] for n in RESUME_SETTINGS if n in overrides})
+
+
+def resume(
+    run_dir: str | os.PathLike[str],
+    overrides: Mapping[str, Any],
+    world: int,
+    log: Callable[[str], None],
+) -> Resumed:
+    """Everything needed to continue the run in ``run_dir`` on ``world`` ranks: the config
+    (:func:`load_run_config`), the newest checkpoint that can be read (a damaged one is
+    reported and the next older step checkpoint used), checked against the config and adapted
+    to ``world`` (:func:`adapt_to_world`)."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir, overrides)
+    candidates = [checkpoint_path(run_dir), *step_checkpoints(run_dir)]
+    candidates = [p for p in candidates if p.is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+    errors = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            break
+        except ValueError as error:
+            errors.append(str(error))
+    else:
+        raise ValueError(f"--resume: no readable checkpoint in {run_dir}: {errors[0]}")
+    for error in errors:
+        log(f"warning: {error}; resuming from {path} instead")
+    # A kill between writing a step checkpoint and linking it as last.pt leaves it newer.
+    step = int(state["counters"]["global_step"])
+    for newer in [p for p in step_checkpoints(run_dir) if _step_of(p) > step]:
+        try:
+            state, path = load_checkpoint(newer), newer
+            break
+        except ValueError as error:
+            log(f"warning: {error}; resuming from {path} instead")
+    check_checkpoint_config(state, config, run_dir)
+    config = adapt_to_world(config, state, world, run_dir, log)
+    return Resumed(config, state, path)
+
+
+def write_checkpoint(trainer: Trainer, *, step: bool = False) -> Path:
+    """Flush the trainer's pending scores and write its checkpoint (``step``: a step
+    checkpoint); a collective. Rank 0 writes it; when it cannot, every rank raises (rank 0 with
+    the error naming the path)."""
+    trainer.pending_scores.flush()
+    path, error = checkpoint_path(trainer.run_dir), None
+    if trainer.main:
+        try:
+            state = checkpoint_state(trainer)
+            if step:
+                path = save_step_checkpoint(trainer.run_dir, state, trainer.config.keep_checkpoints)
+            else:
+                save_checkpoint(path, state)
+        except OSError as caught:
+            error = caught
+    (ok,) = agree_min(trainer.dist, [int(error is None)])
+    if error is not None:
+        raise error
+    if not ok:
+        raise OSError(f"rank 0 could not write the checkpoint in {path.parent}; see its log")
+    trainer.checkpoint_clock.saved()
+    return path

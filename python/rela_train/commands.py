@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from rela_train.arg_types import (
     device,
@@ -35,10 +36,12 @@ from rela_train.export_commands import (
     export_run,
     run_backbone_eval,
 )
+from rela_train.stop import REQUEUE
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command"]
 
-# Exit status of a run stopped by SIGINT/SIGTERM after writing its checkpoint (128 + SIGINT).
+# Exit status of a run stopped by SIGINT after writing its checkpoint (128 + SIGINT); stopped by
+# SIGUSR1 or SIGTERM it is rela_train.stop.REQUEUE.
 INTERRUPTED = 128 + signal.SIGINT
 
 
@@ -135,22 +138,21 @@ def _embed_run(args: argparse.Namespace) -> int:
         raise ValueError(f"{' and '.join(missing)} required (unless --verify)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _embed_distributed(args)
-    result = embed(
-        args.data,
-        args.prior,
-        args.out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=args.device,
-        dim=args.dim,
-        chunk_rows=args.chunk_rows,
-        input_size=args.input_size,
-        normalize=args.normalize,
-        progress=not args.no_progress,
-        repair=args.repair,
-    )
+    result = embed(args.data, args.prior, args.out, **_embed_options(args))
     _print_embed_result(result)
     return 0
+
+
+# The `embed` flags passed on to prior.embedding.embed as they are.
+_EMBED_OPTIONS = (
+    "batch_size", "workers", "device", "dim", "chunk_rows", "input_size", "normalize", "repair"
+)  # fmt: skip
+
+
+def _embed_options(args: argparse.Namespace, **changes: Any) -> dict[str, Any]:
+    """``embed``'s keyword arguments from the flags, with ``changes`` applied."""
+    options = {name: getattr(args, name) for name in _EMBED_OPTIONS}
+    return {**options, "progress": not args.no_progress, **changes}
 
 
 def _embed_distributed(args: argparse.Namespace) -> int:
@@ -183,12 +185,11 @@ def _embed_distributed(args: argparse.Namespace) -> int:
     )
     try:
         with Peers(ctx, f"embedding into {args.out}", advice) as peers:
-            result = embed(
-                args.data, args.prior, args.out, batch_size=args.batch_size, workers=workers,
-                device=device, dim=args.dim, chunk_rows=args.chunk_rows,
-                input_size=args.input_size, normalize=args.normalize,
-                progress=not args.no_progress and ctx.main, repair=args.repair, peers=peers,
+            options = _embed_options(
+                args, workers=workers, device=device, peers=peers,
+                progress=not args.no_progress and ctx.main,
             )  # fmt: skip
+            result = embed(args.data, args.prior, args.out, **options)
     finally:
         ctx.close()
     if ctx.main:
@@ -287,20 +288,30 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        metavar="RUN",
+        metavar="RUN|auto",
         type=non_empty,
         default=None,
-        help="continue the run in RUN from its last checkpoint (its config.json is used)",
+        help="continue the run in RUN from its last checkpoint (its config.json is used); "
+        "auto: continue the run in --out if it holds a checkpoint, else start it there (one "
+        "command for the first start and every requeue; the given settings must be the run's)",
     )
     add_config_arguments(parser)
 
 
 def _fit_run(args: argparse.Namespace) -> int:
+    from rela_train.checkpoint import load_run_config
     from rela_train.config import config_from_args
     from rela_train.presets import get_preset
     from rela_train.runs import default_run_dir, fit
 
-    if args.resume is not None:
+    if args.resume == "auto":
+        if args.out is None:
+            raise ValueError(
+                "--resume auto: needs --out DIR, the run directory to continue or start"
+            )
+        config = config_from_args(get_preset(args.preset), args)
+        result = fit(config, Path(args.out), resume="auto")
+    elif args.resume is not None:
         given = [
             f.name
             for f in dataclasses.fields(TrainConfig)
@@ -310,11 +321,8 @@ def _fit_run(args: argparse.Namespace) -> int:
             flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset/--out"
             raise ValueError(f"--resume continues a run with its saved configuration; drop {flags}")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} is not a run directory (no config.json)")
-        config = TrainConfig.load(run_dir / "config.json")
         changes = {n: getattr(args, n) for n in RESUME_SETTINGS if getattr(args, n) is not None}
-        result = fit(config.replace(**changes), run_dir, resume=True)
+        result = fit(load_run_config(run_dir, changes), run_dir, resume=True)
     else:
         config = config_from_args(get_preset(args.preset), args)
         if args.out is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -324,8 +332,8 @@ def _fit_run(args: argparse.Namespace) -> int:
             )
         run_dir = Path(args.out) if args.out is not None else default_run_dir(config)
         result = fit(config, run_dir, preset=args.preset)
-    if result.status != "finished":
-        return 128 + (result.signal or signal.SIGINT)
+    if result.status != "finished":  # a checkpoint was written: run the same command again
+        return INTERRUPTED if result.signal == signal.SIGINT else REQUEUE
     summary = result.summary
     if not summary:  # ranks other than 0 of a distributed run
         return 0

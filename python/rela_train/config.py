@@ -12,12 +12,14 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rela_train.arg_types import device
+from rela_train.arg_types import Bounds, device
+from rela_train.transition import parse_transition, resolve_transition
 
 __all__ = [
     "DATASETS",
@@ -27,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "add_config_arguments",
     "config_from_args",
+    "parse_checkpoint_every",
     "parse_step_window",
     "parse_switch",
 ]
@@ -52,35 +55,8 @@ SWITCH_SCORES = ("reset", "keep")
 INBATCH_SWITCH_LOSSES = ("scored", "kept")
 AMP_MODES = ("auto", "bf16", "off")
 # Settings that cannot change a run's results: the only ones `fit --resume` may change.
-RESUME_SETTINGS = ("progress", "threads", "tensorboard")
+RESUME_SETTINGS = ("progress", "threads", "tensorboard", "checkpoint_every", "keep_checkpoints")
 DECODERS = ("auto", "pil", "simplejpeg")
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The allowed range of a numeric setting: ``low`` to ``high`` (``None``: unbounded), each end
-    closed unless marked open; ``note`` follows the range in the error message."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    note: str = ""
-
-    def __contains__(self, value: float) -> bool:
-        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return low_ok and high_ok
-
-    def __str__(self) -> str:
-        if self.high is None:
-            text = f"{'>' if self.low_open else '>='} {self.low}"
-        else:
-            text = (
-                f"in {'(' if self.low_open else '['}{self.low}, {self.high}"
-                f"{')' if self.high_open else ']'}"
-            )
-        return text + self.note
 
 
 AT_LEAST_ONE = Bounds(1)
@@ -133,6 +109,25 @@ def parse_step_window(text: str) -> tuple[int, int]:
             f"--eval-steps-window: expected BEFORE:AFTER (steps, whole numbers >= 0), got {text!r}"
         )
     return int(before), int(after)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_checkpoint_every(text: str) -> tuple[int | None, float | None]:
+    """``--checkpoint-every``: ``N`` (optimizer steps, >= 1) -> ``(N, None)``; a duration
+    ``90s``, ``30m``, ``1.5h`` (> 0) -> ``(None, seconds)``. Raises ValueError naming the flag."""
+    value = text.strip()
+    steps = int(value) if value.isdigit() else None
+    duration = _DURATION.fullmatch(value)
+    seconds = float(duration[1]) * _UNIT_SECONDS[duration[2]] if duration else None
+    if (steps is None or steps < 1) and not (seconds is not None and seconds > 0):
+        raise ValueError(
+            "--checkpoint-every: expected a number of optimizer steps >= 1 or a duration > 0 "
+            f"such as 90s, 30m or 2h, got {text!r}"
+        )
+    return (steps, None) if steps is not None else (None, seconds)
 
 
 def parse_device(text: str) -> str:
@@ -482,6 +477,24 @@ class TrainConfig:
         ),
     )
     progress: bool = field(default=True, metadata=_opt("show a progress bar"))
+    # -- checkpoints ---------------------------------------------------------------------------
+    checkpoint_every: str | None = field(
+        default=None,
+        metadata=_opt(
+            "also write a step checkpoint every N optimizer steps, or every DURATION of wall "
+            "time (90s, 30m, 2h), besides the one at the end of each epoch",
+            parse=parse_checkpoint_every,
+            metavar="N|DURATION",
+        ),
+    )
+    keep_checkpoints: int = field(
+        default=2,
+        metadata=_opt(
+            "step checkpoints kept (the newest; older ones deleted once a new one is durable)",
+            bounds=AT_LEAST_ONE,
+            metavar="K",
+        ),
+    )
     tensorboard: str | None = field(
         default=None,
         metadata=_opt(
@@ -516,7 +529,7 @@ class TrainConfig:
 
     @staticmethod
     def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` as a config written today would hold them: the keys of
+        """``values`` as this version writes a config: the keys of
         :data:`RENAMED_KEYS` under their current names (a file holding both the old and the new
         name is refused), and every setting of :data:`LEGACY_VALUES` the file lacks set to the
         value it ran with (a config written before the setting existed)."""
@@ -557,8 +570,6 @@ class TrainConfig:
     def concrete_transition(self) -> str:
         """``switch_transition`` with ``auto`` made concrete for this run (``keep-views`` where it
         switches from ReLA to BYOL, ``hard`` elsewhere; docs/switch.md)."""
-        from rela_train.transition import resolve_transition  # imports torch
-
         return resolve_transition(self.switch_transition, rela=self.rela, switch=self.switch)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -571,7 +582,6 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             _check_field(f, getattr(self, f.name))
         from rela_train.models import RESNET_ARCHS  # imports torch: not at module level
-        from rela_train.transition import parse_transition
 
         _need(
             self.arch in RESNET_ARCHS,

@@ -43,6 +43,7 @@ from rela_train.runtime import resolve_device
 
 __all__ = [
     "OfficialProbeResult",
+    "RunEvaluator",
     "evaluate_backbone",
     "evaluate_backbone_file",
     "evaluate_checkpoint",
@@ -288,6 +289,66 @@ def evaluate_backbone(
         final_probe_results(probe, train_f, train_y, val_f, val_y, num_classes, probe_iterations)
     )
     return result
+
+
+class RunEvaluator:
+    """A training run's evaluations: per epoch (and per ``--eval-steps``) kNN on the evaluation
+    bank, at the end kNN on the whole training set and the linear probe. Owns the evaluation
+    bank, a fixed subset of the training set (``--eval-bank``)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        train: Source,
+        val: Source,
+        *,
+        device: torch.device,
+        channels_last: bool,
+        autocast: bool,
+    ) -> None:
+        self.config = config
+        self.train, self.val = train, val
+        self.device = device
+        self.channels_last = channels_last
+        self.autocast = autocast
+        self._bank: Source | None = None
+
+    def bank(self) -> Source:
+        """The fixed subset of the training set that per-epoch kNN uses as its bank."""
+        if self._bank is None:
+            self._bank = self.train.subset(self.config.eval_bank, seed=1)
+        return self._bank
+
+    def __call__(self, backbone: nn.Module, *, final: bool) -> dict[str, Any]:
+        """kNN accuracy (not ``final``: on the eval bank); ``final`` also the linear probe and,
+        when the bank is a subset, the bank's kNN as ``knn_acc_bank``; ``eval_time`` in s."""
+        config = self.config
+        start = time.perf_counter()
+        bank, extra_bank = self.train, None
+        if not final and config.eval_bank is not None:
+            bank = self.bank()
+        if final and config.eval_bank is not None and config.eval_bank < self.train.n:
+            # The accuracy curve's last point uses the same bank as the per-epoch points.
+            extra_bank = self.bank()
+        try:
+            result = evaluate_backbone(
+                backbone, bank, self.val, config=config, num_classes=len(self.train.classes),
+                device=self.device, channels_last=self.channels_last, autocast=self.autocast,
+                probe_iterations=config.probe_epochs if final else 0, probe=config.probe,
+                extra_bank=extra_bank,
+            )  # fmt: skip
+        finally:
+            # Evaluation's decoding processes are not kept between evaluations (the training
+            # source's are: they serve every epoch).
+            for source in (self.val, self._bank):
+                if source is not None and source is not self.train:
+                    source.close()
+        result["eval_time"] = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        if self._bank is not None:
+            self._bank.close()
 
 
 def _log(message: str) -> None:

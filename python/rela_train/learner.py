@@ -3,6 +3,9 @@ linear probe) and the :class:`Objective`, one micro-batch's forward for the curr
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -11,9 +14,26 @@ from rela_train.byol import BYOL, byol_loss, hidden_width
 from rela_train.config import TrainConfig
 from rela_train.models import build_resnet
 from rela_train.rela import ReLAHead, rela_loss
-from rela_train.transition import frozen_statistics
 
-__all__ = ["Learner", "Objective", "build_learner", "step_modules"]
+__all__ = ["Learner", "Objective", "build_learner", "frozen_statistics", "step_modules"]
+
+
+@contextmanager
+def frozen_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running
+    statistics and batch counters as they were (a frozen backbone that still trains-mode)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in norms]  # fmt: skip
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 class Learner(nn.Module):
@@ -95,7 +115,7 @@ class Objective(nn.Module):
         In the BYOL phase, ``rela_weight > 0`` (a ``blend`` transition) adds the ReLA loss:
         ``rela_weight * ReLA + (1 - rela_weight) * BYOL``, on the same views; ``freeze_backbone``
         (``warm-heads``) computes the features without gradient and leaves BatchNorm's running
-        statistics as they are (:func:`rela_train.transition.frozen_statistics`)."""
+        statistics as they are (:func:`frozen_statistics`)."""
         byol = self.learner.byol
         if freeze_backbone:
             with torch.no_grad(), frozen_statistics(byol.backbone):

@@ -13,17 +13,23 @@ except an embedding store of the prior in it, which is resumable work.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from rela_kernels.holder_lock import HolderLock, LockHeld, make_directory
 
-__all__ = ["LOCK", "RUN_FILES", "RunDirectory"]
+__all__ = ["CHECKPOINT", "LOCK", "RUN_FILES", "RunDirectory", "checkpoint_path"]
 
 LOCK = "rela-train.lock"
 # What a run writes into its directory (a new run replaces these, so they must be its own).
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "prior")
-CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
+CHECKPOINT = "last.pt"
+
+
+def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
+    """Where the run in ``run_dir`` keeps its newest checkpoint (it may not exist yet)."""
+    return Path(run_dir) / "checkpoints" / CHECKPOINT
 
 
 class RunDirectory:
@@ -39,7 +45,7 @@ class RunDirectory:
     def check_new(cls, path: Path) -> None:
         """Refuse a directory that holds a run already or files rela-train did not write;
         creates nothing (called before anything else of a new run)."""
-        if (path / CHECKPOINT_FILE).exists():
+        if checkpoint_path(path).exists():
             raise ValueError(
                 f"--out: {path} already holds a run; continue it with --resume, or choose "
                 "another --out"

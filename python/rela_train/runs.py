@@ -18,15 +18,17 @@ def fit(
     config: TrainConfig,
     out: str | os.PathLike[str],
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     hooks: Hooks | None = None,
     log: Callable[[str], None] | None = None,
     preset: str | None = None,
 ) -> RunResult:
-    """Train (or, with ``resume=True``, continue) the run in directory ``out``.
+    """Train (or, with ``resume=True``, continue) the run in directory ``out``;
+    ``resume="auto"`` continues it when it holds a checkpoint and starts it otherwise.
 
     Returns a :class:`RunResult` whose ``status`` is ``finished`` (``summary.json`` written) or
-    ``interrupted`` (SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was written).
+    ``interrupted`` (SIGUSR1/SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was
+    written).
     ``preset``: the name of the preset ``config`` started from, kept in the checkpoints'
     provenance (a resumed run keeps its own).
     """

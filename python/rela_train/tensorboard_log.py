@@ -3,7 +3,9 @@
 Every record the trainer writes to ``metrics.jsonl`` also goes here, as scalars at the record's
 global step: per step the loss, phase (0 = ReLA, 1 = BYOL), rho, learning rate, tau, images/s and
 samples seen (and the online probe's loss and accuracy); per evaluation kNN and the probe
-accuracies. ``metrics.jsonl`` stays the record of the run; this is a view of it.
+accuracies. Every point of ``eval/knn_acc`` is measured on the same evaluation bank
+(``--eval-bank``); the final kNN on the whole training set is ``eval/knn_acc_full``.
+``metrics.jsonl`` stays the record of the run; this is a view of it.
 
 TensorBoard is optional (``pip install 'rela-kernels[tensorboard]'``): :func:`check_tensorboard`
 refuses the flag with one line when the package is missing or the directory cannot be written,
@@ -21,6 +23,7 @@ from typing import Any
 
 __all__ = [
     "EVAL_TAGS",
+    "FINAL_FULL_KNN_TAG",
     "STEP_TAGS",
     "TensorBoardLog",
     "check_tensorboard",
@@ -43,11 +46,13 @@ STEP_TAGS = {
 }
 EVAL_TAGS = {
     "knn_acc": "eval/knn_acc",
-    "knn_acc_bank": "eval/knn_acc_bank",
     "linear_acc": "eval/linear_acc",
     "linear_acc_official": "eval/linear_acc_official",
     "linear_acc_official_std": "eval/linear_acc_official_std",
 }
+# The final record's kNN on the whole training set (its `knn_acc`); the curve's last point
+# `eval/knn_acc` is measured like the others, on the evaluation bank (its `knn_acc_bank`).
+FINAL_FULL_KNN_TAG = "eval/knn_acc_full"
 _INSTALL = "pip install 'rela-kernels[tensorboard]'"
 
 
@@ -89,10 +94,20 @@ def check_tensorboard(directory: Path, *, new: bool) -> None:
 def scalars_of(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
     """``(global step, {tag: value})`` of one ``metrics.jsonl`` record; values that are unset
     (rho before the switch rule has one, probes not run) or not finite are left out."""
-    if record.get("event") is None:
-        step, tags = int(record["step"]), STEP_TAGS
-    else:  # an epoch or the final record: only its evaluation results
-        step, tags = int(record.get("step", record.get("steps", 0))), EVAL_TAGS
+    event = record.get("event")
+    step = int(record["step"])
+    if event is None:
+        tags = STEP_TAGS
+    else:  # an evaluation, epoch or final record: only its evaluation results
+        tags = EVAL_TAGS
+    if event == "final":
+        bank = record.get("knn_acc_bank")
+        record = {
+            **record,
+            "knn_acc": record.get("knn_acc") if bank is None else bank,
+            "knn_acc_full": record.get("knn_acc"),
+        }
+        tags = {**EVAL_TAGS, "knn_acc_full": FINAL_FULL_KNN_TAG}
     scalars: dict[str, float] = {}
     for key, tag in tags.items():
         value = record.get(key)

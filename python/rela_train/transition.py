@@ -3,10 +3,10 @@
 The official code switches hard: from the step after the switch the loss is BYOL's alone, on
 BYOL's views, with the target network as the ReLA phase left it (an EMA of the online backbone;
 the projector never trained) and the learning rate unchanged. That is ``hard``, which
-``--recipe official`` keeps. Issue 18 measured a 4-5 point kNN drop right after it; the other
-transitions, this project's, each change one thing (they may be joined with ``+``). Outside the
-official recipe the default is ``auto``: :data:`MEASURED_BEST` in a run that switches, chosen by
-issue 18's rule from the measured grid (docs/switch.md).
+``--recipe official`` keeps. It costs a 4-5 point kNN drop right after the switch (measured in
+docs/switch.md); the other transitions, this project's, each change one thing (they may be joined
+with ``+``). Outside the official recipe the default is ``auto``: :data:`MEASURED_BEST` in a run
+that switches, the transition that beat ``hard`` by the rule of docs/switch.md ("The default").
 
 * ``blend:STEPS`` -- for STEPS steps both losses are computed on the same views and weighted:
   at the ``i``-th step after the switch (``i = 0 .. STEPS - 1``) the BYOL loss has weight
@@ -28,24 +28,20 @@ Everything a transition does is a function of the steps since the switch (the ch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-
-from torch import nn
 
 __all__ = [
     "LR_DROP",
     "MEASURED_BEST",
     "TRANSITION_KINDS",
     "Transition",
-    "frozen_statistics",
     "parse_transition",
     "resolve_transition",
 ]
 
 # What ``auto`` (the default outside ``--recipe official``) means in a run that switches: the
-# transition issue 18's rule chose from the measured grid (docs/switch.md, "The default").
+# transition that beat ``hard`` in the measured grid by the rule of docs/switch.md ("The
+# default").
 MEASURED_BEST = "keep-views"
 
 # The learning-rate multiplier lr-drop starts from.
@@ -143,21 +139,3 @@ def parse_transition(text: str) -> Transition:
         keep_views=bool(values.get("keep-views", False)),
         lr_drop_steps=int(values.get("lr-drop", 0)),
     )
-
-
-@contextmanager
-def frozen_statistics(module: nn.Module) -> Iterator[None]:
-    """BatchNorm layers of ``module`` normalise with batch statistics but leave their running
-    statistics and batch counters as they were (a frozen backbone that still trains-mode)."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-             for m in norms]  # fmt: skip
-    for m in norms:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)

@@ -436,13 +436,7 @@ def _prune_fused(configs, named_args, *, arch: int, **kwargs):
     max_k = _pow2_at_least(args["DP"], _MIN_DOT)
     block_d = args["BLOCK_D"]
     single = args["SINGLE_TILE"]
-    variant = resource_table.variant_key(
-        single=single,
-        block_d=block_d,
-        dot=resource_table.dot_kind(args["LOWP_DOT"], args["INPUT_PRECISION"]),
-        grad=args["COMPUTE_GRAD"],
-        hist=args["HIST"],
-    )
+    variant = resource_table.launch_variant(args)
     measured = resource_table.lookup(arch, triton.__version__, variant)
 
     def fits(c: triton.Config) -> bool:
@@ -460,10 +454,8 @@ def _prune_transport(configs, named_args, *, arch: int, **kwargs):
     max_b = max(_MIN_DOT, args["B_BUCKET"])
     max_d = _pow2_at_least(args["D"], 32)
     max_k = _pow2_at_least(args["DP"], _MIN_DOT)
-    dot = resource_table.dot_kind(args["LOWP_DOT"], args["INPUT_PRECISION"])
-    measured = resource_table.lookup(
-        arch, triton.__version__, resource_table.transport_variant_key(dot)
-    )
+    variant = resource_table.launch_variant(args, transport=True)
+    measured = resource_table.lookup(arch, triton.__version__, variant)
 
     def fits(c: triton.Config) -> bool:
         if c.kwargs["BLOCK_B"] > max_b or c.kwargs["BLOCK_D"] > max_d:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "SHARED_LIMIT",
@@ -30,6 +32,8 @@ __all__ = [
     "config_key",
     "dot_kind",
     "fits",
+    "launch_variant",
+    "load_table",
     "lookup",
     "reload",
     "transport_variant_key",
@@ -60,6 +64,21 @@ def transport_variant_key(dot: str) -> str:
     return f"transport-{dot}"
 
 
+def launch_variant(meta: Mapping[str, Any], *, transport: bool = False) -> str:
+    """The variant of a launch from its constexprs (``LOWP_DOT``, ``INPUT_PRECISION``; for the
+    fused kernel also ``SINGLE_TILE``, ``BLOCK_D``, ``COMPUTE_GRAD``, ``HIST``)."""
+    dot = dot_kind(meta["LOWP_DOT"], meta["INPUT_PRECISION"])
+    if transport:
+        return transport_variant_key(dot)
+    return variant_key(
+        single=meta["SINGLE_TILE"],
+        block_d=meta["BLOCK_D"],
+        dot=dot,
+        grad=meta["COMPUTE_GRAD"],
+        hist=meta["HIST"],
+    )
+
+
 def config_key(config) -> str:
     """A triton.Config as ``b64-k32-w8-s3`` (fused) or ``b64-d128-k32-w4-s3`` (transport)."""
     kw = config.kwargs
@@ -77,12 +96,15 @@ def fits(arch: int, resources: dict) -> bool:
     return resources["spill_bytes"] == 0 and resources["shared"] <= SHARED_LIMIT[arch]
 
 
-@functools.cache
-def _table() -> dict:
+def load_table() -> dict:
+    """The table file's resources, read now (``{}`` when there is no file)."""
     try:
         return json.loads(TABLE_PATH.read_text())["resources"]
     except FileNotFoundError:
         return {}
+
+
+_table = functools.cache(load_table)
 
 
 def reload() -> None:

@@ -1,6 +1,7 @@
 """Datasets for the reference trainer."""
 
-from rela_train.data.folder import (
+from rela_train.data import folder
+from rela_train.data.folder import (  # noqa: F401 (re-exported)
     IMAGE_EXTENSIONS,
     EvalTransform,
     ImageFolder,
@@ -9,11 +10,4 @@ from rela_train.data.folder import (
     list_images,
 )
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "EvalTransform",
-    "ImageFolder",
-    "Sample",
-    "fingerprint",
-    "list_images",
-]
+__all__ = folder.__all__
