@@ -21,17 +21,17 @@ written). A resumed run therefore replays the remaining steps bit for bit (on th
 thread count) and rewrites ``metrics.jsonl`` from the checkpoint on. Checkpoints are written at
 the end of each epoch, every ``--checkpoint-every`` steps or minutes, and when a stop is asked.
 
-Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained
-modules are wrapped in ``DistributedDataParallel``, one wrapper per kind of step over the
-parameters it trains (:mod:`rela_train.parallel`; gradients averaged in buckets that overlap the
-backward pass; no all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step losses
-are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
+Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained modules
+are wrapped in ``DistributedDataParallel``, one wrapper per kind of step over the parameters it
+trains (:mod:`rela_train.parallel`; gradients averaged in buckets that overlap the backward pass;
+no all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step
+losses are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
 evaluates. Each step starts with one tiny all-reduce in which the ranks agree on stopping, on a
 time-based checkpoint and on skipping a step whose images were all unreadable on some rank
-(:meth:`rela_train.stop.StopController.agree`). Data are consumed per step as one global chunk
-of the epoch's order (``global batch = micro-batch x accumulation x world``), sharded by
-``rk.SubsetSampler``: a checkpoint therefore resumes on another world size (same global batch,
-the accumulation or the per-rank batch adapted) at the same position of the same epoch.
+(:meth:`rela_train.stop.StopController.agree`). Data are consumed per step as one global chunk of
+the epoch's order (``global batch = micro-batch x accumulation x world``), sharded by
+``rk.SubsetSampler``: a checkpoint therefore resumes on another world size (same global batch, the
+accumulation or the per-rank batch adapted) at the same position of the same epoch.
 """
 
 from __future__ import annotations
