@@ -49,8 +49,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    code = main()
-    # As `rela-train` does for a rank (rela_train.cli.run): no interpreter teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code if isinstance(code, int) else 0)
+    sys.exit(main())

@@ -4,9 +4,9 @@ The ranks are launched as torchrun would start them (RANK, WORLD_SIZE, MASTER_AD
 through ``embed_worker.py``, which can park a rank at a chosen point for the test to SIGKILL it.
 Checked: the store's bytes (rows, manifest, transport) are the same for 1, 2 and 3 ranks; after a
 SIGKILL of one rank or of all ranks, a resume under another number of ranks recomputes only the
-unfinished chunks and ends byte-identical; a dead rank makes the others stop with a message naming
-the store and the resume command; wrong setups stop every rank with one line before any row is
-written.
+unfinished chunks and ends byte-identical; a dead or frozen rank makes the others stop with a
+message naming the store and the resume command; wrong setups stop every rank with one line
+before any row is written.
 """
 
 from __future__ import annotations
@@ -196,6 +196,26 @@ def test_a_killed_rank_stops_the_others_and_a_resume_on_three_ranks_ends_identic
     assert resumed.wait() == [0, 0, 0], [resumed.err(r) for r in range(3)]
     assert sum(_computed(resumed, 3)) == 2 * CHUNK  # chunks 3 and 5 only
     _assert_same_store(out, reference)
+
+
+def test_a_frozen_rank_stops_the_others_as_a_killed_one_does(folder, tmp_path) -> None:
+    out = tmp_path / "store"
+    # Rank 1 is stopped (SIGSTOP: its heartbeat stops too) after claiming its first chunk.
+    job = Job(2, _argv(folder, out), tmp_path / "frozen", park={1: "between:1"})
+    try:
+        job.wait_parked([1])
+        job.processes[1].send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        code = job.processes[0].wait(timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        job.kill()
+    assert code == 3, job.err(0)
+    line = job.error_line(0)
+    assert "rank 0 of 2: rank 1 gave no sign of life for more than 4 s (--dist-timeout)" in line
+    assert f"while embedding into {out}" in line
+    assert f"resume with `rela-train embed --data {folder} --prior {PRIOR} --out {out}" in line
+    assert waited < 30
 
 
 def test_all_ranks_killed_then_one_process_resumes_identical(folder, reference, tmp_path) -> None:

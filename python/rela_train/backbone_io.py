@@ -21,9 +21,10 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +40,7 @@ __all__ = [
     "infer_resnet",
     "load_backbone_file",
     "load_into",
+    "load_weights_only",
     "serialise_backbone",
     "torchvision_incompatibility",
 ]
@@ -181,24 +183,34 @@ def _load_safetensors(path: Path, flag: str) -> dict[str, torch.Tensor]:
         ) from error
 
 
-def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
+def load_weights_only(path: Path, *, refused: str, invalid: Callable[[Exception], str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, the one way files are unpickled here:
+    a file the weights-only unpickler refuses raises ValueError(``refused``), any other failure
+    (a damaged or foreign file) ValueError(``invalid(error)``)."""
     try:
         with warnings.catch_warnings():
+            # The weights-only unpickler warns about pickle protocols before refusing them.
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message suggests turning the weights-only guard off, which would run the
         # file's code: it is not passed on.
-        raise ValueError(
-            f"{flag}: expected a state dict of tensors only, got {path}, which the weights-only "
-            "loader refuses (a pickle payload of other objects, or a damaged file); refused "
-            "without unpickling it"
-        ) from error
+        raise ValueError(refused) from error
     except Exception as error:  # zip/pickle errors of a damaged or foreign file
-        raise ValueError(
-            f"{flag}: expected a safetensors file or a weights-only torch state dict, got {path} "
-            f"({type(error).__name__}: {_first_line(error)})"
-        ) from error
+        raise ValueError(invalid(error)) from error
+
+
+def _load_weights_only(path: Path, flag: str) -> dict[str, torch.Tensor]:
+    state = load_weights_only(
+        path,
+        refused=f"{flag}: expected a state dict of tensors only, got {path}, which the "
+        "weights-only loader refuses (a pickle payload of other objects, or a damaged file); "
+        "refused without unpickling it",
+        invalid=lambda error: (
+            f"{flag}: expected a safetensors file or a weights-only torch "
+            f"state dict, got {path} ({type(error).__name__}: {_first_line(error)})"
+        ),
+    )
     if not isinstance(state, dict):
         raise ValueError(
             f"{flag}: expected a state dict (a dict of tensors) in {path}, got "

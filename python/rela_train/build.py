@@ -26,10 +26,12 @@ from rela_train.learner import Learner, Objective, build_learner
 from rela_train.models import build_resnet, resnet_feature_dim
 from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
+from rela_train.parallel import PhaseParallel
+from rela_train.peers import rank0_first
 from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
 from rela_train.rela import Switch, build_switch, rela_dim_cap
 from rela_train.run_directory import RunDirectory
-from rela_train.runtime import DistContext, agree_min, check_shared_directory, rank0_first
+from rela_train.runtime import DistContext, agree_min, check_shared_directory
 
 __all__ = [
     "RunParts",
@@ -128,7 +130,7 @@ class RunParts:
     run_directory: RunDirectory | None  # the lock rank 0 holds; None on the other ranks
     prior: PriorTargets | None
     learner: Learner
-    objective: nn.Module  # an Objective, wrapped in DistributedDataParallel when distributed
+    objective: Objective | PhaseParallel  # data-parallel when distributed
     inbatch: bool
     micro_batch: int
     score_table: rk.ScoreTable
@@ -232,6 +234,10 @@ def _build_parts(
                 log=log,
                 preprocess=config.prior_preprocess,
             ),
+            advice=(
+                f"What rank 0 finished of the prior is kept in {run_dir / 'prior'}; rerun the "
+                "same `rela-train fit` command (any number of ranks) to continue from there"
+            ),
         )
     learner = build_learner(
         config, train.channels, len(train.classes), prior.dim if prior else None
@@ -255,15 +261,10 @@ def _build_parts(
         byol.backbone.compile()
         byol.target_backbone.compile()
     target_map = prior.transport if prior is not None else None
-    objective: nn.Module = Objective(learner, target_map)
+    objective: Objective | PhaseParallel = Objective(learner, target_map)
     if world > 1:
-        cuda = device.type == "cuda"
-        objective = nn.parallel.DistributedDataParallel(
-            objective,
-            device_ids=[device.index] if cuda else None,
-            find_unused_parameters=True,  # each phase leaves some heads unused
-            broadcast_buffers=not sync_bn,
-        )
+        # One DDP wrapper per kind of step, over the parameters it trains (parallel.py).
+        objective = PhaseParallel(objective, device=device, sync_buffers=not sync_bn)
 
     # Epoch geometry: `inbatch` scores large batches of batch_size / budget images and
     # back-propagates batch_size of them, so every policy takes the same optimizer steps.

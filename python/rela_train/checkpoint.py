@@ -28,10 +28,8 @@ import dataclasses
 import errno
 import io
 import os
-import pickle
 import re
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rela_kernels.atomic_io import atomic_write, fsync_dir
+from rela_train.backbone_io import load_weights_only
 from rela_train.build import accumulation_steps
 from rela_train.config import RESUME_SETTINGS, TrainConfig, parse_checkpoint_every
 from rela_train.provenance import run_provenance
-from rela_train.run_directory import CHECKPOINT, RunDirectory, checkpoint_path
+from rela_train.run_directory import CHECKPOINT, CHECKPOINTS, RunDirectory, checkpoint_path
 from rela_train.runtime import agree_min
 
 if TYPE_CHECKING:  # the trainer imports this module, not the other way round
@@ -72,7 +71,6 @@ __all__ = [
     "write_checkpoint",
 ]
 
-CHECKPOINTS = "checkpoints"
 FORMAT = "rela-train-checkpoint-v1"
 _STEP_FILE = re.compile(r"step-(\d{9})\.pt")
 # What every checkpoint holds (see checkpoint_state); checked before any of it is used.
@@ -298,20 +296,12 @@ def load_checkpoint(
         path = checkpoint_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with warnings.catch_warnings():
-            # The weights-only unpickler warns about pickle protocols before refusing them.
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's own message suggests turning the weights-only guard off, which would run the
-        # file's code: it is not passed on.
-        raise ValueError(
-            f"{path} is not a safe, valid rela-train checkpoint (damaged, or holding objects "
-            "other than tensors and plain values); refused without running any of it"
-        ) from error
-    except Exception as error:  # zip/pickle errors of a damaged or foreign file
-        raise ValueError(f"{path} is not a valid rela-train checkpoint ({error})") from error
+    state = load_weights_only(
+        path,
+        refused=f"{path} is not a safe, valid rela-train checkpoint (damaged, or holding objects "
+        "other than tensors and plain values); refused without running any of it",
+        invalid=lambda error: f"{path} is not a valid rela-train checkpoint ({error})",
+    )
     if parts is not None:
         missing = [part for part in parts if not isinstance(state, dict) or part not in state]
         if missing:

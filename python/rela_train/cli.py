@@ -114,18 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> NoReturn:
     """The process entry point (the ``rela-train`` script and ``python -m rela_train``)."""
-    code = main()
-    # No int() here: a malformed WORLD_SIZE was already reported by main() in one line.
-    if code == DISTRIBUTED_FAILURE or os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
-        # A rank of a distributed job leaves without the interpreter's teardown: after a hung
-        # peer the process group's C++ threads are blocked on its sockets, and even after a
-        # clean finish the teardown has been seen to abort with "terminate called without an
-        # active exception" (SIGABRT), which torchrun reports as a failed job. Nothing is lost
-        # by skipping it: checkpoints and stores are written atomically and durably before this.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -21,17 +21,17 @@ written). A resumed run therefore replays the remaining steps bit for bit (on th
 thread count) and rewrites ``metrics.jsonl`` from the checkpoint on. Checkpoints are written at
 the end of each epoch, every ``--checkpoint-every`` steps or minutes, and when a stop is asked.
 
-Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained
-modules are wrapped in ``DistributedDataParallel`` (gradients averaged in buckets that overlap the
-backward pass; ``find_unused_parameters`` since each phase leaves some heads unused; no
-all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step losses
-are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
+Distributed (``torchrun``, one process per GPU, or per CPU "rank" with gloo): the trained modules
+are wrapped in ``DistributedDataParallel``, one wrapper per kind of step over the parameters it
+trains (:mod:`rela_train.parallel`; gradients averaged in buckets that overlap the backward pass;
+no all-reduce on accumulation micro-batches), BatchNorm is synced on multi-GPU CUDA runs, step
+losses are averaged for the switch, the score table all-gathers, and only rank 0 writes files and
 evaluates. Each step starts with one tiny all-reduce in which the ranks agree on stopping, on a
 time-based checkpoint and on skipping a step whose images were all unreadable on some rank
-(:meth:`rela_train.stop.StopController.agree`). Data are consumed per step as one global chunk
-of the epoch's order (``global batch = micro-batch x accumulation x world``), sharded by
-``rk.SubsetSampler``: a checkpoint therefore resumes on another world size (same global batch,
-the accumulation or the per-rank batch adapted) at the same position of the same epoch.
+(:meth:`rela_train.stop.StopController.agree`). Data are consumed per step as one global chunk of
+the epoch's order (``global batch = micro-batch x accumulation x world``), sharded by
+``rk.SubsetSampler``: a checkpoint therefore resumes on another world size (same global batch, the
+accumulation or the per-rank batch adapted) at the same position of the same epoch.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from rela_train.data.views import CropPlan, stable_seed
 from rela_train.evaluate import RunEvaluator
 from rela_train.metrics_log import MetricsLog
 from rela_train.optim import ema_tau, scheduled_lr_factor, set_learning_rates
+from rela_train.parallel import PhaseParallel
 from rela_train.provenance import run_provenance
 from rela_train.runtime import (
     DistributedError,
@@ -261,7 +262,7 @@ class Trainer:
         """Forward and backward every micro-batch; the sums of their statistics."""
         totals = torch.zeros(6, dtype=torch.float64, device=self.device)
         scale = 1.0 / len(batches)
-        ddp = isinstance(self.objective, nn.parallel.DistributedDataParallel)
+        ddp = isinstance(self.objective, PhaseParallel)
         epoch, step = self.counters.epoch, self.counters.step_in_epoch
         for micro, batch in enumerate(batches):
             g = torch.Generator().manual_seed(
@@ -342,6 +343,8 @@ class Trainer:
                 source.close()
             if self.parts.run_directory is not None:
                 self.parts.run_directory.release()
+            if isinstance(self.objective, PhaseParallel):
+                self.objective.close()  # before the process group goes (PhaseParallel.close)
             self.dist.close()
 
     def _start(self) -> None:

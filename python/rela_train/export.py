@@ -31,7 +31,7 @@ from rela_train.backbone_io import (
     serialise_backbone,
     torchvision_incompatibility,
 )
-from rela_train.checkpoint import CHECKPOINT, load_checkpoint
+from rela_train.checkpoint import checkpoint_path, load_checkpoint
 from rela_train.config import TrainConfig
 from rela_train.models import resnet_feature_dim
 
@@ -108,7 +108,7 @@ def _check_out(out: Path, fmt: str, force: bool) -> None:
 
 def _run_checkpoint(run: Path) -> Path:
     if run.is_dir():
-        checkpoint = run / "checkpoints" / CHECKPOINT
+        checkpoint = checkpoint_path(run)
         if not checkpoint.is_file():
             raise ValueError(
                 f"RUN: expected a run directory with a checkpoint, got {run}, which has no "

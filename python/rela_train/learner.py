@@ -15,7 +15,7 @@ from rela_train.config import TrainConfig
 from rela_train.models import build_resnet
 from rela_train.rela import ReLAHead, rela_loss
 
-__all__ = ["Learner", "Objective", "build_learner", "frozen_statistics"]
+__all__ = ["Learner", "Objective", "build_learner", "frozen_statistics", "step_modules"]
 
 
 @contextmanager
@@ -62,6 +62,31 @@ def build_learner(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return Learner(config, channels, num_classes, rela_dim)
+
+
+def step_modules(
+    learner: Learner, phase: str, *, blend: bool, freeze_backbone: bool
+) -> dict[str, nn.Module]:
+    """The modules :class:`Objective`'s forward runs in one kind of step, by name: every
+    parameter among them that requires a gradient receives one (what data parallelism wraps,
+    :mod:`rela_train.parallel`). ``blend``: the ReLA loss is weighted in (a BYOL-phase step of a
+    ``blend`` transition); ``freeze_backbone``: the backbone runs without gradient."""
+    byol = learner.byol
+    modules: dict[str, nn.Module] = {}
+    if not freeze_backbone:
+        modules["backbone"] = byol.backbone
+    if phase == "byol":
+        # The target runs too (no gradient): its BatchNorm buffers follow rank 0's as before.
+        modules.update(
+            projector=byol.projector,
+            predictor=byol.predictor,
+            target_backbone=byol.target_backbone,
+            target_projector=byol.target_projector,
+        )
+    if (phase == "rela" or blend) and learner.rela_head is not None:
+        modules["rela_head"] = learner.rela_head
+    modules["probe"] = learner.probe
+    return modules
 
 
 class Objective(nn.Module):

@@ -9,26 +9,58 @@ for ``--dist-timeout`` seconds is dead, frozen or unreachable, and waiting for i
 :class:`~rela_train.runtime.DistributedError` with the caller's advice on how to resume. Losing
 the store itself (it lives with rank 0 or the launcher) raises the same error.
 
+A rank that fails publishes its failure under the key the others wait on
+(:meth:`Peers.publish_failure`); they recognise it (:meth:`Peers.failure_in`, :meth:`Peers.failed`)
+and stop with its message, as a :class:`~rela_train.runtime.DistributedError` when the failing
+rank had lost a peer itself, else as a ``ValueError`` naming the rank. This is the one encoding of
+a rank's failure in the store. :func:`rank0_first` is work rank 0 does while the others wait for
+it, watched by the same heartbeats.
+
 Keys live under a prefix unique to the launch and to the order in which ranks create their
 :class:`Peers`, which is the same on every rank.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from rela_train.runtime import DistContext, DistributedError
 
-__all__ = ["Peers"]
+__all__ = ["PeerFailure", "Peers", "rank0_first"]
 
+T = TypeVar("T")
 _SEQUENCE = itertools.count()
-_ERROR = "error: "
+# What a published failure starts with; the rest is JSON (PeerFailure's message and kind).
+_FAILED = "failed: "
+
+
+@dataclass(frozen=True)
+class PeerFailure:
+    """A failure another rank published: its rank, its one-line message, and whether it was a
+    distributed failure (that rank lost a peer or the store) rather than its own error."""
+
+    rank: int
+    message: str
+    distributed: bool
+
+    def error(self) -> Exception:
+        """What this rank raises for it: the same :class:`DistributedError`, or a ``ValueError``
+        whose message names the failing rank."""
+        if self.distributed:
+            return DistributedError(self.message)
+        if self.message.startswith("rank "):
+            return ValueError(self.message)
+        return ValueError(f"rank {self.rank}: {self.message}")
 
 
 class Peers:
@@ -60,9 +92,15 @@ class Peers:
         base = store if store is not None else dist.distributed_c10d._get_default_store()
         self._store = dist.PrefixStore(prefix, base)
         # The heartbeat thread talks over its own connection to the store.
-        beat_base = base.clone() if hasattr(base, "clone") else base
-        self._beat_store = dist.PrefixStore(prefix, beat_base)
         self._interval = min(1.0, ctx.timeout / 5)
+        beat_base = base
+        if hasattr(base, "clone"):
+            beat_base = base.clone()
+            # A beat waits at most a few intervals for the store, so that close() can always
+            # join the thread: one left inside a store call when the interpreter exits aborts
+            # the process ("terminate called without an active exception").
+            beat_base.set_timeout(datetime.timedelta(seconds=5 * self._interval))
+        self._beat_store = dist.PrefixStore(prefix, beat_base)
         self._beat()
         self._thread = threading.Thread(target=self._beat_forever, name="peers-heartbeat")
         self._thread.daemon = True
@@ -89,8 +127,8 @@ class Peers:
         while not self._stop.wait(self._interval):
             try:
                 self._beat()
-            except Exception:  # the store is gone: the waits of the main thread report it
-                return
+            except Exception:  # slow or gone: the waits of the main thread report a lost store
+                continue
 
     def _lost(self, error: BaseException) -> DistributedError:
         cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -134,13 +172,31 @@ class Peers:
         except Exception as error:
             raise self._lost(error) from error
 
-    def publish_error(self, key: str, error: BaseException) -> None:
-        """Publish a failure under ``key``, as :meth:`collect` and :meth:`failed` recognise it;
-        a store that is already gone is ignored (the caller raises ``error`` anyway)."""
+    def publish_failure(self, key: str, error: BaseException) -> None:
+        """Publish ``error`` as this rank's answer under ``key``, in the form :meth:`failure_in`
+        and :meth:`failed` recognise; a store that is already gone is ignored (the caller raises
+        ``error`` anyway)."""
+        message = " ".join(str(error).split()) or type(error).__name__
+        value = {"message": message, "distributed": isinstance(error, DistributedError)}
         try:
-            self.publish(key, _ERROR + " ".join(str(error).split()))
+            self.publish(key, _FAILED + json.dumps(value))
         except DistributedError:
             pass
+
+    @staticmethod
+    def failure_in(rank: int, value: str) -> PeerFailure | None:
+        """The failure ``rank`` published as ``value``, or None when ``value`` is not one."""
+        if not value.startswith(_FAILED):
+            return None
+        fields = json.loads(value.removeprefix(_FAILED))
+        return PeerFailure(rank, fields["message"], fields["distributed"])
+
+    @staticmethod
+    def raise_failure(rank: int, value: str) -> None:
+        """Raise the failure ``rank`` published as ``value``, if it is one."""
+        failure = Peers.failure_in(rank, value)
+        if failure is not None:
+            raise failure.error()
 
     def collect(self, key: str, ranks: Iterable[int]) -> dict[int, str]:
         """Every one of ``ranks``' values under ``key``, waiting for them as long as they live."""
@@ -162,8 +218,9 @@ class Peers:
             self.check(r for r in wanted if r not in values and r != self.rank)
             time.sleep(self._poll)
 
-    def failed(self, key: str, ranks: Iterable[int] | None = None) -> str | None:
-        """The first published failure under ``key`` (``rank K: message``), without waiting."""
+    def failed(self, key: str, ranks: Iterable[int] | None = None) -> PeerFailure | None:
+        """The first failure published under ``key`` by ``ranks`` (default: all others),
+        without waiting."""
         if self.world == 1:
             return None
         for rank in self._others() if ranks is None else ranks:
@@ -172,19 +229,15 @@ class Peers:
                 value = self._store.get(name).decode() if self._store.check([name]) else ""
             except Exception as error:
                 raise self._lost(error) from error
-            if value.startswith(_ERROR):
-                return f"rank {rank}: {value.removeprefix(_ERROR)}"
+            failure = self.failure_in(rank, value)
+            if failure is not None:
+                return failure
         return None
-
-    @staticmethod
-    def error_of(value: str) -> str | None:
-        """The message of a published failure, or None when ``value`` is not one."""
-        return value.removeprefix(_ERROR) if value.startswith(_ERROR) else None
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join()  # a beat waits at most its store's timeout
             self._thread = None
 
     def __enter__(self) -> Peers:
@@ -192,3 +245,31 @@ class Peers:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rank0_first(
+    ctx: DistContext, key: str, work: Callable[[], T], *, advice: str = "", poll: float = 0.5
+) -> T:
+    """Run ``work`` on rank 0, then on the other ranks (which typically reuse its result on
+    disk). The others wait without a time limit while rank 0's heartbeat goes on: if rank 0
+    fails they raise its error message, and if it dies or hangs for ``--dist-timeout`` they raise
+    :class:`DistributedError` (ending with ``advice``)."""
+    if ctx.world == 1:
+        return work()
+    with Peers(ctx, f"rank 0 was preparing {key}", advice, poll=poll) as peers:
+        if ctx.main:
+            try:
+                result = work()
+            except BaseException as error:
+                lost = isinstance(error, DistributedError)
+                named = RuntimeError(f"{type(error).__name__}: {error}")  # names its kind
+                peers.publish_failure("done", error if lost else named)
+                raise
+            peers.publish("done", "ok")
+            return result
+        failure = peers.failure_in(0, peers.collect("done", [0])[0])
+    if failure is not None:
+        if failure.distributed:
+            raise failure.error()
+        raise ValueError(f"rank 0 failed while preparing {key}: {failure.message}")
+    return work()

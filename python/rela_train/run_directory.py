@@ -19,17 +19,18 @@ from pathlib import Path
 
 from rela_kernels.holder_lock import HolderLock, LockHeld, make_directory
 
-__all__ = ["CHECKPOINT", "LOCK", "RUN_FILES", "RunDirectory", "checkpoint_path"]
+__all__ = ["CHECKPOINT", "CHECKPOINTS", "LOCK", "RUN_FILES", "RunDirectory", "checkpoint_path"]
 
 LOCK = "rela-train.lock"
+CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints
+CHECKPOINT = "last.pt"  # the newest of them
 # What a run writes into its directory (a new run replaces these, so they must be its own).
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "prior")
-CHECKPOINT = "last.pt"
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINTS, "prior")
 
 
 def checkpoint_path(run_dir: str | os.PathLike[str]) -> Path:
-    """Where the run in ``run_dir`` keeps its newest checkpoint (it may not exist yet)."""
-    return Path(run_dir) / "checkpoints" / CHECKPOINT
+    """The newest checkpoint of the run in ``run_dir`` (it may not exist yet)."""
+    return Path(run_dir) / CHECKPOINTS / CHECKPOINT
 
 
 class RunDirectory:

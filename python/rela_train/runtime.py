@@ -1,15 +1,13 @@
 """Where a run executes: :func:`resolve_device` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, checked
 against what this machine has) and the process-group plumbing for ``torchrun``: setup with
-collective timeouts, rank-0-first work that may take longer than any timeout, and collective
-failures turned into one clear message.
+collective timeouts, and collective failures turned into one clear message (work rank 0 does
+alone while the others wait is :func:`rela_train.peers.rank0_first`).
 
 ``torchrun`` (single node or several) sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`setup` reads them and joins the default group with
 NCCL for CUDA training and gloo for CPU training. Every collective gets ``timeout`` seconds: a rank
 that dies or hangs makes the others fail with :class:`DistributedError` instead of waiting
-forever. Work that only rank 0 does (embedding the training set with the prior, which can take
-longer than any sensible collective timeout) is awaited through the rendezvous store, polled,
-so it has no time limit yet still notices a rank 0 that died.
+forever.
 """
 
 from __future__ import annotations
@@ -17,11 +15,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,12 +29,9 @@ __all__ = [
     "check_shared_directory",
     "describe_failure",
     "is_collective_failure",
-    "rank0_first",
     "resolve_device",
     "setup",
 ]
-
-T = TypeVar("T")
 
 # Fragments of the errors gloo, NCCL and the c10d store raise when a peer is gone or too slow.
 _FAILURE = re.compile(
@@ -164,37 +157,6 @@ def describe_failure(ctx: DistContext, error: BaseException, checkpoint: Path) -
         f"`rela-train fit --resume {checkpoint.parent.parent}` (any world size whose ranks "
         f"divide the global batch). Cause: {first}"
     )
-
-
-def rank0_first(ctx: DistContext, key: str, work: Callable[[], T], poll: float = 2.0) -> T:
-    """Run ``work`` on rank 0, then on the other ranks (which typically reuse its result on
-    disk). The other ranks wait through the rendezvous store, without a time limit; if rank 0
-    fails they raise its error message, and if it dies they raise :class:`DistributedError`."""
-    if ctx.world == 1:
-        return work()
-    store = dist.distributed_c10d._get_default_store()
-    done = f"rela_train/{key}"
-    if ctx.main:
-        try:
-            result = work()
-        except BaseException as error:
-            store.set(done, f"error: {type(error).__name__}: {error}")
-            raise
-        store.set(done, "ok")
-        return result
-    while True:
-        try:
-            if store.check([done]):
-                status = store.get(done).decode()
-                break
-        except Exception as error:  # the store lives with rank 0 (or the torchrun agent)
-            raise DistributedError(
-                f"rank {ctx.rank}: lost rank 0 while it was preparing {key}: {error}"
-            ) from error
-        time.sleep(poll)
-    if status != "ok":
-        raise ValueError(f"rank 0 failed while preparing {key}: {status.removeprefix('error: ')}")
-    return work()
 
 
 def check_shared_directory(ctx: DistContext, directory: Path) -> None:

@@ -34,14 +34,11 @@ from typing import Any
 
 import rela_kernels as rk
 from rela_train.peers import Peers
-from rela_train.runtime import DistributedError
 
 __all__ = ["ShardResult", "fill_sharded", "report_setup_failure"]
 
 # compute(store, chunks, write, progress): computes ``chunks`` in order, handing each to write.
 Compute = Callable[[rk.EmbeddingStore, list[tuple[int, int]], Callable[..., None], Any], None]
-
-_DISTRIBUTED = "distributed: "
 
 
 @dataclass(frozen=True)
@@ -55,29 +52,11 @@ class _Stop(Exception):
     """Another rank failed: this one stops after its current chunk."""
 
 
-def _message(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return _DISTRIBUTED + text if isinstance(error, DistributedError) else text
-
-
-def _raise_published(rank: int, value: str) -> None:
-    message = Peers.error_of(value)
-    if message is None:
-        return
-    if message.startswith(_DISTRIBUTED):
-        raise DistributedError(message.removeprefix(_DISTRIBUTED))
-    raise ValueError(message if message.startswith("rank ") else f"rank {rank}: {message}")
-
-
-def _publish_failure(peers: Peers, key: str, error: BaseException) -> None:
-    peers.publish_error(key, RuntimeError(_message(error)))
-
-
 def report_setup_failure(peers: Peers, error: BaseException) -> None:
     """Tell the other ranks that this one failed before :func:`fill_sharded` (a prior or a
     folder it could not load): they stop with its message instead of waiting for it."""
     if peers.world > 1:
-        _publish_failure(peers, "identity", error)
+        peers.publish_failure("identity", error)
 
 
 def _agree(peers: Peers, identity: Mapping[str, tuple[str, str]]) -> None:
@@ -86,7 +65,7 @@ def _agree(peers: Peers, identity: Mapping[str, tuple[str, str]]) -> None:
     peers.publish("identity", json.dumps({k: list(v) for k, v in identity.items()}))
     seen = peers.collect("identity", range(peers.world))
     for rank, value in sorted(seen.items()):
-        _raise_published(rank, value)
+        peers.raise_failure(rank, value)
     first = json.loads(seen[0])
     for rank in range(1, peers.world):
         other = json.loads(seen[rank])
@@ -144,7 +123,7 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
         peers.publish("token", token)
         published.append("token")
         seen = peers.collect("sees", members)
-        blind = [rank for rank, value in sorted(seen.items()) if Peers.error_of(value)]
+        blind = [rank for rank, value in sorted(seen.items()) if peers.failure_in(rank, value)]
         if blind:
             names = ", ".join(map(str, blind))
             raise ValueError(
@@ -158,7 +137,7 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
             out, spec, job=token, companions=companions, on_locked=everyone_sees_it
         )
     except BaseException as error:
-        _publish_failure(peers, "ready" if published else "token", error)
+        peers.publish_failure("ready" if published else "token", error)
         raise
     with store:
         try:
@@ -167,7 +146,7 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
             pending = store.pending_chunks()
             peers.publish("ready", json.dumps([start for start, _ in pending]))
         except BaseException as error:
-            _publish_failure(peers, "ready", error)
+            peers.publish_failure("ready", error)
             raise
         log(
             f"{out}: {len(pending)} chunk(s) to embed, shared out among {peers.world} ranks"
@@ -179,7 +158,7 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
             peers.publish("done", "ok")
             results = peers.collect("done", members)
             for rank, value in sorted(results.items()):
-                _raise_published(rank, value)
+                peers.raise_failure(rank, value)
             # Every other rank closed the store before saying it was done: nobody writes now.
             store.absorb_journals()
             rest = store.pending_chunks()
@@ -189,7 +168,7 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
                 rows += sum(stop - start for start, stop in rest)
             store.require_complete()
         except BaseException as error:
-            _publish_failure(peers, "final", error)
+            peers.publish_failure("final", error)
             raise
         peers.publish("final", "ok")
     # The rendezvous store may live in this process: stay until every rank has read "final".
@@ -199,18 +178,18 @@ def _lead(peers, out, spec, compute, prepare, companions, progress, log) -> Shar
 
 def _follow(peers, out, spec, compute, progress, log) -> ShardResult:
     value = peers.collect("token", [0])[0]
-    _raise_published(0, value)
+    peers.raise_failure(0, value)
     sees = rk.EmbeddingStore.holder_job(out) == value
     if not sees:
         error = ValueError(rk.EmbeddingStore.not_shared_message(out, value))
-        _publish_failure(peers, "sees", error)
+        peers.publish_failure("sees", error)
         raise ValueError(
             f"--out: rank {peers.rank} cannot see the store directory {out} that rank 0 locked "
             "(it is not shared); put it on a file system that all nodes mount"
         )
     peers.publish("sees", "ok")
     ready = peers.collect("ready", [0])[0]
-    _raise_published(0, ready)
+    peers.raise_failure(0, ready)
     try:
         store = rk.EmbeddingStore.follow(out, value, f"rank{peers.rank}", spec)
         with store:
@@ -218,12 +197,12 @@ def _follow(peers, out, spec, compute, progress, log) -> ShardResult:
             rows, seconds = _compute_share(peers, store, pending, compute, progress, log)
         # Closed (its lock on .writers released) before the leader hears it is done.
     except BaseException as error:
-        _publish_failure(peers, "done", error)
+        peers.publish_failure("done", error)
         raise
     peers.publish("done", "ok")
     final = peers.collect("final", [0])[0]
     peers.publish("bye", "ok")
-    _raise_published(0, final)
+    peers.raise_failure(0, final)
     return ShardResult(rows, 0, seconds)
 
 
@@ -239,9 +218,9 @@ def _compute_share(peers, store, pending, compute, progress, log) -> tuple[int, 
         store.write_chunk(start, values, skipped=skipped)
         failure = peers.failed("done") or (None if peers.main else peers.failed("final", [0]))
         if failure is not None:
-            if _DISTRIBUTED in failure:
-                raise DistributedError(failure.split(_DISTRIBUTED, 1)[1])
-            raise _Stop(f"stopped because {failure}")
+            if failure.distributed:
+                raise failure.error()
+            raise _Stop(f"stopped because rank {failure.rank}: {failure.message}")
         peers.check()
 
     bar = progress(rows) if progress is not None else None
