@@ -34,7 +34,9 @@ from rela_train.export_commands import (
     check_checkpoint_eval,
     export_arguments,
     export_run,
+    print_eval_result,
     run_backbone_eval,
+    shared_eval_options,
 )
 from rela_train.stop import REQUEUE
 
@@ -504,32 +506,12 @@ def _eval_run(args: argparse.Namespace) -> int:
     if args.backbone is not None or args.checkpoint is None:
         return run_backbone_eval(args)
     check_checkpoint_eval(args)
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        device=args.device,
-        data_dir=args.data_dir,
-        val_dir=args.val_dir,
-        val_labels=args.val_labels,
-        probe_iterations=args.probe_iterations,
-        threads=args.threads,
-        probe=args.probe,
+    result = evaluate_checkpoint(args.checkpoint, **shared_eval_options(args))
+    summary = (
+        f"{result['checkpoint']}: epoch {result['epoch']}, step {result['step']}, "
+        f"{result['samples_seen']} samples seen"
     )
-    if args.json:
-        print(json.dumps(result, sort_keys=True))
-    else:
-        linear = "n/a" if result["linear_acc"] is None else f"{100 * result['linear_acc']:.2f}%"
-        if result.get("linear_acc_official") is not None:
-            linear = (
-                f"{100 * result['linear_acc_official']:.2f}% ± "
-                f"{100 * result['linear_acc_official_std']:.2f} (official protocol)"
-            )
-        print(
-            f"{result['checkpoint']}: epoch {result['epoch']}, step {result['step']}, "
-            f"{result['samples_seen']} samples seen; kNN {100 * result['knn_acc']:.2f}%, "
-            f"linear probe {linear} ({result['train_images']} train / {result['val_images']} "
-            f"test images, {result['eval_time']:.0f} s)"
-        )
-    return 0
+    return print_eval_result(result, summary, as_json=args.json)
 
 
 EVAL = Command(

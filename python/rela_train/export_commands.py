@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from rela_train.arg_types import non_empty, positive_int
 from rela_train.config import DATASETS
@@ -19,7 +20,9 @@ __all__ = [
     "check_checkpoint_eval",
     "export_arguments",
     "export_run",
+    "print_eval_result",
     "run_backbone_eval",
+    "shared_eval_options",
 ]
 
 EXPORT_HELP = (
@@ -85,6 +88,23 @@ def add_backbone_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# The ``eval`` flags a checkpoint and a backbone file take alike, by their keyword names.
+SHARED_EVAL_FLAGS = (
+    "device",
+    "data_dir",
+    "val_dir",
+    "val_labels",
+    "probe_iterations",
+    "threads",
+    "probe",
+)
+
+
+def shared_eval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of both evaluations that come from the shared ``eval`` flags."""
+    return {name: getattr(args, name) for name in SHARED_EVAL_FLAGS}
+
+
 def check_checkpoint_eval(args: argparse.Namespace) -> None:
     """Refuse the --backbone-only flags with a checkpoint (its data come from the run)."""
     for flag, value in (("--dataset", args.dataset), ("--image-size", args.image_size)):
@@ -109,16 +129,19 @@ def run_backbone_eval(args: argparse.Namespace) -> int:
     result = evaluate_backbone_file(
         args.backbone,
         dataset=args.dataset,
-        data_dir=args.data_dir,
-        val_dir=args.val_dir,
-        val_labels=args.val_labels,
         image_size=args.image_size,
-        device=args.device,
-        probe_iterations=args.probe_iterations,
-        threads=args.threads,
-        probe=args.probe,
+        **shared_eval_options(args),
     )
-    if args.json:
+    summary = (
+        f"{result['backbone']}: {result['arch']} ({result['stem']} stem, width "
+        f"{result['width']}) on {result['dataset']} at {result['image_size']} px"
+    )
+    return print_eval_result(result, summary, as_json=args.json)
+
+
+def print_eval_result(result: dict, summary: str, *, as_json: bool) -> int:
+    """Print an ``eval`` result: one JSON object, or ``summary`` followed by the accuracies."""
+    if as_json:
         print(json.dumps(result, sort_keys=True))
         return 0
     linear = "n/a" if result["linear_acc"] is None else f"{100 * result['linear_acc']:.2f}%"
@@ -128,9 +151,8 @@ def run_backbone_eval(args: argparse.Namespace) -> int:
             f"{100 * result['linear_acc_official_std']:.2f} (official protocol)"
         )
     print(
-        f"{result['backbone']}: {result['arch']} ({result['stem']} stem, width "
-        f"{result['width']}) on {result['dataset']} at {result['image_size']} px; kNN "
-        f"{100 * result['knn_acc']:.2f}%, linear probe {linear} ({result['train_images']} "
-        f"train / {result['val_images']} test images, {result['eval_time']:.0f} s)"
+        f"{summary}; kNN {100 * result['knn_acc']:.2f}%, linear probe {linear} "
+        f"({result['train_images']} train / {result['val_images']} test images, "
+        f"{result['eval_time']:.0f} s)"
     )
     return 0
