@@ -355,6 +355,59 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _eval_device(device: str, threads: int | None) -> torch.device:
+    """Set the CPU threads (where given) and resolve ``--device`` for a standalone evaluation."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return resolve_device(device)
+    except ValueError as error:
+        raise ValueError(f"--device: {error}") from error
+
+
+def _standalone_scores(
+    backbone: nn.Module,
+    train: Source,
+    val: Source,
+    *,
+    config: TrainConfig,
+    num_classes: int,
+    device: torch.device,
+    probe_iterations: int | None,
+    probe: str | None,
+    start: float,
+) -> dict[str, Any]:
+    """kNN and linear probe of a backbone outside training, and the fields ``eval`` reports.
+
+    Both standalone evaluations (a checkpoint, a backbone file) use the same protocol: the
+    configuration's probe and probe epochs unless given, channels_last off, autocast on CUDA
+    where the configuration's ``amp`` allows it. ``start`` is when the evaluation began.
+    """
+    probe = config.probe if probe is None else probe
+    result = evaluate_backbone(
+        backbone,
+        train,
+        val,
+        config=config,
+        num_classes=num_classes,
+        device=device,
+        channels_last=False,
+        autocast=device.type == "cuda" and config.amp != "off",
+        probe_iterations=config.probe_epochs if probe_iterations is None else probe_iterations,
+        probe=probe,
+    )
+    return {
+        "knn_acc": result["knn_acc"],
+        "linear_acc": result.get("linear_acc"),
+        "probe": probe,
+        **{k: v for k, v in result.items() if k.startswith("linear_acc_official")},
+        "train_images": train.n,
+        "val_images": val.n,
+        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
+        "eval_time": time.perf_counter() - start,
+    }
+
+
 def evaluate_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -399,14 +452,7 @@ def evaluate_checkpoint(
         changes["val_labels"] = val_labels
     if changes:
         config = config.replace(**changes)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif config.threads is not None:
-        torch.set_num_threads(config.threads)
-    try:
-        dev = resolve_device(device)
-    except ValueError as error:
-        raise ValueError(f"--device: {error}") from error
+    dev = _eval_device(device, config.threads if threads is None else threads)
     start = time.perf_counter()
     train, val = build_sources(config, warn=log)
     head = state["learner"].get("rela_head.weight")
@@ -415,18 +461,16 @@ def evaluate_checkpoint(
     )
     learner.load_state_dict(state["learner"])
     backbone = learner.byol.backbone.to(dev)
-    probe = config.probe if probe is None else probe
-    result = evaluate_backbone(
+    scores = _standalone_scores(
         backbone,
         train,
         val,
         config=config,
         num_classes=len(state["classes"]),
         device=dev,
-        channels_last=False,
-        autocast=dev.type == "cuda" and config.amp != "off",
-        probe_iterations=config.probe_epochs if probe_iterations is None else probe_iterations,
+        probe_iterations=probe_iterations,
         probe=probe,
+        start=start,
     )
     counters = state["counters"]
     return {
@@ -434,14 +478,7 @@ def evaluate_checkpoint(
         "epoch": counters["epoch"],
         "step": counters["global_step"],
         "samples_seen": counters["samples_seen"],
-        "knn_acc": result["knn_acc"],
-        "linear_acc": result.get("linear_acc"),
-        "probe": probe,
-        **{k: v for k, v in result.items() if k.startswith("linear_acc_official")},
-        "train_images": train.n,
-        "val_images": val.n,
-        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
-        "eval_time": time.perf_counter() - start,
+        **scores,
     }
 
 
@@ -500,12 +537,7 @@ def evaluate_backbone_file(
     if dataset is not None and dataset != base.dataset and data_dir is None:
         changes["data_dir"] = None  # the sidecar's data directory belongs to its dataset
     config = base.replace(**changes)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        dev = resolve_device(device)
-    except ValueError as error:
-        raise ValueError(f"--device: {error}") from error
+    dev = _eval_device(device, threads)
     start = time.perf_counter()
     train, val = build_sources(config, warn=log)
     try:
@@ -516,18 +548,16 @@ def evaluate_backbone_file(
             )
         backbone = spec.build()
         load_into(backbone, state, "--backbone")
-        probe = config.probe if probe is None else probe
-        result = evaluate_backbone(
+        scores = _standalone_scores(
             backbone.to(dev),
             train,
             val,
             config=config,
             num_classes=len(train.classes),
             device=dev,
-            channels_last=False,
-            autocast=dev.type == "cuda" and config.amp != "off",
-            probe_iterations=config.probe_epochs if probe_iterations is None else probe_iterations,
+            probe_iterations=probe_iterations,
             probe=probe,
+            start=start,
         )
     finally:
         train.close()
@@ -539,14 +569,7 @@ def evaluate_backbone_file(
         "stem": spec.stem,
         "dataset": train.name,
         "image_size": config.image_size,
-        "knn_acc": result["knn_acc"],
-        "linear_acc": result.get("linear_acc"),
-        "probe": probe,
-        **{k: v for k, v in result.items() if k.startswith("linear_acc_official")},
-        "train_images": train.n,
-        "val_images": val.n,
-        "skipped_files": sorted({*train.unreadable(), *val.unreadable()}),
-        "eval_time": time.perf_counter() - start,
+        **scores,
     }
 
 
