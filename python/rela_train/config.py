@@ -29,6 +29,7 @@ __all__ = [
     "TrainConfig",
     "add_config_arguments",
     "config_from_args",
+    "given_changes",
     "parse_checkpoint_every",
     "parse_step_window",
     "parse_switch",
@@ -137,6 +138,11 @@ def parse_device(text: str) -> str:
         return device(text)
     except argparse.ArgumentTypeError as error:
         raise ValueError(f"--device: {error}") from None
+
+
+def given_changes(**values: Any) -> dict[str, Any]:
+    """The configuration changes a caller gave: ``values`` less those that are None."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rela_train.config import given_changes
 from rela_train.data.fashion_mnist import load_fashion_mnist
 from rela_train.engine import Hooks
 from rela_train.presets import get_preset
@@ -64,13 +65,11 @@ def run_demo(
         if (out / name / "summary.json").exists() or (out / name / "checkpoints").exists():
             raise ValueError(f"{out / name} already holds a run; choose another --out")
     load_fashion_mnist(data_dir, "test")  # fail early, with install instructions
-    changes: dict[str, Any] = {"progress": progress, **(overrides or {})}
-    if data_dir is not None:
-        changes["data_dir"] = data_dir
-    if epochs is not None:
-        changes["epochs"] = epochs
-    if threads is not None:
-        changes["threads"] = threads
+    changes: dict[str, Any] = {
+        "progress": progress,
+        **(overrides or {}),
+        **given_changes(data_dir=data_dir, epochs=epochs, threads=threads),
+    }
     base = get_preset("fashion-mnist-demo").replace(**changes)
     rela = base.replace(prior=prior, budget=budget, policy="random")
     echo(

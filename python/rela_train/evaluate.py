@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rela_train.checkpoint import load_checkpoint
-from rela_train.config import PROBES, TrainConfig
+from rela_train.config import PROBES, TrainConfig, given_changes
 from rela_train.data.sources import Source, build_sources
 from rela_train.learner import build_learner
 from rela_train.runtime import resolve_device
@@ -443,13 +443,7 @@ def evaluate_checkpoint(
         config = TrainConfig.from_dict(state["config"])
     except ValueError as error:
         raise ValueError(f"{path}: the checkpoint's configuration is not valid: {error}") from error
-    changes: dict[str, Any] = {}
-    if data_dir is not None:
-        changes["data_dir"] = data_dir
-    if val_dir is not None:
-        changes["val_dir"] = val_dir
-    if val_labels is not None:
-        changes["val_labels"] = val_labels
+    changes = given_changes(data_dir=data_dir, val_dir=val_dir, val_labels=val_labels)
     if changes:
         config = config.replace(**changes)
     dev = _eval_device(device, config.threads if threads is None else threads)
@@ -525,15 +519,18 @@ def evaluate_backbone_file(
     else:
         base = TrainConfig(image_size=224 if not spec.small_images else 32)
     changes: dict[str, Any] = {
-        "arch": spec.arch, "width": spec.width, "small_images": spec.small_images,
+        "arch": spec.arch,
+        "width": spec.width,
+        "small_images": spec.small_images,
         "init_backbone": None,
-    }  # fmt: skip
-    for name, value in (
-        ("dataset", dataset), ("data_dir", data_dir), ("val_dir", val_dir),
-        ("val_labels", val_labels), ("image_size", image_size),
-    ):  # fmt: skip
-        if value is not None:
-            changes[name] = value
+        **given_changes(
+            dataset=dataset,
+            data_dir=data_dir,
+            val_dir=val_dir,
+            val_labels=val_labels,
+            image_size=image_size,
+        ),
+    }
     if dataset is not None and dataset != base.dataset and data_dir is None:
         changes["data_dir"] = None  # the sidecar's data directory belongs to its dataset
     config = base.replace(**changes)
