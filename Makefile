@@ -8,7 +8,8 @@ PYTHON ?= $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 # Where torch comes from when none is importable: PyTorch's CPU index (a plain index serves the
-# CUDA build on Linux, several GB). Empty: pip's configured index.
+# CUDA build on Linux, several GB). Empty: pip's configured index. Where that index cannot be
+# reached, pip gives up on it at once and uses its configured find-links and extra indexes.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 TRITON_SPEC ?= triton>=3.4,<4
 # setuptools>=77 reads the SPDX `license = "Apache-2.0"`; tensorboard, lightning and build are
@@ -40,7 +41,8 @@ interpreter:
 $(STAMP): $(SOURCES) | interpreter
 	@if [ "$(SKIP_DEPS)" != 1 ]; then \
 	  $(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install \
-	    $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"; \
+	    $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)" --timeout 10 --retries 0) \
+	    "$(TORCH_SPEC)"; \
 	  $(PIP) install "$(TRITON_SPEC)" $(TOOLS) \
 	    "torch==$$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	fi

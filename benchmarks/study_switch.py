@@ -18,7 +18,8 @@ pixel prior. Parts
   recipe's weight decay on biases and norms.
 
 Outputs: one record per run in ``OUT/records/`` (atomic), all of them in one JSONL (default
-``benchmarks/results/switch.jsonl``; ``--quick``: ``OUT/switch.jsonl``), a markdown table with the
+``benchmarks/results/switch.jsonl``, ``switch-beyond.jsonl`` for the res28, transfer and decay
+parts alone; ``--quick``: ``OUT/switch.jsonl``), a markdown table with the
 drop around the switch (``OUT/switch.md``, also printed) and a plot of kNN against steps since the
 switch with bands over seeds (default ``benchmarks/results/switch.png``). A killed study resumes
 where it stopped: rerun the same command.
@@ -56,6 +57,7 @@ from rela_study.switch_grid import (  # noqa: E402
     PARTS,
     QUICK_STEPS,
     RES28_HARD_ROW,
+    SEED_MAJOR_PARTS,
     STUDY_NAME,
     STUDY_STEPS,
     build_switch_plan,
@@ -105,7 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     """The study; ``python`` is the interpreter that runs ``-m rela_train fit``."""
     args = parse_args(argv)
-    setup = arguments.study_setup(args, "switch", RESULTS)
+    # The later parts keep their own records file: a study directory holding only them must not
+    # replace the earlier parts' committed records.
+    beyond = set(args.parts) <= set(SEED_MAJOR_PARTS)
+    setup = arguments.study_setup(args, "switch-beyond" if beyond else "switch", RESULTS)
     sizes, seeds, out = setup.sizes, setup.seeds, setup.out
     steps = QUICK_STEPS if args.quick else STUDY_STEPS
     # The transition the default uses in a run that switches (docs/switch.md, "The default").

@@ -214,7 +214,7 @@ def test_a_frozen_rank_stops_the_others_as_a_killed_one_does(folder, tmp_path) -
     line = job.error_line(0)
     assert "rank 0 of 2: rank 1 gave no sign of life for more than 4 s (--dist-timeout)" in line
     assert f"while embedding into {out}" in line
-    assert f"resume with `rela-train embed --data {folder} --prior {PRIOR} --out {out}" in line
+    assert f"resume with `rela-train embed --data-dir {folder} --prior {PRIOR} --out {out}" in line
     assert waited < 30
 
 

@@ -276,3 +276,22 @@ def test_the_digits_prior_is_a_checkpoint_prior(tmp_path: Path) -> None:
     mtime = path.stat().st_mtime_ns
     assert train_digits_prior(path, epochs=1, log=lambda line: None) == note
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_the_plot_of_parts_without_step_curves_is_the_accuracies_alone(tmp_path: Path) -> None:
+    from PIL import Image
+
+    records = [_record("res28-rela-50-hard", seed, 0.8 + seed / 100, []) for seed in (0, 1)]
+    for record in records:
+        record["step_curve"] = []
+    summaries = switch_aggregate.summarize_switch(records)
+    alone = switch_aggregate.plot_switch(summaries, tmp_path / "alone.png", 100)
+    with_curve = switch_aggregate.plot_switch(
+        switch_aggregate.summarize_switch(
+            [_record("switch-a-hard", 0, 0.8, [(-1, 0.8), (99, 0.7)])]
+        ),
+        tmp_path / "both.png",
+        100,
+    )
+    # One panel is narrower than the two side by side.
+    assert Image.open(alone).width < Image.open(with_curve).width

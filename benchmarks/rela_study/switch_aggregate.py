@@ -213,12 +213,18 @@ def _binned(records: list[dict[str, Any]], every: int) -> tuple[list[float], ...
 
 def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], every: int) -> Path:
     """Left: kNN against steps since the switch (mean, band = ± std over seeds) for each row
-    with a step curve. Right: final kNN and official probe per row with error bars."""
+    with a step curve. Right: final kNN and official probe per row with error bars. Without any
+    step curve, the right panel alone."""
     import matplotlib.pyplot as plt
 
+    bars = (("knn", "final kNN"), ("probe", "official probe"))
+    curved = [s for s in summaries if any(r.get("step_curve") for r in s.records)]
+    if not curved:  # parts without evaluations around the switch: the accuracies alone
+        figure, axis = new_figure(1, 10)
+        bar_panel(axis, summaries, bars, margins=(8.0, 4.0))
+        return save_figure(figure, out)
     figure, axes = new_figure(2, 16)
     colors = plt.cm.tab10.colors
-    curved = [s for s in summaries if any(r.get("step_curve") for r in s.records)]
     for index, s in enumerate(curved):
         xs, ys, errors = _binned(s.records, every)
         if not xs:
@@ -234,6 +240,5 @@ def plot_switch(summaries: list[SwitchSummary], out: str | os.PathLike[str], eve
     axes[0].grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=8, loc="lower right")
-    bars = (("knn", "final kNN"), ("probe", "official probe"))
     bar_panel(axes[1], summaries, bars, margins=(8.0, 4.0))
     return save_figure(figure, out)
