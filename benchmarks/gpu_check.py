@@ -1,4 +1,4 @@
-"""`make gpu-check`: prove the GPU path on a lent machine in one short run.
+"""`make gpu-check`: prove the GPU path on a GPU machine in one short run.
 
 For a machine with a CUDA device, a CUDA build of torch already installed for ``python3`` and
 no network: nothing is installed. Stages, each under its own time limit (a hang costs at most
@@ -160,8 +160,8 @@ class Runner:
         with open(self.out / log, "a", encoding="utf-8") as handle:
             handle.write(f"\n===== {name}: {' '.join(command)} (limit {limit:.0f} s)\n")
             handle.flush()
-            # A session of its own, so that a timeout ends the whole tree (test workers, compile
-            # pools, the sanitized process), not just the first process.
+            # A process group of its own (setsid), so that a timeout ends the whole tree (test
+            # workers, compile pools, the sanitized process), not just the first process.
             child = subprocess.Popen(
                 command,
                 cwd=ROOT,

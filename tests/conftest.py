@@ -1,4 +1,4 @@
-"""Test session setup.
+"""Setup shared by every test module.
 
 Triton kernels run on CPU tensors under the interpreter only where no CUDA device exists: with a
 device, the Triton backend must be the kernels compiled for it (the interpreter would run them on
@@ -28,7 +28,7 @@ NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
 
 
 def usable_backends() -> list[str]:
-    """Backends that run on CPU tensors in this session (reference always)."""
+    """Backends that run on CPU tensors on this machine (reference always)."""
     status = rk.backends.available()
     names = ["reference"]
     if status["cpu"].usable:

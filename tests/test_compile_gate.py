@@ -219,7 +219,7 @@ def test_traffic_model_counts_bytes_and_rereads():
     floor = 65536 * (768 * 2 + 256 * 2 + 4 + 256 * 2) + matrix  # p, z, loss, gradient, matrix
     assert small.hbm_bytes == large.hbm_bytes == floor
     assert small.l2_bytes == (4096 - 1) * matrix and large.l2_bytes == (1024 - 1) * matrix
-    assert 9.5 < small.l2_over_hbm < 9.7  # the "about 9.6x" at BLOCK_B = 16
+    assert 9.5 < small.l2_over_hbm < 9.7  # about 9.6x: 4095 matrix reads at BLOCK_B = 16
     assert large.l2_over_hbm <= 3.0 and large.predicted_ms < small.predicted_ms
     assert small.flops == 2 * 65536 * 768 * 256 + 8 * 65536 * 256
     # The d-tiled path with gradient: two passes, p read again per column tile and pass.

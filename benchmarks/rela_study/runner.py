@@ -196,7 +196,7 @@ class _Study:
 
     def run_child(self, command: list[str], log_file: Any) -> tuple[int, float]:
         """Run ``command`` to its end; its exit code and the CPU seconds it used (its own
-        rusage, so runs side by side do not mix). The child has its own session: a Ctrl-C
+        rusage, so runs side by side do not mix). The child has its own process group: a Ctrl-C
         reaches the study only, which then stops each running child once (see :meth:`stop`)."""
         with self.lock:
             if self.stopping:
