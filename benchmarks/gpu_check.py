@@ -220,6 +220,11 @@ def _fmt(value: object, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _row(*cells: str) -> str:
+    """One row of a Markdown table; an empty cell stays a single space."""
+    return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+
 def bench_table(path: Path) -> list[str]:
     if not path.is_file():
         return ["(no benchmark records)"]
@@ -230,46 +235,80 @@ def bench_table(path: Path) -> list[str]:
     for line in path.read_text().splitlines():
         r = json.loads(line)
         if r.get("benchmark") == "transported_cosine_loss":
-            shape = f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']}"
             rows.append(
-                f"| loss fwd+bwd | {r['backend']} | {shape} | {_fmt(r['forward_backward_ms'])} ms "
-                f"(fwd {_fmt(r['forward_ms'])}) | eager {_fmt(r['eager_forward_backward_ms'])} ms; "
-                f"floor {_fmt(r['floor_ms'])} ms | {_fmt(r['speedup_forward_backward'])}x eager, "
-                f"{_fmt(r['forward_backward_over_floor'])}x floor | >=3x eager, <=1.7x floor |"
+                _row(
+                    "loss fwd+bwd",
+                    r["backend"],
+                    f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']}",
+                    f"{_fmt(r['forward_backward_ms'])} ms (fwd {_fmt(r['forward_ms'])})",
+                    f"eager {_fmt(r['eager_forward_backward_ms'])} ms; "
+                    f"floor {_fmt(r['floor_ms'])} ms",
+                    f"{_fmt(r['speedup_forward_backward'])}x eager, "
+                    f"{_fmt(r['forward_backward_over_floor'])}x floor",
+                    ">=3x eager, <=1.7x floor",
+                )
             )
         elif r.get("op") == "select_topk":
             rows.append(
-                f"| select_topk | {r['backend']} | N={r['shape'][0]} k={r['k']} {r['dtype']} | "
-                f"{_fmt(r['median_ms'], 3)} ms | torch.topk {_fmt(r['baseline_ms'], 3)} ms | "
-                f"{_fmt(r['ratio'])}x | >=2x |"
+                _row(
+                    "select_topk",
+                    r["backend"],
+                    f"N={r['shape'][0]} k={r['k']} {r['dtype']}",
+                    f"{_fmt(r['median_ms'], 3)} ms",
+                    f"torch.topk {_fmt(r['baseline_ms'], 3)} ms",
+                    f"{_fmt(r['ratio'])}x",
+                    ">=2x",
+                )
             )
         elif r.get("op") == "score_and_select":
-            shape = f"N={r['shape']['N']} Dp={r['shape']['Dp']} d={r['shape']['d']} {r['dtype']}"
+            shape = r["shape"]
             rows.append(
-                f"| score_and_select | {r['backend']} | {shape} | {_fmt(r['median_ms'], 3)} ms | "
-                f"read p {_fmt(r.get('read_p_ms'), 3)} ms | {_fmt(r.get('over_read_p'))}x read p "
-                f"| <=1.5x |"
+                _row(
+                    "score_and_select",
+                    r["backend"],
+                    f"N={shape['N']} Dp={shape['Dp']} d={shape['d']} {r['dtype']}",
+                    f"{_fmt(r['median_ms'], 3)} ms",
+                    f"read p {_fmt(r.get('read_p_ms'), 3)} ms",
+                    f"{_fmt(r.get('over_read_p'))}x read p",
+                    "<=1.5x",
+                )
             )
         elif r.get("benchmark") == "fused_config":
-            shape = f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']} {r['mode']}"
             pick = " (autotuner's pick)" if r["chosen"] else ""
             rows.append(
-                f"| fused config | {r['config']}{pick} | {shape} | {_fmt(r['measured_ms'], 3)} ms "
-                f"| predicted {_fmt(r['predicted_ms'], 3)} ms ({r['predicted_bound']}-bound) | "
-                f"{_fmt(r['measured_over_predicted'])}x predicted | L2 {_fmt(r['l2_over_hbm'])}x "
-                f"floor (<=3x) |"
+                _row(
+                    "fused config",
+                    f"{r['config']}{pick}",
+                    f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']} {r['mode']}",
+                    f"{_fmt(r['measured_ms'], 3)} ms",
+                    f"predicted {_fmt(r['predicted_ms'], 3)} ms ({r['predicted_bound']}-bound)",
+                    f"{_fmt(r['measured_over_predicted'])}x predicted",
+                    f"L2 {_fmt(r['l2_over_hbm'])}x floor (<=3x)",
+                )
             )
         elif r.get("benchmark") == "embed":
             rows.append(
-                f"| embed | {r['prior']} | {r['input_size']} px, batch {r['batch_size']} | "
-                f"{r['images_per_s']:.0f} img/s | | | |"
+                _row(
+                    "embed",
+                    r["prior"],
+                    f"{r['input_size']} px, batch {r['batch_size']}",
+                    f"{r['images_per_s']:.0f} img/s",
+                    "",
+                    "",
+                    "",
+                )
             )
         elif "images_per_s" in r:  # bench_train
-            variant = f"{r.get('variant')} compile={r.get('compile')}"
             rows.append(
-                f"| train step ({r.get('data')}) | {variant} | {r.get('arch')} "
-                f"{r.get('image_size')} px, batch {r.get('batch_size')} | "
-                f"{r['images_per_s']:.0f} img/s | | | BYOL >=2000 img/s; ReLA <= BYOL step |"
+                _row(
+                    f"train step ({r.get('data')})",
+                    f"{r.get('variant')} compile={r.get('compile')}",
+                    f"{r.get('arch')} {r.get('image_size')} px, batch {r.get('batch_size')}",
+                    f"{r['images_per_s']:.0f} img/s",
+                    "",
+                    "",
+                    "BYOL >=2000 img/s; ReLA <= BYOL step",
+                )
             )
     return rows
 
