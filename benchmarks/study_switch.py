@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             paired28 = format_paired_markdown(summaries, RES28_HARD_ROW, res28)
             if paired28:
                 body += f"\n28 px, seed by seed:\n\n{paired28}\n"
-            transfer = transfer_markdown(summaries, out, python)
+            transfer = transfer_markdown(summaries, out)
             if transfer:
                 body += f"\n{transfer}\n"
             atomic_write_text(out / "switch.md", body)

@@ -295,3 +295,38 @@ def test_the_plot_of_parts_without_step_curves_is_the_accuracies_alone(tmp_path:
     )
     # One panel is narrower than the two side by side.
     assert Image.open(alone).width < Image.open(with_curve).width
+
+
+def test_the_transportability_table_skips_unfinished_stores_and_keeps_what_it_computed(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+    from rela_study import transfer
+
+    import rela_kernels as rk
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((500, 6)).astype(np.float32)
+    values = {
+        "digits": base,
+        "pixels": (base @ rng.standard_normal((6, 9))).astype(np.float32),  # linear in digits
+        "random": rng.standard_normal((500, 7)).astype(np.float32),  # unrelated
+    }
+    for prior, rows in values.items():
+        path = tmp_path / "runs" / f"transfer-{prior}-never-seed0" / "prior"
+        path.parent.mkdir(parents=True)
+        with rk.EmbeddingStore.create_or_resume(
+            path, len(rows), rows.shape[1], fingerprint="same", prior=prior, input_size=None,
+            chunk_rows=100,
+        ) as store:  # fmt: skip
+            for start, stop in store.pending_chunks():
+                if prior == "random" and start >= 200:
+                    break  # still being written
+                store.write_chunk(start, rows[start:stop])
+    table = transfer.transportability_table(tmp_path, 0)
+    assert set(table) == {"digits", "pixels"}
+    assert table["digits"]["pixels"] > 0.999  # a linear map
+    assert "random" not in table["digits"]  # unfinished: left out, retried next time
+    cached = json.loads((tmp_path / "transportability.json").read_text())
+    assert cached == {"digits->pixels@0": table["digits"]["pixels"],
+                      "pixels->digits@0": table["pixels"]["digits"]}  # fmt: skip

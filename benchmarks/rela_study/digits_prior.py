@@ -19,7 +19,6 @@ paper's are RGB), and the source has 1,797 images against the target's 18,000 (C
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rela_study.transport import save_state_dict
 from rela_train.models import build_resnet
 from rela_train.prior.loaders import NORMALIZATIONS
 
-from rela_kernels.atomic_io import atomic_write, atomic_write_text
+from rela_kernels.atomic_io import atomic_write_text
 
 __all__ = ["DIGITS_ARCH", "DIGITS_WIDTH", "digits_images", "train_digits_prior"]
 
@@ -101,12 +101,7 @@ def train_digits_prior(
     model.eval()
     with torch.no_grad():
         accuracy = (model(images[held]).argmax(1) == labels[held]).float().mean().item()
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-
-    def write(handle: io.BufferedWriter) -> None:
-        torch.save(state, handle)
-
-    atomic_write(out, write)
+    save_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}, out)
     note = {
         "arch": DIGITS_ARCH,
         "width": DIGITS_WIDTH,

@@ -232,11 +232,12 @@ def build_switch_plan(
             for row in (r for r in rows if r.part == part):
                 if row.first_seed_only and seed != seeds[0]:
                     continue
-                files = {
-                    "digits": digits_checkpoint(out) if out else None,
-                    "random": random_checkpoint(out, seed) if out else None,
-                    "fashion": transported_checkpoint(out) if out else None,
-                }
+                # The transfer part's prior files (only its specs have placeholders).
+                files = {} if out is None else {
+                    "digits": digits_checkpoint(out),
+                    "random": random_checkpoint(out, seed),
+                    "fashion": transported_checkpoint(out),
+                }  # fmt: skip
                 run = _run(row, sizes, steps, seed, features, data_dir, switch, files)
                 if "{fashion}" in row.prior_spec and pretrain is not None:
                     run = replace(run, needs=pretrain.run_id)
@@ -257,7 +258,7 @@ def _run(
     features: set[str],
     data_dir: str | None,
     switch: str | None,
-    files: dict[str, Path | None] | None = None,
+    files: dict[str, Path] | None = None,
 ) -> RunSpec:
     epochs = sizes.epochs * (LONG_FACTOR if row.long else 1)
     flags = base_flags(sizes, seed, data_dir, features, row.decay_exclude) + [

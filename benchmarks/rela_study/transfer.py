@@ -1,14 +1,15 @@
 """The transfer part's report: does a prior from another distribution help, and how far apart are
-the priors (``rela-train transportability`` R^2 between their embeddings of the same images)."""
+the priors (``rela-train transportability``'s R^2 between their embeddings of the same images,
+from the function behind that command)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from rela_study.switch_aggregate import SwitchSummary, format_paired_markdown
+from rela_train.prior.transportability import transportability
 
 from rela_kernels.atomic_io import atomic_write_text
 
@@ -23,10 +24,10 @@ def _store(out: Path, prior: str, seed: int) -> Path:
     return out / "runs" / f"transfer-{prior}-never-seed{seed}" / "prior"
 
 
-def transportability_table(out: Path, python: str, seed: int) -> dict[str, dict[str, float]]:
+def transportability_table(out: Path, seed: int) -> dict[str, dict[str, float]]:
     """Held-out R^2 of the linear map from each prior's embeddings to each other's, on the
-    training images of the runs at ``seed`` (``rela-train transportability --json``, defaults:
-    ridge 1e-3, 20% held out). Pairs whose stores are not finished yet are left out; computed
+    training images of the runs at ``seed`` (``rela-train transportability``'s defaults: ridge
+    1e-3, 20% held out). Pairs whose stores are not finished yet are left out; computed
     values are kept in ``OUT/transportability.json``."""
     cache_path = out / "transportability.json"
     cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
@@ -40,14 +41,10 @@ def transportability_table(out: Path, python: str, seed: int) -> dict[str, dict[
                 continue
             key = f"{a}->{b}@{seed}"
             if key not in cache:
-                done = subprocess.run(
-                    [python, "-m", "rela_train", "transportability", "--a", str(store_a),
-                     "--b", str(store_b), "--json"],
-                    capture_output=True, text=True,
-                )  # fmt: skip
-                if done.returncode != 0:
+                try:
+                    cache[key] = transportability(store_a, store_b).r2
+                except ValueError:
                     continue  # a store still being written; the next aggregation retries
-                cache[key] = json.loads(done.stdout)["r2"]
                 atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
             table.setdefault(a, {})[b] = cache[key]
     return table
@@ -68,7 +65,7 @@ def _r2_markdown(table: dict[str, dict[str, float]], seed: int) -> str:
     return "\n".join(lines)
 
 
-def transfer_markdown(summaries: list[SwitchSummary], out: Path, python: str) -> str:
+def transfer_markdown(summaries: list[SwitchSummary], out: Path) -> str:
     """The digits prior against the random-network and pixels priors, seed by seed, for each
     switch setting, and the R^2 table; empty before the transfer part has records."""
     rows = {s.row: s for s in summaries}
@@ -83,7 +80,7 @@ def transfer_markdown(summaries: list[SwitchSummary], out: Path, python: str) ->
         {r["seed"] for s in summaries if s.row.startswith("transfer-") for r in s.records}
     )
     if seeds:
-        table = transportability_table(out, python, seeds[0])
+        table = transportability_table(out, seeds[0])
         if table:
             parts.append(_r2_markdown(table, seeds[0]))
     return "\n\n".join(parts)

@@ -28,7 +28,12 @@ from rela_train.prior.loaders import NORMALIZATIONS
 
 from rela_kernels.atomic_io import atomic_write
 
-__all__ = ["random_prior_checkpoint", "rgb_prior_checkpoint", "write_class_subset"]
+__all__ = [
+    "random_prior_checkpoint",
+    "rgb_prior_checkpoint",
+    "save_state_dict",
+    "write_class_subset",
+]
 
 _STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -100,11 +105,7 @@ def rgb_prior_checkpoint(run_dir: Path, out: Path, normalization: str = "imagene
     running_mean = backbone["bn1.running_mean"].to(torch.float64)
     converted["bn1.running_mean"] = (running_mean + offset).to(backbone["bn1.running_mean"].dtype)
 
-    def write(handle: io.BufferedWriter) -> None:
-        torch.save(converted, handle)
-
-    atomic_write(out, write)
-    return out
+    return save_state_dict(converted, out)
 
 
 def random_prior_checkpoint(arch: str, width: int, seed: int, out: Path) -> Path:
@@ -121,6 +122,12 @@ def random_prior_checkpoint(arch: str, width: int, seed: int, out: Path) -> Path
         torch.manual_seed(seed)
         model = build_resnet(arch, small_images=True, width=width)
     state = {key: value for key, value in model.state_dict().items() if not key.startswith("fc.")}
+
+    return save_state_dict(state, out)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out: Path) -> Path:
+    """Write a ResNet state dict where a ``checkpoint:ARCH:PATH`` prior reads it (atomically)."""
 
     def write(handle: io.BufferedWriter) -> None:
         torch.save(state, handle)
