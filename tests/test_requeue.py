@@ -5,6 +5,7 @@ an uninterrupted run. Bad uses of ``--resume auto`` are one-line errors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rela_train import cli
 from rela_train.engine import TIME_FIELDS
 from rela_train.stop import REQUEUE
+
+import rela_kernels as rk
 
 # What an sbatch script does around `srun rela-train fit ... --resume auto` (docs/cluster.md):
 # run the command, and run it again while it exits with the requeue status.
@@ -151,3 +155,83 @@ def test_bad_uses_are_one_line_errors(
     assert len(lines) == 1 and message.format(foreign=foreign) in lines[0], err
     assert (foreign / "config.json").read_text() == "{}"
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+
+
+def test_sigusr1_while_the_prior_embeds_requeues_and_keeps_the_chunks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rela_train.prior import embedding, targets
+
+    # Chunks of 128 rows (two for the 256 images), the same for every run of this test.
+    small_chunks = functools.partial(embedding.embed_tensors, batch_size=16)
+    monkeypatch.setattr(targets, "embed_tensors", small_chunks)
+    reference = tmp_path / "reference"
+    code, err = run_cli(capsys, "fit", *FLAGS, "--out", str(reference))
+    assert code == 0, err
+
+    write_embeddings = embedding.write_embeddings
+
+    def preempted_after_a_chunk(store, chunks, write, *rest):  # type: ignore[no-untyped-def]
+        def write_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+            write(*args, **kwargs)
+            # The preemption notice, once the first chunk is durable.
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+        write_embeddings(store, chunks, write_then_signal, *rest)
+
+    monkeypatch.setattr(embedding, "write_embeddings", preempted_after_a_chunk)
+    handler = signal.getsignal(signal.SIGUSR1)
+    run = tmp_path / "run"
+    argv = ["fit", *FLAGS, "--out", str(run), "--resume", "auto"]
+    code, err = run_cli(capsys, *argv)
+    assert code == REQUEUE, err
+    assert "stopped by SIGUSR1 while the run was starting" in err, err
+    assert signal.getsignal(signal.SIGUSR1) == handler  # restored
+    store = rk.EmbeddingStore.open(run / "prior")
+    assert store.chunk_count == 2 and store.rows_done == 128 and not store.complete
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    # The requeued command embeds only the missing chunk and ends as the uninterrupted run.
+    monkeypatch.setattr(embedding, "write_embeddings", write_embeddings)
+    code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert records(run) == records(reference)
+    assert (run / "prior" / "embeddings.f16").read_bytes() == (
+        reference / "prior" / "embeddings.f16"
+    ).read_bytes()
+
+
+def test_sigterm_stops_embed_at_once_with_the_requeue_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+    from rela_train.prior import embedding
+
+    folder = tmp_path / "images"
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 10, 10, 3), dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        (folder / f"c{index % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"c{index % 2}" / f"{index}.png")
+    write_embeddings = embedding.write_embeddings
+
+    def preempted_after_a_chunk(store, chunks, write, *rest):  # type: ignore[no-untyped-def]
+        def write_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+            write(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        write_embeddings(store, chunks, write_then_signal, *rest)
+
+    monkeypatch.setattr(embedding, "write_embeddings", preempted_after_a_chunk)
+    out = tmp_path / "store"
+    argv = ["embed", "--data-dir", str(folder), "--prior", "pixels:8", "--out", str(out),
+            "--chunk-rows", "4", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    code, err = run_cli(capsys, *argv)
+    assert code == REQUEUE, err
+    assert err.strip().splitlines()[-1].startswith("rela-train embed: stopped by SIGTERM"), err
+    import rela_kernels as rk
+
+    store = rk.EmbeddingStore.open(out)
+    assert store.rows_done == 4 and not store.complete
+    monkeypatch.setattr(embedding, "write_embeddings", write_embeddings)
+    code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert rk.EmbeddingStore.open(out).complete

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from rela_train.commands import COMMANDS
 from rela_train.runtime import DistributedError
+from rela_train.stop import REQUEUE, StartupStopped
 
 __all__ = ["build_parser", "main", "run", "warn_deprecated"]
 
@@ -100,6 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rela-train {command.name}: interrupted", file=sys.stderr)
         return 130
+    except StartupStopped as stopped:
+        print(
+            f"rela-train {command.name}: {stopped}; what was finished is kept: run the same "
+            "command again to continue",
+            file=sys.stderr,
+        )
+        return REQUEUE
     except (ValueError, OSError) as error:
         if os.environ.get("RELA_TRAIN_DEBUG"):
             raise

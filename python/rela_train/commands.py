@@ -38,7 +38,7 @@ from rela_train.export_commands import (
     run_backbone_eval,
     shared_eval_options,
 )
-from rela_train.stop import REQUEUE
+from rela_train.stop import REQUEUE, stop_raises
 
 __all__ = ["COMMANDS", "INTERRUPTED", "Command", "add_dry_run_arguments"]
 
@@ -193,9 +193,12 @@ def _embed_run(args: argparse.Namespace) -> int:
         from rela_train.plan import plan_embed
 
         return _print_plan(plan_embed(args, world=world))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _embed_distributed(args)
-    result = embed(args.data, args.prior, args.out, **_embed_options(args))
+    # SIGUSR1/SIGTERM stop the embedding at once (stop.stop_raises): the finished chunks stay,
+    # the command exits with REQUEUE and the same command continues.
+    with stop_raises():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return _embed_distributed(args)
+        result = embed(args.data, args.prior, args.out, **_embed_options(args))
     _print_embed_result(result)
     return 0
 

@@ -82,7 +82,7 @@ from rela_train.runtime import (
 )
 from rela_train.runtime import setup as setup_distributed
 from rela_train.step_evals import StepEvalRunner, StepEvaluations
-from rela_train.stop import StopController
+from rela_train.stop import StopController, stop_raises
 from rela_train.summary import start_line, summary_line, write_summary
 from rela_train.tensorboard_log import check_tensorboard, tensorboard_dir
 from rela_train.train_step import MicroStep, PendingScores
@@ -150,6 +150,14 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.hooks = hooks or Hooks()
         self._log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        # Start-up has no step boundary to stop at (embedding the prior can take hours): a
+        # SIGUSR1/SIGTERM stops it at once (stop.stop_raises); the store keeps its chunks.
+        with stop_raises():
+            self._build(config, resume, preset)
+
+    def _build(
+        self, config: TrainConfig, resume: bool | Literal["auto"], preset: str | None
+    ) -> None:
         config, resuming, overrides = _run_config(config, self.run_dir, resume)
         device = _device(config)
         self.dist = setup_distributed(device, config.dist_timeout)
@@ -169,9 +177,14 @@ class Trainer:
             self.parts: RunParts = build_run(
                 config, self.run_dir, device, self.dist, new=not resuming, log=self.log
             )
+            self._assemble(config, device, preset)
         except BaseException:
+            self._release_parts(abandon=True)
             self.dist.close()
             raise
+
+    def _assemble(self, config: TrainConfig, device: torch.device, preset: str | None) -> None:
+        """The loop's own state and helpers, around the built parts."""
         self.transition = parse_transition(config.switch_transition)
         self.sampler = self.samplers[self.parts.policy]
         self.steps_per_epoch = self.parts.steps_per_epoch  # of the current epoch
@@ -191,6 +204,21 @@ class Trainer:
         # Preset, data fingerprint and code version (a resumed run's comes from its checkpoint).
         self.provenance = run_provenance(preset, self.train_source.fingerprint)
         self._wall_start = time.perf_counter()
+
+    def _release_parts(self, *, abandon: bool = False) -> None:
+        """Close the data sources and unlock the run directory; ``abandon``: the start failed
+        after the parts were built, so what it created goes too (RunDirectory.abandon)."""
+        parts = getattr(self, "parts", None)
+        if parts is None:
+            return
+        for source in (parts.train_source, parts.val_source):
+            if source is not None:
+                source.close()
+        if parts.run_directory is not None:
+            if abandon:
+                parts.run_directory.abandon()
+            else:
+                parts.run_directory.release()
 
     def log(self, message: str) -> None:
         if getattr(self, "main", True):
@@ -339,10 +367,7 @@ class Trainer:
         finally:
             self.metrics.close()
             self.evaluator.close()
-            for source in (self.train_source, self.val_source):
-                source.close()
-            if self.parts.run_directory is not None:
-                self.parts.run_directory.release()
+            self._release_parts()
             if isinstance(self.objective, PhaseParallel):
                 self.objective.close()  # before the process group goes (PhaseParallel.close)
             self.dist.close()
@@ -372,13 +397,13 @@ class Trainer:
 
     def _train(self) -> RunResult:
         config = self.config
-        self._start()
-        summary = self.run_dir / "summary.json"
-        if self.counters.epoch >= config.epochs and summary.is_file():
-            self.log(f"{self.run_dir} holds a finished run: nothing to train")
-            done = json.loads(summary.read_text(encoding="utf-8")) if self.main else {}
-            return RunResult("finished", self.run_dir, done)
-        with self.stop:
+        with self.stop:  # a stop asked while the run restores stops at the first step boundary
+            self._start()
+            summary = self.run_dir / "summary.json"
+            if self.counters.epoch >= config.epochs and summary.is_file():
+                self.log(f"{self.run_dir} holds a finished run: nothing to train")
+                done = json.loads(summary.read_text(encoding="utf-8")) if self.main else {}
+                return RunResult("finished", self.run_dir, done)
             while self.counters.epoch < config.epochs:
                 if self.counters.step_in_epoch == 0:
                     self._start_epoch()

@@ -4,12 +4,14 @@ default run directory name. Evaluating a checkpoint is in :mod:`rela_train.evalu
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rela_train.config import TrainConfig
 from rela_train.engine import Hooks, RunResult, Trainer
+from rela_train.stop import StartupStopped
 
 __all__ = ["default_run_dir", "fit"]
 
@@ -28,11 +30,24 @@ def fit(
 
     Returns a :class:`RunResult` whose ``status`` is ``finished`` (``summary.json`` written) or
     ``interrupted`` (SIGUSR1/SIGTERM/SIGINT or :meth:`Trainer.request_stop`; a checkpoint was
-    written).
+    written; or SIGUSR1/SIGTERM while the run was starting: no checkpoint, the prior's
+    embeddings kept).
     ``preset``: the name of the preset ``config`` started from, kept in the checkpoints'
     provenance (a resumed run keeps its own).
     """
-    return Trainer(config, out, resume=resume, hooks=hooks, log=log, preset=preset).run()
+    try:
+        trainer = Trainer(config, out, resume=resume, hooks=hooks, log=log, preset=preset)
+    except StartupStopped as stopped:
+        (log or _stderr)(
+            f"{stopped} while the run was starting; the prior's finished chunks are kept in "
+            f"{Path(out) / 'prior'}. Run the same command again (--resume auto) to continue"
+        )
+        return RunResult("interrupted", Path(out), signal=stopped.signum)
+    return trainer.run()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def default_run_dir(config: TrainConfig, root: str | Path = "runs") -> Path:

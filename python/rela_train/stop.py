@@ -7,6 +7,13 @@ boundary; on ``True`` it writes a checkpoint and returns, and the ``fit`` comman
 written inside a handler: a handler can interrupt any line of the loop, including a checkpoint
 being written. A second SIGINT raises ``KeyboardInterrupt`` (abort without a checkpoint).
 
+Before the loop there is no step boundary to wait for: while a run starts (embedding its prior
+can take hours) and while ``rela-train embed`` runs, :func:`stop_raises` makes SIGUSR1 and
+SIGTERM raise :class:`StartupStopped` at once. The embedding store keeps every finished chunk
+(it is written to survive an exception at any point, as it survives a kill), so the command
+exits with :data:`REQUEUE` and the same command continues from there. Each rank stops on its own
+signal (a cluster signals every task of the job).
+
 Distributed runs stop together: before each step every rank contributes its flag to one tiny
 all-reduce (:meth:`StopController.agree`, which also agrees on skipping a step whose images were
 unreadable on some rank and on a step checkpoint due by the clock), so a signal seen by any rank
@@ -17,18 +24,60 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, NamedTuple
 
 from rela_train.runtime import DistContext, agree_min
 
-__all__ = ["REQUEUE", "STOP_SIGNALS", "StepAgreement", "StopController"]
+__all__ = [
+    "REQUEUE",
+    "STOP_SIGNALS",
+    "StartupStopped",
+    "StepAgreement",
+    "StopController",
+    "stop_raises",
+]
 
 # Exit status of `rela-train fit` stopped by SIGUSR1 or SIGTERM after writing its checkpoint:
 # run the same command again (with `--resume auto`) to continue. EX_TEMPFAIL of sysexits.h,
 # "a temporary failure; the user is invited to retry".
 REQUEUE = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+# The signals that ask for a stop and a requeue (SIGINT is an abort: KeyboardInterrupt).
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class StartupStopped(Exception):
+    """SIGUSR1 or SIGTERM arrived where there is no step boundary to wait for (a run's start-up,
+    ``rela-train embed``): the work stopped at once, keeping what is durable."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stop_raises() -> Iterator[None]:
+    """Within the block, SIGUSR1 and SIGTERM raise :class:`StartupStopped` in the main thread;
+    the previous handlers come back on exit. Elsewhere than the main thread (where Python
+    cannot install handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        raise StartupStopped(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in REQUEUE_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StepAgreement(NamedTuple):
