@@ -15,7 +15,8 @@ pixel prior. Parts
 * ``res28``, ``transfer``, ``decay`` (only with ``--parts``): the same questions at 28-px crops,
   with a prior from another distribution (scikit-learn's digits) beside a random network, the
   pixels and a Fashion-MNIST-trained one (with their transportability R^2), and the official
-  recipe's weight decay on biases and norms.
+  recipe's weight decay on biases and norms; ``res28long`` (only with ``--parts``): ReLA 50%
+  hard and with ``--best`` at 28 px and 3 x the epochs, the default rule's long half there.
 
 Outputs: one record per run in ``OUT/records/`` (atomic), all of them in one JSONL (default
 ``benchmarks/results/switch.jsonl``, ``switch-beyond.jsonl`` for the res28, transfer and decay
@@ -57,6 +58,8 @@ from rela_study.switch_grid import (  # noqa: E402
     PARTS,
     QUICK_STEPS,
     RES28_HARD_ROW,
+    RES28_LONG_BEST_ROW,
+    RES28_LONG_HARD_ROW,
     SEED_MAJOR_PARTS,
     STUDY_NAME,
     STUDY_STEPS,
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
     candidates = [row.name for row in rows if row.part == "factors" and row.name != HARD_ROW]
     candidates += [row.name for row in rows if row.part == "decay"]
     res28 = [row.name for row in rows if row.part == "res28" and row.name != RES28_HARD_ROW]
+    # The rule at 28 px: the row of the best transition there, and the long rows of both.
+    res28_best = [row.name for row in rows if row.part == "res28" and row.transition == best]
+    res28_long = {RES28_HARD_ROW: RES28_LONG_HARD_ROW}
+    res28_long.update({name: RES28_LONG_BEST_ROW for name in res28_best})
     # The long horizon's "best" row runs --best: it pairs with the factor row of that transition.
     best_row = next((r.name for r in rows if r.part == "factors" and r.transition == best), None)
     long_pairs = {HARD_ROW: "long-rela-50-hard"}
@@ -133,11 +140,17 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
         if summaries:
             table = format_switch_markdown(summaries)
             paired = format_paired_markdown(summaries, HARD_ROW, candidates)
-            verdict = default_verdict(summaries, HARD_ROW, candidates, long_pairs)
-            body = f"{table}\n\n{paired}\n\n{verdict}\n" if paired else f"{table}\n\n{verdict}\n"
+            body = f"{table}\n\n{paired}\n" if paired else f"{table}\n"
+            rows_present = {summary.row for summary in summaries}
+            if HARD_ROW in rows_present:
+                verdict = default_verdict(summaries, HARD_ROW, candidates, long_pairs)
+                body += f"\n{verdict}\n"
             paired28 = format_paired_markdown(summaries, RES28_HARD_ROW, res28)
             if paired28:
                 body += f"\n28 px, seed by seed:\n\n{paired28}\n"
+            if RES28_HARD_ROW in rows_present:
+                verdict28 = default_verdict(summaries, RES28_HARD_ROW, res28_best, res28_long)
+                body += f"\nThe default rule at 28 px: {verdict28}\n"
             transfer = transfer_markdown(summaries, out)
             if transfer:
                 body += f"\n{transfer}\n"
@@ -156,7 +169,7 @@ def main(argv: list[str] | None = None, *, python: str = sys.executable) -> int:
             if unknown:
                 raise SystemExit(f"study_switch: --rows: unknown row(s) {', '.join(unknown)}")
             runs = [run for run in runs if run.row in args.rows]
-        print(format_plan(runs, sizes, args.jobs, done_runs(out)), flush=True)
+        print(format_plan(runs, sizes, args.jobs, done_runs(out), title="Switch study"), flush=True)
         if args.plan_only:
             return 0
         if "transfer" in args.parts:

@@ -262,6 +262,53 @@ def test_the_resolution_transfer_and_decay_parts(tmp_path: Path) -> None:
     assert _flag(decay, "--decay-exclude") == "none" and _flag(decay, "--image-size") is None
 
 
+def test_the_long_half_of_the_rule_at_28_px() -> None:
+    plan = switch_grid.build_switch_plan(
+        grid.DEFAULT_SIZES, switch_grid.STUDY_STEPS, [3, 4, 5], best="warm-heads:300",
+        features=FEATURES, parts=("res28", "res28long"), long_seeds=[4],
+    )  # fmt: skip
+    long = [run for run in plan if run.row.startswith("res28long-")]
+    # Two rows at the long horizon's seed only, after the 15-epoch rows of their seed.
+    assert sorted(run.row for run in long) == [
+        switch_grid.RES28_LONG_BEST_ROW,
+        switch_grid.RES28_LONG_HARD_ROW,
+    ]
+    assert {run.seed for run in long} == {4}
+    assert plan.index(long[0]) > max(
+        i for i, run in enumerate(plan) if run.seed == 4 and run.row.startswith("res28-")
+    )
+    transitions = {run.row: _flag(run, "--switch-transition") for run in long}
+    assert transitions == {
+        switch_grid.RES28_LONG_HARD_ROW: "hard",
+        switch_grid.RES28_LONG_BEST_ROW: "warm-heads:300",
+    }
+    for run in long:
+        assert _flag(run, "--epochs") == "45" and _flag(run, "--image-size") == "28"
+        assert _flag(run, "--decay-exclude") == "none" and _flag(run, "--prior") == "pixels:16"
+    # The verdict at 28 px reads the long rows: ahead at 15 epochs but worse at 45 keeps hard.
+    records = [_record(switch_grid.RES28_HARD_ROW, s, 0.80, []) for s in range(3)]
+    records += [_record("res28-rela-50-keep-views", s, 0.82 + 0.001 * s, []) for s in range(3)]
+    pairs = {
+        switch_grid.RES28_HARD_ROW: switch_grid.RES28_LONG_HARD_ROW,
+        "res28-rela-50-keep-views": switch_grid.RES28_LONG_BEST_ROW,
+    }
+    without_long = switch_aggregate.default_verdict(
+        switch_aggregate.summarize_switch(records), switch_grid.RES28_HARD_ROW,
+        ["res28-rela-50-keep-views"], pairs,
+    )  # fmt: skip
+    assert without_long.endswith(f"Verdict: keep {switch_grid.RES28_HARD_ROW}")
+    assert "long horizon not measured" in without_long
+    for hard_long, best_long, verdict in ((0.83, 0.82, "keep"), (0.82, 0.83, "change")):
+        verdict_text = switch_aggregate.default_verdict(
+            switch_aggregate.summarize_switch(records + [
+                _record(switch_grid.RES28_LONG_HARD_ROW, 0, hard_long, []),
+                _record(switch_grid.RES28_LONG_BEST_ROW, 0, best_long, []),
+            ]),
+            switch_grid.RES28_HARD_ROW, ["res28-rela-50-keep-views"], pairs,
+        )  # fmt: skip
+        assert verdict_text.split("Verdict: ")[1].startswith(verdict)
+
+
 def test_the_digits_prior_is_a_checkpoint_prior(tmp_path: Path) -> None:
     from rela_study.digits_prior import train_digits_prior
     from rela_train.prior.loaders import load_prior

@@ -294,13 +294,16 @@ def estimate_seconds(run: RunSpec) -> float:
     return seconds
 
 
-def format_plan(runs: list[RunSpec], sizes: Sizes, jobs: int, done: set[str]) -> str:
-    """The plan: rows x seeds, each row's estimated time, and the whole study's."""
+def format_plan(
+    runs: list[RunSpec], sizes: Sizes, jobs: int, done: set[str], *, title: str = "ReLA study"
+) -> str:
+    """The plan of the study called ``title``: rows x seeds, each row's estimated time, and the
+    whole study's."""
     rows: dict[str, list[RunSpec]] = {}
     for run in runs:
         rows.setdefault(run.row, []).append(run)
     lines = [
-        f"ReLA study: Fashion-MNIST, {sizes.train_subset} training images, {sizes.val_subset} "
+        f"{title}: Fashion-MNIST, {sizes.train_subset} training images, {sizes.val_subset} "
         f"test images, {sizes.epochs} epochs, batch {sizes.batch_size}; {len(runs)} runs, "
         f"{jobs} at a time, 1 thread each",
         f"{'row':34} {'seeds':>12} {'est. min/run':>12} {'done':>5}",

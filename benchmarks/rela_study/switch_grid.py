@@ -15,6 +15,8 @@ the pixel prior), in four parts, in this order:
 * ``res28`` (only when asked for) -- full resolution: 28-px crops instead of 16, the official
   recipe as it stands (every parameter decayed): BYOL 100%, BYOL random 50%, and ReLA 50% never,
   hard and keep-views. The prior stays ``pixels:16`` so that only the crop size changes;
+* ``res28long`` (only when asked for) -- the default rule's long half at 28 px: ReLA 50% hard and
+  with the best transition at 3 x the epochs, at the long horizon's seeds;
 * ``transfer`` (only when asked for) -- a prior from another distribution, at 16 px with the
   earlier parts' settings (``--decay-exclude bias-norm``, as every part but res28 and decay):
   ReLA 50% never and hard with the digits prior (``digits_prior.py``), a random network of the
@@ -48,8 +50,13 @@ from rela_study.grid import (
 __all__ = [
     "STUDY_NAME",
     "DEFAULT_PARTS",
+    "LONG_PARTS",
     "PARTS",
     "QUICK_STEPS",
+    "RES28_HARD_ROW",
+    "RES28_LONG_BEST_ROW",
+    "RES28_LONG_HARD_ROW",
+    "SEED_MAJOR_PARTS",
     "STUDY_STEPS",
     "StepSizes",
     "SwitchRow",
@@ -60,7 +67,9 @@ __all__ = [
 # The name every record of this study carries.
 STUDY_NAME = "rela-switch"
 
-PARTS = ("factors", "horizon", "views", "long", "res28", "transfer", "decay")
+PARTS = ("factors", "horizon", "views", "long", "res28", "res28long", "transfer", "decay")
+# The parts that run at 3 x the epochs, at the long horizon's seeds.
+LONG_PARTS = ("long", "res28long")
 # What a plain study runs: the diagnostic and the further parts only when asked for (--parts), so
 # that the grid that decides the default transition fits a day of two CPU cores.
 DEFAULT_PARTS = ("factors", "horizon", "long")
@@ -147,6 +156,10 @@ def switch_rows(steps: StepSizes, best: str) -> list[SwitchRow]:
                   **res28),
         SwitchRow("res28-rela-50-keep-views", "28 px: ReLA 50%, keep-views", "res28", 0.5, True,
                   None, "keep-views", **res28),
+        SwitchRow(RES28_LONG_HARD_ROW, "28 px: ReLA 50%, hard (long)", "res28long", 0.5, True,
+                  None, "hard", True, **res28),
+        SwitchRow(RES28_LONG_BEST_ROW, f"28 px: ReLA 50%, {best} (long)", "res28long", 0.5,
+                  True, None, best, True, **res28),
     ]  # fmt: skip
     for prior, spec, label in TRANSFER_PRIORS:
         for switch, transition in (("never", None), (None, "hard")):
@@ -175,7 +188,11 @@ def switch_rows(steps: StepSizes, best: str) -> list[SwitchRow]:
 
 
 RES28_HARD_ROW = "res28-rela-50-hard"
-SEED_MAJOR_PARTS = ("res28", "transfer", "decay")
+RES28_LONG_HARD_ROW = "res28long-rela-50-hard"
+RES28_LONG_BEST_ROW = "res28long-rela-50-best"
+SEED_MAJOR_PARTS = ("res28", "res28long", "transfer", "decay")
+# The parts at 28-px crops.
+RES28_PARTS = ("res28", "res28long")
 # A 28-px sample costs about twice a 16-px one (one epoch of 3,000 images, one thread, BYOL:
 # 20.4 s against 9.9 s of training on the study's CPU).
 RES28_RELATIVE_COST = 2.06
@@ -228,7 +245,7 @@ def build_switch_plan(
     for part in PARTS:
         if part not in parts:
             continue
-        for seed in long_seeds if part == "long" else seeds:
+        for seed in long_seeds if part in LONG_PARTS else seeds:
             for row in (r for r in rows if r.part == part):
                 if row.first_seed_only and seed != seeds[0]:
                     continue
@@ -292,5 +309,5 @@ def _run(
         flags=tuple(flags),
         samples=round(row.budget * sizes.train_subset) * epochs,
         prior=prior,
-        relative_cost=RES28_RELATIVE_COST if row.part == "res28" else 1.0,
+        relative_cost=RES28_RELATIVE_COST if row.part in RES28_PARTS else 1.0,
     )
