@@ -28,7 +28,12 @@ from rela_train.models.cpu_formats import channels_last_hazard
 from rela_train.optim import build_optimizer, lr_scale, parameter_groups
 from rela_train.parallel import PhaseParallel
 from rela_train.peers import rank0_first
-from rela_train.prior.targets import PriorTargets, embed_with_all_ranks, prepare_prior
+from rela_train.prior.targets import (
+    PriorJob,
+    PriorTargets,
+    embed_with_all_ranks,
+    prepare_prior,
+)
 from rela_train.rela import Switch, build_switch, rela_dim_cap
 from rela_train.run_directory import RunDirectory
 from rela_train.runtime import DistContext, agree_min, check_shared_directory
@@ -207,14 +212,13 @@ def _build_parts(
     world = dist.world
     prior: PriorTargets | None = None
     if config.rela:
+        dim = rela_dim_cap(
+            config.rela_dim_rule, config.rela_dim, resnet_feature_dim(config.arch, config.width)
+        )
         if world > 1 and config.prior_store is None:
             # Every rank embeds its share of the training set into RUN/prior.
-            embed_with_all_ranks(
-                dist, source=train, prior=config.prior, run_dir=run_dir, device=device, log=log,
-                dim=rela_dim_cap(config.rela_dim_rule, config.rela_dim,
-                                 resnet_feature_dim(config.arch, config.width)),
-                preprocess=config.prior_preprocess,
-            )  # fmt: skip
+            job = PriorJob(train, config.prior, run_dir, dim, device, log, config.prior_preprocess)
+            embed_with_all_ranks(dist, job)
         # Rank 0 computes the embeddings (alone) or finds them computed, and fits the transport
         # (no time limit); the others then open the store.
         prior = rank0_first(
@@ -225,11 +229,7 @@ def _build_parts(
                 prior=config.prior,
                 prior_store=config.prior_store,
                 run_dir=run_dir,
-                dim=rela_dim_cap(
-                    config.rela_dim_rule,
-                    config.rela_dim,
-                    resnet_feature_dim(config.arch, config.width),
-                ),
+                dim=dim,
                 device=device,
                 log=log,
                 preprocess=config.prior_preprocess,

@@ -93,17 +93,17 @@ class PhaseParallel:
         self,
         views: list[torch.Tensor],
         phase: str,
-        prior: torch.Tensor | None,
-        check: bool,
-        *,
+        *inputs: Any,
         rela_weight: float = 0.0,
         freeze_backbone: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``Objective.forward(views, phase, *inputs, ...)`` through the wrapper of this kind of
+        step, which the phase and the two keywords select."""
         ddp = self.wrapper(phase, blend=rela_weight > 0, freeze_backbone=freeze_backbone)
         # DDP decides in the forward pass whether the backward all-reduces (DDP.no_sync).
         with nullcontext() if self._sync else ddp.no_sync():
             return ddp(
-                views, phase, prior, check, rela_weight=rela_weight, freeze_backbone=freeze_backbone
+                views, phase, *inputs, rela_weight=rela_weight, freeze_backbone=freeze_backbone
             )
 
     def close(self) -> None:

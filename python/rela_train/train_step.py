@@ -8,6 +8,7 @@ trainer's (:meth:`rela_train.engine.Trainer.step`).
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import KW_ONLY, dataclass
 from typing import NamedTuple
 
 import torch
@@ -33,25 +34,18 @@ class MicroResult(NamedTuple):
     scored: int  # rows scored by the in-batch selection (0 without it)
 
 
+@dataclass(eq=False)
 class MicroStep:
     """``micro_step(batch, g, scale, phase, since, sampler)``: forward and backward one
     micro-batch (gradients scaled by ``scale``); ``g`` draws its augmentation, ``since`` is the
     number of steps since the switch (the transition's argument)."""
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        parts: RunParts,
-        device: torch.device,
-        transition: Transition,
-        *,
-        autocast: bool,
-    ) -> None:
-        self.config = config
-        self.parts = parts
-        self.device = device
-        self.transition = transition
-        self.autocast = autocast
+    config: TrainConfig
+    parts: RunParts
+    device: torch.device
+    transition: Transition
+    _: KW_ONLY
+    autocast: bool
 
     def autocast_context(self) -> AbstractContextManager:
         if self.autocast:

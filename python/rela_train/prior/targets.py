@@ -27,11 +27,12 @@ from rela_train.prior.embedding import (
     embed_tensors,
     transport_width,
 )
-from rela_train.prior.loaders import ModelPrior, load_prior
+from rela_train.prior.loaders import ModelPrior, Prior, load_prior
 from rela_train.prior.sharding import report_setup_failure
 from rela_train.runtime import DistContext, agree_min
 
 __all__ = [
+    "PriorJob",
     "PriorTargets",
     "check_prior_store",
     "embed_with_all_ranks",
@@ -113,21 +114,55 @@ def _check_store(
         )
 
 
-def embed_with_all_ranks(
-    ctx: DistContext,
-    *,
-    source: Source,
-    prior: str,
-    run_dir: Path,
-    dim: int,
-    device: torch.device,
-    log: Callable[[str], None],
-    preprocess: str = "prior",
-) -> None:
-    """Fill ``RUN/prior`` with the embeddings of ``source``, every rank of ``ctx`` computing its
-    share of the chunks; :func:`prepare_prior` (on rank 0 first) then finds the store complete
-    and fits the transport. Cases :func:`prepare_prior` refuses are left to it."""
-    path = run_dir / "prior"
+@dataclass(frozen=True)
+class PriorJob:
+    """The embedding of a training set with a ``--prior`` spec into ``RUN/prior``: what
+    :func:`embed_with_all_ranks` shares among the ranks and :func:`prepare_prior` computes alone
+    or finds computed. ``dim`` is the transport width asked for (:func:`.embedding.transport_width`
+    clips it to what the prior and the rows allow); ``preprocess`` is
+    :func:`~rela_train.prior.loaders.load_prior`'s (``--prior-preprocess``)."""
+
+    source: Source
+    prior: str
+    run_dir: Path
+    dim: int
+    device: torch.device
+    log: Callable[[str], None]
+    preprocess: str = "prior"
+
+    @property
+    def path(self) -> Path:
+        """The store's directory."""
+        return self.run_dir / "prior"
+
+    def load(self) -> Prior:
+        return load_prior(
+            self.prior, device=self.device, num_rows=self.source.n, preprocess=self.preprocess
+        )
+
+    def compute(self, loaded: Prior, *, peers: Peers | None = None) -> None:
+        """Compute the store's missing chunks with ``loaded`` (a :class:`ModelPrior` for
+        in-memory data), every rank of ``peers`` its share. The transport is left to
+        :func:`fit_prior_transport`, clipped to the embeddings' usable rank whatever the data;
+        ``embed``'s own fit keeps the strict check that ``embed --dim`` needs."""
+        source = self.source
+        if isinstance(source, FolderSource):
+            width = transport_width(self.dim, loaded.dim, source.n)
+            embed(
+                source.folder.root, loaded, self.path, device=self.device, workers=source.workers,
+                dim=width, log=self.log, peers=peers, transport=False,
+                progress=peers is None or peers.main,
+            )  # fmt: skip
+        else:
+            assert isinstance(source, TensorSource) and isinstance(loaded, ModelPrior)
+            embed_tensors(source, loaded, self.path, log=self.log, peers=peers)
+
+
+def embed_with_all_ranks(ctx: DistContext, job: PriorJob) -> None:
+    """Fill ``RUN/prior`` with the embeddings of ``job``'s source, every rank of ``ctx``
+    computing its share of the chunks; :func:`prepare_prior` (on rank 0 first) then finds the
+    store complete and fits the transport. Cases :func:`prepare_prior` refuses are left to it."""
+    path = job.path
     finished = (
         rk.EmbeddingStore.exists(path)
         and (path / TRANSPORT_FILE).is_file()
@@ -141,20 +176,17 @@ def embed_with_all_ranks(
     )
     with Peers(ctx, f"embedding the prior into {path}", advice) as peers:
         try:
-            loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
+            loaded = job.load()
         except BaseException as error:
             report_setup_failure(peers, error)  # the other ranks stop too, with this message
             raise
+        source = job.source
         if isinstance(source, FolderSource):
-            if source.fingerprint != source.folder.fingerprint:
-                return
-            width = transport_width(dim, loaded.dim, source.n)
-            embed(
-                source.folder.root, loaded, path, device=device, workers=source.workers,
-                dim=width, log=log, peers=peers, transport=False, progress=peers.main,
-            )  # fmt: skip
-        elif isinstance(source, TensorSource) and isinstance(loaded, ModelPrior):
-            embed_tensors(source, loaded, path, log=log, peers=peers)
+            refused = source.fingerprint != source.folder.fingerprint  # a subset of the folder
+        else:
+            refused = not (isinstance(source, TensorSource) and isinstance(loaded, ModelPrior))
+        if not refused:
+            job.compute(loaded, peers=peers)
 
 
 def fit_prior_transport(
@@ -203,7 +235,8 @@ def prepare_prior(
         transport = rk.Transport.load(path / TRANSPORT_FILE)
     else:
         assert prior is not None
-        path = run_dir / "prior"
+        job = PriorJob(source, prior, run_dir, dim, device, log, preprocess)
+        path = job.path
         transport_path = path / TRANSPORT_FILE
         if isinstance(source, FolderSource):
             if source.fingerprint != source.folder.fingerprint:
@@ -212,14 +245,7 @@ def prepare_prior(
                     "folder with `rela-train embed` and train on the whole folder"
                 )
             if not (rk.EmbeddingStore.exists(path) and rk.EmbeddingStore.open(path).complete):
-                loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
-                width = transport_width(dim, loaded.dim, source.n)
-                # The transport is fitted below, clipped to the usable rank like an in-memory
-                # prior's; `embed`'s own fit keeps the strict check that `embed --dim` needs.
-                embed(
-                    source.folder.root, loaded, path, device=device, workers=source.workers,
-                    dim=width, log=log, transport=False,
-                )  # fmt: skip
+                job.compute(job.load())
             store = rk.EmbeddingStore.open(path)
             _check_store(store, source, where)
             # An image folder's store can be large: accumulate the covariance where it was
@@ -234,10 +260,11 @@ def prepare_prior(
             else:
                 # A store left incomplete by a killed run is resumed: create_or_resume checks
                 # that it belongs to this data and prior, then only the missing chunks run.
-                loaded = load_prior(prior, device=device, num_rows=source.n, preprocess=preprocess)
+                loaded = job.load()
                 if not isinstance(loaded, ModelPrior):
                     raise ValueError(f"--prior: {prior!r} is not a model prior; use --prior-store")
-                store = embed_tensors(source, loaded, path, log=log)
+                job.compute(loaded)
+                store = rk.EmbeddingStore.open(path)
         if not transport_path.is_file():
             width = transport_width(dim, store.dim, store.n)
             log(f"fitting PCA whitening: {store.dim} -> {width} dimensions")
