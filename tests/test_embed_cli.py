@@ -181,12 +181,7 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
         (["--prior", f"torchscript:{tmp_path / 'model.pt'}"], "is not a TorchScript archive"),
         (["--prior", f"embeddings:{tmp_path / 'short.npy'}"], "20 rows but the dataset has 21"),
         (["--prior", "pixels:2", "--data-dir", str(tmp_path / "void")], "does not exist"),
-        (
-            ["--prior", "pixels:2", "--device", "cuda:7"]
-            if not torch.cuda.is_available()
-            else ["--prior", "pixels:2", "--device", "warp"],
-            "device",
-        ),
+        (["--prior", "pixels:2", "--device", "cuda:99"], "device"),
     ]
     for extra, message in cases:
         argv = list(base)
@@ -200,6 +195,13 @@ def test_embed_user_errors_exit_2_and_overwrite_nothing(
         assert len(lines) == 1 and lines[0].startswith("rela-train embed: error: "), stderr
         assert message in lines[0], (message, lines[0])
         assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+
+    # A device that is no device at all is refused while the flags are read.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--prior", "pixels:2", "--device", "cuda:one"])
+    assert exit_info.value.code == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N, got 'cuda:one'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
 
     data = out / store_module.DATA
     data.write_bytes(data.read_bytes()[:-10])

@@ -132,7 +132,9 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="image decoding processes (default min(8, CPUs))",
     )
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", type=device, default="auto", help="auto (default), cpu, cuda, cuda:N"
+    )
     parser.add_argument(
         "--dim",
         type=positive_int,
