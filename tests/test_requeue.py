@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -157,6 +158,24 @@ def test_bad_uses_are_one_line_errors(
     assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
 
 
+def signal_after_the_first_chunk(monkeypatch: pytest.MonkeyPatch, signum: int) -> Any:
+    """Make the embedding loop send ``signum`` to this process once its first chunk is durable
+    (a preemption notice mid-embedding); returns the real loop, to put back."""
+    from rela_train.prior import embedding
+
+    write_embeddings = embedding.write_embeddings
+
+    def preempted_after_a_chunk(store, chunks, write, *rest):  # type: ignore[no-untyped-def]
+        def write_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
+            write(*args, **kwargs)
+            os.kill(os.getpid(), signum)
+
+        write_embeddings(store, chunks, write_then_signal, *rest)
+
+    monkeypatch.setattr(embedding, "write_embeddings", preempted_after_a_chunk)
+    return write_embeddings
+
+
 def test_sigusr1_while_the_prior_embeds_requeues_and_keeps_the_chunks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -169,17 +188,7 @@ def test_sigusr1_while_the_prior_embeds_requeues_and_keeps_the_chunks(
     code, err = run_cli(capsys, "fit", *FLAGS, "--out", str(reference))
     assert code == 0, err
 
-    write_embeddings = embedding.write_embeddings
-
-    def preempted_after_a_chunk(store, chunks, write, *rest):  # type: ignore[no-untyped-def]
-        def write_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
-            write(*args, **kwargs)
-            # The preemption notice, once the first chunk is durable.
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-        write_embeddings(store, chunks, write_then_signal, *rest)
-
-    monkeypatch.setattr(embedding, "write_embeddings", preempted_after_a_chunk)
+    write_embeddings = signal_after_the_first_chunk(monkeypatch, signal.SIGUSR1)
     handler = signal.getsignal(signal.SIGUSR1)
     run = tmp_path / "run"
     argv = ["fit", *FLAGS, "--out", str(run), "--resume", "auto"]
@@ -211,24 +220,13 @@ def test_sigterm_stops_embed_at_once_with_the_requeue_status(
     for index, image in enumerate(pixels):
         (folder / f"c{index % 2}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(folder / f"c{index % 2}" / f"{index}.png")
-    write_embeddings = embedding.write_embeddings
-
-    def preempted_after_a_chunk(store, chunks, write, *rest):  # type: ignore[no-untyped-def]
-        def write_then_signal(*args, **kwargs):  # type: ignore[no-untyped-def]
-            write(*args, **kwargs)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        write_embeddings(store, chunks, write_then_signal, *rest)
-
-    monkeypatch.setattr(embedding, "write_embeddings", preempted_after_a_chunk)
+    write_embeddings = signal_after_the_first_chunk(monkeypatch, signal.SIGTERM)
     out = tmp_path / "store"
     argv = ["embed", "--data-dir", str(folder), "--prior", "pixels:8", "--out", str(out),
             "--chunk-rows", "4", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
     code, err = run_cli(capsys, *argv)
     assert code == REQUEUE, err
     assert err.strip().splitlines()[-1].startswith("rela-train embed: stopped by SIGTERM"), err
-    import rela_kernels as rk
-
     store = rk.EmbeddingStore.open(out)
     assert store.rows_done == 4 and not store.complete
     monkeypatch.setattr(embedding, "write_embeddings", write_embeddings)
