@@ -121,18 +121,26 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def git_state() -> dict:
-    """The commit the tree is at (``git_sha``), whether tracked files differ from it (``dirty``)
-    and, if they do, the sha256 of ``git diff HEAD`` (``diff_sha256``: which changes)."""
-    root = Path(__file__).resolve().parent.parent
+# The records and plots the benchmarks and studies write: data, not code. A study that
+# aggregates into them after each run must not make its own next record "dirty".
+RESULTS_PATHSPEC = ":(exclude)benchmarks/results"
+
+
+def git_state(root: Path | None = None) -> dict:
+    """The commit the tree is at (``git_sha``), whether tracked files other than the results
+    under ``benchmarks/results/`` differ from it (``dirty``) and, if they do, the sha256 of
+    ``git diff HEAD`` over those files (``diff_sha256``: which changes). ``root``: the checkout
+    (default: this one)."""
+    root = root or Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> bytes:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
 
     try:
         sha = git("rev-parse", "HEAD").decode().strip()
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
-        diff = hashlib.sha256(git("diff", "HEAD", "--binary")).hexdigest() if dirty else None
+        code = ("--", ".", RESULTS_PATHSPEC)
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", *code).strip())
+        diff = hashlib.sha256(git("diff", "HEAD", "--binary", *code)).hexdigest() if dirty else None
     except (OSError, subprocess.CalledProcessError):
         return {"git_sha": "unknown", "dirty": None, "diff_sha256": None}
     return {"git_sha": sha, "dirty": dirty, "diff_sha256": diff}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import stat
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -50,6 +51,33 @@ def test_the_environment_names_the_code_and_its_changes() -> None:
     else:
         assert state["diff_sha256"] is None
     assert {"git_sha", "dirty", "diff_sha256"} <= set(common.environment("cpu"))
+
+
+def test_results_written_into_the_tree_do_not_make_it_dirty(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    results = tmp_path / "benchmarks" / "results" / "switch.jsonl"
+    results.parent.mkdir(parents=True)
+    results.write_text("{}\n")
+    (tmp_path / "study.py").write_text("SEEDS = 3\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = common.git_state(tmp_path)
+    assert clean["dirty"] is False and re.fullmatch("[0-9a-f]{40}", clean["git_sha"])
+    # A study's aggregation rewrites its results file after each run: still clean.
+    results.write_text('{}\n{"row": "x"}\n')
+    assert common.git_state(tmp_path) == clean
+    # A change to the code is not.
+    (tmp_path / "study.py").write_text("SEEDS = 4\n")
+    changed = common.git_state(tmp_path)
+    assert changed["dirty"] is True and re.fullmatch("[0-9a-f]{64}", changed["diff_sha256"])
+    results.write_text("{}\n")
+    assert common.git_state(tmp_path)["diff_sha256"] == changed["diff_sha256"]
 
 
 def test_a_dirty_tree_is_refused_unless_allowed_or_quick() -> None:
