@@ -122,3 +122,6 @@ def test_the_runner_writes_no_record_from_a_dirty_tree(tmp_path: Path) -> None:
     assert study(False) == []  # --allow-dirty: the finished run's record, marked dirty
     (record,) = records.load_records(tmp_path / "s")
     assert record["environment"]["dirty"] is True and record["policy"] == "random"
+    # That record's run had finished before: this study ran no fit for it, so it names no time.
+    assert record["run_seconds"] is None and record["cpu_seconds"] is None
+    assert logged[-1].startswith(f"[{plan[0].run_id}] done: kNN")

@@ -78,10 +78,12 @@ def make_record(
     study: str,
     command: list[str],
     environment: dict[str, Any],
-    seconds: float,
+    seconds: float | None,
     cpu_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """The study's record of one finished run (from the trainer's ``summary.json``)."""
+    """The study's record of one finished run (from the trainer's ``summary.json``).
+    ``seconds``: the wall time of the ``fit`` this study ran for it (None when the run had
+    finished before and only its record was missing)."""
     curve = [
         {key: point.get(key) for key in ("epoch", "samples_seen", "train_time", "knn_acc")}
         for point in summary.get("evaluations", [])
@@ -107,7 +109,9 @@ def make_record(
         "step_curve": summary.get("step_evaluations") or [],
         "since_switch": SINCE_SWITCH,  # how step_curve counts (switch_aggregate.steps_taken)
         "switch_transition": summary.get("switch_transition"),
-        "run_seconds": round(seconds, 1),
+        # The fit this invocation ran (a resumed run: its last part); the run's own wall time
+        # over all its parts is metrics.wall_time.
+        "run_seconds": None if seconds is None else round(seconds, 1),
         # CPU time of the fit process (None when only its record was missing): on a busy
         # machine the wall time overstates what the run needs, this does not.
         "cpu_seconds": None if cpu_seconds is None else round(cpu_seconds, 1),
@@ -177,7 +181,7 @@ class _Study:
             # The run's own command (a resumed run ran `fit --resume` on the same settings).
             command=["python", "-m", "rela_train", "fit", *run.flags, "--out", str(run_dir)],
             environment=environment,
-            seconds=time.perf_counter() - start,
+            seconds=None if cpu_seconds is None else time.perf_counter() - start,
             cpu_seconds=cpu_seconds,
         )
         with self.lock:
@@ -189,8 +193,9 @@ class _Study:
             else (", no switch" if run.prior else "")
         )
         knn = record["metrics"].get("knn_acc")
+        took = record["run_seconds"]
         self.log(
-            f"[{run.run_id}] done in {record['run_seconds']:.0f} s: kNN "
+            f"[{run.run_id}] done{'' if took is None else f' in {took:.0f} s'}: kNN "
             f"{'-' if knn is None else f'{100 * knn:.2f}%'}{switch}"
         )
 
