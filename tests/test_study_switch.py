@@ -130,13 +130,15 @@ def test_drop_table_and_verdict() -> None:
     verdict = switch_aggregate.default_verdict(
         summaries, "switch-a-hard", ["switch-f-blend"], pairs
     )
-    assert "long horizon not measured" in verdict and verdict.endswith("keep switch-a-hard")
+    assert "long horizon not measured" in verdict and verdict.endswith(
+        "Verdict: the default is switch-a-hard"
+    )
     long = [_record("long-hard", 0, 0.83, []), _record("long-blend", 0, 0.84, [])]
     summaries = switch_aggregate.summarize_switch(records + long)
     verdict = switch_aggregate.default_verdict(
         summaries, "switch-a-hard", ["switch-f-blend"], pairs
     )
-    assert verdict.endswith("change the default to switch-f-blend")
+    assert verdict.endswith("Verdict: the default is switch-f-blend")
     two_seeds = switch_aggregate.summarize_switch(records[:2])
     assert "needs 3" in switch_aggregate.default_verdict(
         two_seeds, "switch-a-hard", ["switch-f-blend"], pairs
@@ -296,9 +298,14 @@ def test_the_long_half_of_the_rule_at_28_px() -> None:
         switch_aggregate.summarize_switch(records), switch_grid.RES28_HARD_ROW,
         ["res28-rela-50-keep-views"], pairs,
     )  # fmt: skip
-    assert without_long.endswith(f"Verdict: keep {switch_grid.RES28_HARD_ROW}")
+    assert without_long.endswith(f"Verdict: the default is {switch_grid.RES28_HARD_ROW}")
     assert "long horizon not measured" in without_long
-    for hard_long, best_long, verdict in ((0.83, 0.82, "keep"), (0.82, 0.83, "change")):
+    for record in records:
+        record["switch_transition"] = "hard" if "hard" in record["row"] else "keep-views"
+    for hard_long, best_long, verdict in (
+        (0.83, 0.82, f"the default is hard ({switch_grid.RES28_HARD_ROW})"),
+        (0.82, 0.83, "the default is keep-views (res28-rela-50-keep-views)"),
+    ):
         verdict_text = switch_aggregate.default_verdict(
             switch_aggregate.summarize_switch(records + [
                 _record(switch_grid.RES28_LONG_HARD_ROW, 0, hard_long, []),
@@ -306,7 +313,7 @@ def test_the_long_half_of_the_rule_at_28_px() -> None:
             ]),
             switch_grid.RES28_HARD_ROW, ["res28-rela-50-keep-views"], pairs,
         )  # fmt: skip
-        assert verdict_text.split("Verdict: ")[1].startswith(verdict)
+        assert verdict_text.split("Verdict: ")[1] == verdict
 
 
 def test_the_digits_prior_is_a_checkpoint_prior(tmp_path: Path) -> None:

@@ -176,8 +176,15 @@ def default_verdict(
         lines.append(note + ("; MEETS the rule" if ok else ""))
         if ok:
             winners.append((gain, name))
-    verdict = f"change the default to {max(winners)[1]}" if winners else f"keep {hard}"
+    chosen = by_row[max(winners)[1]] if winners else base
+    verdict = f"the default is {_transition(chosen)}"
     return "; ".join(lines) + f". Verdict: {verdict}"
+
+
+def _transition(summary: SwitchSummary) -> str:
+    """The transition a row's runs used, with the row (the row alone where records lack it)."""
+    used = {record.get("switch_transition") for record in summary.records} - {None}
+    return f"{used.pop()} ({summary.row})" if len(used) == 1 else summary.row
 
 
 def _offset(since: int, every: int) -> int:
