@@ -150,7 +150,7 @@ def _crop_views(
         box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
         view = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
         out[v] = view[:, ::-1] if bool(flips[v]) else view
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 def _decode_pil(path: Path, plan: CropPlan, index: int) -> torch.Tensor:
