@@ -106,6 +106,7 @@ def _command_output(command: list[str]) -> str:
 
 def environment() -> dict:
     import torch
+    from common import git_state  # benchmarks/, the script's directory; imports torch
 
     try:
         import triton
@@ -129,10 +130,8 @@ def environment() -> dict:
         "nvcc": _command_output(["nvcc", "--version"]).splitlines()[-1:],
         "compute_sanitizer": shutil.which("compute-sanitizer"),
         "python": platform.python_version(),
-        "git_sha": _command_output(["git", "rev-parse", "HEAD"]),
-        "git_dirty": bool(
-            _command_output(["git", "status", "--porcelain", "--untracked-files=no"])
-        ),
+        # git_sha, dirty, diff_sha256: the same code identity as every benchmark record.
+        **git_state(),
         "cpus": os.cpu_count(),
     }
 
@@ -320,7 +319,7 @@ def write_summary(runner: Runner, env: dict) -> None:
         "",
         f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton')}, "
         f"python {env.get('python')}, git {env.get('git_sha')}"
-        f"{' (dirty)' if env.get('git_dirty') else ''}",
+        f"{' (dirty)' if env.get('dirty') else ''}",
         "",
         "| stage | status | seconds |",
         "|---|---|---|",
