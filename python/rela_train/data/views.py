@@ -196,7 +196,8 @@ def _decode_simplejpeg(path: Path, data: bytes, plan: CropPlan, index: int) -> t
 def decode_views(
     path: str | os.PathLike[str], plan: CropPlan, index: int, decoder: str = "auto"
 ) -> torch.Tensor:
-    """Sample ``index``'s views of the image at ``path``: uint8 ``[V, 3, plan.size, plan.size]``.
+    """Sample ``index``'s views of the image at ``path``: uint8 ``[V, 3, plan.size, plan.size]``,
+    channels-last in memory as decoded (a collate's ``torch.stack`` makes the batch contiguous).
 
     Reads the header for the image size, draws the crops (:meth:`CropPlan.draw`), decodes JPEGs
     at the largest DCT downscale the boxes allow, then crops and resizes each box (bilinear,
