@@ -24,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 from rela_train.peers import rank0_first
 from rela_train.runtime import DistContext, DistributedError
+from rela_train.stop import StartupStopped, stop_raises
 
 ready, mode, timeout = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -31,18 +32,19 @@ ctx = DistContext(2, dist.get_rank(), dist.get_rank(), "gloo", timeout, owns_gro
 
 def work():
     if ctx.main:
-        ready.write_text("working")
-        if mode == "fails":
-            raise ValueError("the data is missing")
-        time.sleep(3 * timeout)  # longer than the timeout, alive (or frozen by the test)
+        with stop_raises():  # as during a run's start-up: SIGUSR1 stops the work at once
+            ready.write_text("working")
+            if mode == "fails":
+                raise ValueError("the data is missing")
+            time.sleep(3 * timeout)  # longer than the timeout, alive (or frozen by the test)
     return "prepared"
 
 try:
     print(rank0_first(ctx, "the test data", work, advice="Rerun it."), flush=True)
     code = 0
-except (ValueError, DistributedError) as error:
+except (ValueError, DistributedError, StartupStopped) as error:
     print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
-    code = 3 if isinstance(error, DistributedError) else 2
+    code = {DistributedError: 3, StartupStopped: 75}.get(type(error), 2)
 finally:
     ctx.close()
 sys.exit(code)
@@ -76,21 +78,24 @@ def _ranks(tmp_path: Path, mode: str) -> tuple[list[subprocess.Popen], dist.TCPS
     return processes, store
 
 
-@pytest.mark.parametrize("mode", ["works", "fails", "frozen"])
+@pytest.mark.parametrize("mode", ["works", "fails", "frozen", "stopped"])
 def test_the_others_wait_for_rank0_as_long_as_it_lives(tmp_path: Path, mode: str) -> None:
     processes, _store = _ranks(tmp_path, mode)
     rank0, rank1 = processes
     try:
-        if mode == "frozen":
+        if mode in ("frozen", "stopped"):
             deadline = time.monotonic() + 120
             while not (tmp_path / "ready").exists():
                 assert time.monotonic() < deadline, "rank 0 never started its work"
                 assert rank0.poll() is None, rank0.communicate()
                 time.sleep(0.05)
-            rank0.send_signal(signal.SIGSTOP)
+            # A preemption notice that reaches rank 0 alone stops both, each to be requeued.
+            rank0.send_signal(signal.SIGSTOP if mode == "frozen" else signal.SIGUSR1)
         started = time.monotonic()
         out, err = rank1.communicate(timeout=120)
         waited = time.monotonic() - started
+        if mode == "stopped":
+            _, err0 = rank0.communicate(timeout=120)
     finally:
         for process in processes:
             process.kill()
@@ -104,6 +109,11 @@ def test_the_others_wait_for_rank0_as_long_as_it_lives(tmp_path: Path, mode: str
             "ValueError: rank 0 failed while preparing the test data: ValueError: the data is "
             "missing"
         )
+    elif mode == "stopped":
+        assert rank0.returncode == 75, err0
+        assert err0.strip().splitlines()[-1] == "StartupStopped: stopped by SIGUSR1", err0
+        assert rank1.returncode == 75, err
+        assert err.strip().splitlines()[-1] == "StartupStopped: stopped by SIGUSR1 on rank 0"
     else:
         assert rank1.returncode == 3, err
         assert err.strip().splitlines()[-1] == (

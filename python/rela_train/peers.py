@@ -35,6 +35,7 @@ from typing import TypeVar
 import torch.distributed as dist
 
 from rela_train.runtime import DistContext, DistributedError
+from rela_train.stop import StartupStopped
 
 __all__ = ["PeerFailure", "Peers", "rank0_first"]
 
@@ -52,10 +53,17 @@ class PeerFailure:
     rank: int
     message: str
     distributed: bool
+    signal: int | None = None  # a rank was stopped by this signal (StartupStopped) ...
+    signal_rank: int | None = None  # ... this one, when not ``rank`` (which passed it on)
 
     def error(self) -> Exception:
-        """What this rank raises for it: the same :class:`DistributedError`, or a ``ValueError``
-        whose message names the failing rank."""
+        """What this rank raises for it: the same :class:`DistributedError`, a
+        :class:`StartupStopped` naming that rank (a stop asked of one rank stops all, each with
+        the requeue status), or a ``ValueError`` whose message names the failing rank."""
+        if self.signal is not None:
+            return StartupStopped(
+                self.signal, self.rank if self.signal_rank is None else self.signal_rank
+            )
         if self.distributed:
             return DistributedError(self.message)
         if self.message.startswith("rank "):
@@ -176,12 +184,20 @@ class Peers:
         """Publish ``error`` as this rank's answer under ``key``, in the form :meth:`failure_in`
         and :meth:`failed` recognise; a store that is already gone is ignored (the caller raises
         ``error`` anyway)."""
-        message = " ".join(str(error).split()) or type(error).__name__
-        value = {"message": message, "distributed": isinstance(error, DistributedError)}
         try:
-            self.publish(key, _FAILED + json.dumps(value))
+            self.publish(key, self.failure_value(error))
         except DistributedError:
             pass
+
+    @staticmethod
+    def failure_value(error: BaseException) -> str:
+        """``error`` in the published form (:meth:`failure_in` reads it back)."""
+        message = " ".join(str(error).split()) or type(error).__name__
+        value = {"message": message, "distributed": isinstance(error, DistributedError)}
+        if isinstance(error, StartupStopped):
+            value["signal"] = error.signum
+            value["signal_rank"] = error.rank
+        return _FAILED + json.dumps(value)
 
     @staticmethod
     def failure_in(rank: int, value: str) -> PeerFailure | None:
@@ -189,7 +205,13 @@ class Peers:
         if not value.startswith(_FAILED):
             return None
         fields = json.loads(value.removeprefix(_FAILED))
-        return PeerFailure(rank, fields["message"], fields["distributed"])
+        return PeerFailure(
+            rank,
+            fields["message"],
+            fields["distributed"],
+            fields.get("signal"),
+            fields.get("signal_rank"),
+        )
 
     @staticmethod
     def raise_failure(rank: int, value: str) -> None:
@@ -261,15 +283,15 @@ def rank0_first(
             try:
                 result = work()
             except BaseException as error:
-                lost = isinstance(error, DistributedError)
+                kept = isinstance(error, (DistributedError, StartupStopped))
                 named = RuntimeError(f"{type(error).__name__}: {error}")  # names its kind
-                peers.publish_failure("done", error if lost else named)
+                peers.publish_failure("done", error if kept else named)
                 raise
             peers.publish("done", "ok")
             return result
         failure = peers.failure_in(0, peers.collect("done", [0])[0])
     if failure is not None:
-        if failure.distributed:
+        if failure.distributed or failure.signal is not None:
             raise failure.error()
         raise ValueError(f"rank 0 failed while preparing {key}: {failure.message}")
     return work()

@@ -53,11 +53,14 @@ REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 class StartupStopped(Exception):
     """SIGUSR1 or SIGTERM arrived where there is no step boundary to wait for (a run's start-up,
-    ``rela-train embed``): the work stopped at once, keeping what is durable."""
+    ``rela-train embed``): the work stopped at once, keeping what is durable. ``rank``: the rank
+    the signal reached, when it was another one (its peers stop with it, for a requeue too)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, rank: int | None = None) -> None:
         self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.rank = rank
+        where = "" if rank is None else f" on rank {rank}"
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where}")
 
 
 @contextmanager
