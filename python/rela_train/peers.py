@@ -56,6 +56,12 @@ class PeerFailure:
     signal: int | None = None  # a rank was stopped by this signal (StartupStopped) ...
     signal_rank: int | None = None  # ... this one, when not ``rank`` (which passed it on)
 
+    @property
+    def shared(self) -> bool:
+        """Whether it stops every rank as it stopped that one: a lost peer or store, or a stop
+        signal (then each rank raises :meth:`error` as it is, not as that rank's own error)."""
+        return self.distributed or self.signal is not None
+
     def error(self) -> Exception:
         """What this rank raises for it: the same :class:`DistributedError`, a
         :class:`StartupStopped` naming that rank (a stop asked of one rank stops all, each with
@@ -291,7 +297,7 @@ def rank0_first(
             return result
         failure = peers.failure_in(0, peers.collect("done", [0])[0])
     if failure is not None:
-        if failure.distributed or failure.signal is not None:
+        if failure.shared:
             raise failure.error()
         raise ValueError(f"rank 0 failed while preparing {key}: {failure.message}")
     return work()

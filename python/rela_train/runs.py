@@ -38,9 +38,11 @@ def fit(
     try:
         trainer = Trainer(config, out, resume=resume, hooks=hooks, log=log, preset=preset)
     except StartupStopped as stopped:
+        prior = Path(out) / "prior"
+        kept = f"; the prior's finished chunks are kept in {prior}" if prior.is_dir() else ""
         (log or _stderr)(
-            f"{stopped} while the run was starting; the prior's finished chunks are kept in "
-            f"{Path(out) / 'prior'}. Run the same command again (--resume auto) to continue"
+            f"{stopped} while the run was starting{kept}. Run the same command again "
+            "(--resume auto) to continue"
         )
         return RunResult("interrupted", Path(out), signal=stopped.signum)
     return trainer.run()

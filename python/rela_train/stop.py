@@ -11,8 +11,9 @@ Before the loop there is no step boundary to wait for: while a run starts (embed
 can take hours) and while ``rela-train embed`` runs, :func:`stop_raises` makes SIGUSR1 and
 SIGTERM raise :class:`StartupStopped` at once. The embedding store keeps every finished chunk
 (it is written to survive an exception at any point, as it survives a kill), so the command
-exits with :data:`REQUEUE` and the same command continues from there. Each rank stops on its own
-signal (a cluster signals every task of the job).
+exits with :data:`REQUEUE` and the same command continues from there. While the ranks embed or
+wait for rank 0, a rank so stopped tells the others (``peers.PeerFailure``), which stop with it;
+elsewhere each rank stops on its own signal (a cluster signals every task of the job).
 
 Distributed runs stop together: before each step every rank contributes its flag to one tiny
 all-reduce (:meth:`StopController.agree`, which also agrees on skipping a step whose images were

@@ -218,7 +218,7 @@ def _compute_share(peers, store, pending, compute, progress, log) -> tuple[int, 
         store.write_chunk(start, values, skipped=skipped)
         failure = peers.failed("done") or (None if peers.main else peers.failed("final", [0]))
         if failure is not None:
-            if failure.distributed or failure.signal is not None:
+            if failure.shared:
                 raise failure.error()
             raise _Stop(f"stopped because rank {failure.rank}: {failure.message}")
         peers.check()
