@@ -78,7 +78,7 @@ bench-records: install
 
 # The GPU proof kit for a GPU machine: python3 there already has CUDA torch and Triton and
 # there is no network, so nothing is installed. Builds the CUDA extension in place, runs
-# `pytest -m "cuda or interop"`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (8 minutes in
+# `pytest -m "cuda or interop"`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (9 minutes in
 # all), and writes at most 8 files to GPU_CHECK_OUT. Without a CUDA device it exits at once.
 GPU_CHECK_OUT ?= build/gpu-check
 GPU_PYTHON ?= python3
