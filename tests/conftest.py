@@ -16,6 +16,7 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -36,6 +37,17 @@ def usable_backends() -> list[str]:
     if status["triton"].usable and rk.backends.interpreter_enabled():
         names.append("triton")
     return names
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On a CUDA machine no test module may turn the interpreter on while being collected: every
+    Triton kernel compiled afterwards in the process (torch.compile's included) and every child
+    process would run interpreted on the host, and the GPU tests would fail or prove nothing."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != _INTERPRET_AT_START:
+        raise pytest.UsageError(
+            "TRITON_INTERPRET was set while collecting the tests on a CUDA machine: only "
+            "tests/conftest.py decides it, and only where no CUDA device exists"
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

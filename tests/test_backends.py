@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,3 +58,17 @@ def test_fallback_to_reference_warns_once(monkeypatch):
         assert backends.resolve("cosine_loss", torch.device("cpu")) == "reference"
     z = torch.randn(3, 4)
     torch.testing.assert_close(rk.cosine_loss(z, z), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+def test_only_conftest_turns_the_triton_interpreter_on():
+    # A module-level assignment in one test file leaks into every test collected after it in the
+    # process, and into the child processes: on a GPU machine, torch.compile's kernels and the
+    # NCCL worker's ran interpreted on CUDA tensors and failed. tests/conftest.py decides alone.
+    assignment = re.compile(r"environ(\.setdefault\(|\[)\s*[\"']TRITON_INTERPRET")
+    tests = Path(__file__).resolve().parent
+    offenders = [
+        path.name
+        for path in sorted(tests.glob("*.py"))
+        if path.name != "conftest.py" and assignment.search(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == [], f"set TRITON_INTERPRET outside conftest.py: {offenders}"

@@ -98,10 +98,29 @@ def test_summary_reads_benchmark_records_and_junit(tmp_path: Path) -> None:
 def test_stage_budgets_fit_the_deadline() -> None:
     # The build runs only where no loadable extension was carried along; every other stage gets
     # its whole budget, and the run ends inside the 10 minutes a remote command is given.
+    # The stages run only when named (the compiled training steps) fit a run of their own.
     gpu_check = _load(SCRIPT, "gpu_check_budget")
-    others = sum(seconds for stage, seconds in gpu_check.BUDGET.items() if stage != "build")
-    assert others <= gpu_check.DEADLINE_S <= 9 * 60
+    budget = gpu_check.BUDGET
+    default = sum(budget[stage] for stage in gpu_check.DEFAULT_STAGES if stage != "build")
+    assert default <= gpu_check.DEADLINE_S <= 9 * 60
+    assert sum(budget[stage] for stage in gpu_check.OPTIONAL_STAGES) <= gpu_check.DEADLINE_S
+    assert set(gpu_check.DEFAULT_STAGES) | set(gpu_check.OPTIONAL_STAGES) == set(budget)
     assert len(gpu_check.FILES) <= 8
+
+
+def test_stages_are_chosen_by_name(tmp_path: Path, capsys) -> None:
+    gpu_check = _load(SCRIPT, "gpu_check_stages")
+    assert gpu_check.stage_list("tests, bench-loss") == ("tests", "bench-loss")
+    for bad in ("tests,bench-los", ""):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--stages", bad, "--out", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--stages" in error and f"got {bad!r}" in error
+    runner = gpu_check.Runner(tmp_path, ("quick",))
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    assert runner.run("bench-loss", command, "a.log").status == "not selected"
+    assert not marker.exists()
 
 
 def test_an_extension_without_cuda_kernels_is_built(tmp_path: Path) -> None:
@@ -133,7 +152,7 @@ def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, mon
     gpu_check = _load(SCRIPT, "gpu_check_runner")
     monkeypatch.setitem(gpu_check.BUDGET, "quick", 30)
     monkeypatch.setitem(gpu_check.BUDGET, "hang", 1)
-    runner = gpu_check.Runner(tmp_path)
+    runner = gpu_check.Runner(tmp_path, ("quick", "hang"))
     assert runner.run("quick", [sys.executable, "-c", "print('hello')"], "a.log").status == "ok"
     marker = tmp_path / "child-survived"
     grandchild = f"import time; time.sleep(2); open({str(marker)!r}, 'w')"

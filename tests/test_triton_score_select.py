@@ -1,18 +1,17 @@
 """The Triton score_and_select (rela_kernels.triton.score_select): the fused loss kernel's
 histogram of the loss keys and the exact finish on the losses, against rela_kernels.reference.
 
-Run on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
-shapes are small. The key mapping and the histogram are checked against an independent numpy
-definition; the selections against ``reference.select_topk``. Inputs are freshly random.
+Run on CPU tensors under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 where
+no CUDA device exists), so shapes are small. The key mapping and the histogram are checked against
+an independent numpy definition; the selections against ``reference.select_topk``. Inputs are
+freshly random. On a CUDA machine the module is skipped: tests/test_cuda_ops.py runs the compiled
+kernels there, and setting the flag here would turn every Triton kernel compiled later in the
+process (torch.compile's too), and every child process, into interpreted ones.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 pytest.importorskip("triton")
 
