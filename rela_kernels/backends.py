@@ -76,7 +76,16 @@ def _triton_importable() -> tuple[bool, str]:
 
 
 def available() -> dict[str, Availability]:
-    """Each backend: usable here or not, and why."""
+    """Each backend: usable here or not, and why (a new dict each call).
+
+    Every op call resolves its backend through this, so the answer is worked out once per
+    interpreter setting: the extension, the dispatcher's kernels and the device count do not
+    change within a process."""
+    return dict(_availability(interpreter_enabled()))
+
+
+@functools.lru_cache(maxsize=2)
+def _availability(interpreted: bool) -> dict[str, Availability]:
     module, ext_reason = _extension()
     result = {"reference": Availability(True, "pure PyTorch, always available")}
     result["cpu"] = Availability(
@@ -95,7 +104,7 @@ def available() -> dict[str, Availability]:
         result["triton"] = Availability(False, reason)
     elif torch.cuda.is_available():
         result["triton"] = Availability(True, "Triton on CUDA")
-    elif interpreter_enabled():
+    elif interpreted:
         result["triton"] = Availability(True, "Triton interpreter on CPU tensors (slow; testing)")
     else:
         result["triton"] = Availability(False, "no CUDA device and TRITON_INTERPRET is not set")
