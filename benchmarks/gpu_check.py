@@ -206,11 +206,12 @@ class Runner:
 # Run by this Python in the tree: whether the in-place extension loads and holds a CUDA kernel
 # for every rela op (the build stage is then not needed).
 _LOADS_WITH_CUDA = """
-import json, sys, torch
-import rela_kernels._C as ext
+import importlib.util, json, sys, torch
+import rela_kernels  # loads the extension where one is built
+spec = importlib.util.find_spec("rela_kernels._C")
 ops = sys.argv[1].split(",")
 has = torch._C._dispatch_has_kernel_for_dispatch_key
-print(json.dumps({"file": ext.__file__, "ops": ops,
+print(json.dumps({"file": spec.origin if spec else None, "ops": ops,
                   "without_cuda": [op for op in ops if not has("rela::" + op, "CUDA")]}))
 """
 
@@ -231,7 +232,7 @@ def loadable_extension(py: str, env: dict) -> dict | None:
         report = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return None
-    if not report.get("ops") or report.get("without_cuda"):
+    if not report.get("ops") or report.get("without_cuda") or not report.get("file"):
         return None
     path = Path(report["file"])
     data = path.read_bytes()
