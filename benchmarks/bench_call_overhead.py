@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,25 +23,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import rela_kernels as rk  # noqa: E402
-from benchmarks.common import append_result, environment  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    append_result,
+    environment,
+    interleaved_median_times,
+)
 
 RESULTS = "call_overhead.jsonl"
-
-
-def interleaved_medians(fns: dict, calls: int, rounds: int) -> dict[str, float]:
-    """Median over ``rounds`` of the mean microseconds per call of ``calls`` back-to-back calls,
-    each round timing every function once."""
-    for fn in fns.values():
-        for _ in range(calls):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
 
 
 def cases(batch: int, dp: int, d: int) -> dict[str, dict]:
@@ -117,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env['device']} | torch {env['torch']} | {env['git_sha'][:12]}")
     print(f"{'op':<24} {'call':<17} {'us/call':>8} {'kernel':>8} {'host':>8} {'eager':>8}")
     for op, fns in cases(args.batch, args.dp, args.d).items():
-        us = interleaved_medians(fns, args.calls, args.rounds)
+        seconds = interleaved_median_times(
+            fns, warmup=args.calls, repeat=args.rounds, calls=args.calls
+        )
+        us = {name: value * 1e6 for name, value in seconds.items()}
         for call in ("forward", "forward_backward"):
             if call not in us:
                 continue

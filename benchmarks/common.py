@@ -52,13 +52,14 @@ def median_time(
 
 
 def interleaved_median_times(
-    fns: dict[str, Callable[[], object]], warmup: int = 3, repeat: int = 20
+    fns: dict[str, Callable[[], object]], warmup: int = 3, repeat: int = 20, calls: int = 1
 ) -> dict[str, float]:
-    """Median seconds of each CPU function, timed round-robin.
+    """Median seconds per call of each CPU function, timed round-robin.
 
     Each repeat times every function once, so a transient slowdown of the machine (other
     processes, a noisy VM neighbour) lands on all of them alike instead of on whichever happened
-    to run then; ratios between them stay meaningful.
+    to run then; ratios between them stay meaningful. ``calls`` back-to-back calls make one
+    sample (for functions too short for the clock to time one call).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -67,8 +68,9 @@ def interleaved_median_times(
     for _ in range(repeat):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -37,57 +37,53 @@ def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """Convolution + BN layers (``conv1, bn1, conv2, bn2, ...``) with a ReLU between them, on a
+    residual connection. ``LAYERS`` gives each convolution's kernel size and whether it carries
+    the block's stride; the last one widens to ``channels * expansion``. The layers are made in
+    key order, so the initialisation draws the same numbers as a block written out by hand."""
+
+    LAYERS: tuple[tuple[int, bool], ...]
+    expansion: int
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = channels * self.expansion
+        widths = [in_channels] + [channels] * (len(self.LAYERS) - 1) + [out_channels]
+        self.depth = len(self.LAYERS)
+        for index, (kernel, strided) in enumerate(self.LAYERS, start=1):
+            make = _conv3x3 if kernel == 3 else _conv1x1
+            conv = make(widths[index - 1], widths[index], stride if strided else 1)
+            self.add_module(f"conv{index}", conv)
+            self.add_module(f"bn{index}", nn.BatchNorm2d(widths[index]))
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _shortcut(in_channels, out_channels, stride)
+
+    def last_bn(self) -> nn.BatchNorm2d:
+        return getattr(self, f"bn{self.depth}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        for index in range(1, self.depth + 1):
+            out = getattr(self, f"bn{index}")(getattr(self, f"conv{index}")(out))
+            if index < self.depth:
+                out = self.relu(out)
+        return self.relu(out + identity)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 convolutions with a residual connection (ResNet-10/18/34)."""
 
+    LAYERS = ((3, True), (3, False))
     expansion = 1
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
-        super().__init__()
-        out_channels = channels * self.expansion
-        self.conv1 = _conv3x3(in_channels, channels, stride)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = _conv3x3(channels, out_channels)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_channels, out_channels, stride)
 
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a residual connection (ResNet-50+)."""
 
+    LAYERS = ((1, False), (3, True), (1, False))
     expansion = 4
-
-    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
-        super().__init__()
-        out_channels = channels * self.expansion
-        self.conv1 = _conv1x1(in_channels, channels)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = _conv3x3(channels, channels, stride)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.conv3 = _conv1x1(channels, out_channels)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = _shortcut(in_channels, out_channels, stride)
-
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
 
 
 def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Sequential | None:
@@ -173,7 +169,7 @@ class ResNet(nn.Module):
         if zero_init_residual:
             # Each block starts as the identity: helps large-batch training.
             for module in self.modules():
-                if isinstance(module, (BasicBlock, Bottleneck)):
+                if isinstance(module, _ResidualBlock):
                     nn.init.zeros_(module.last_bn().weight)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
