@@ -25,6 +25,7 @@ import rela_kernels as rk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     append_result,
     environment,
+    graph_median_time,
     interleaved_median_times,
     median_time,
     peak_memory_bytes,
@@ -99,8 +100,11 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
     for name in chosen:
         fns[f"{name}_fwd"] = forward_only(fused_loss(name), z, p, t)
         fns[f"{name}_fb"] = forward_backward(fused_loss(name), z, p, t)
+    graph_times: dict[str, float | None] = {}
     if device.type == "cuda":
         times = {name: median_time(fn, device=device) for name, fn in fns.items()}
+        # The device's share of each call: a short call timed alone also waits on the host.
+        graph_times = {name: graph_median_time(fn, device) for name, fn in fns.items()}
         bytes_moved = (p.numel() + 2 * z.numel()) * p.element_size()
         floor = bytes_moved / copy_bandwidth(device)
         floor_name = "read p and z, write grad at copy bandwidth"
@@ -133,6 +137,10 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
             "floor_ms": floor * 1e3,
             "floor": floor_name,
             "forward_backward_over_floor": fb / floor,
+            # Replayed from a CUDA graph (device work only); None on CPU or where not captured.
+            "graph_forward_ms": _ms(graph_times.get(f"{backend}_fwd")),
+            "graph_forward_backward_ms": _ms(graph_times.get(f"{backend}_fb")),
+            "eager_graph_forward_backward_ms": _ms(graph_times.get("eager_fb")),
             "peak_memory_mb": mem / 2**20,
             "eager_peak_memory_mb": eager_mem / 2**20,
             "repeat": repeat,
@@ -143,6 +151,14 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
         }
         records.append(record)
     return records
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _fmt_ms(ms: float | None) -> str:
+    return "not captured" if ms is None else f"{ms:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{'speedup':>9}{'/floor':>8}{'peak MB':>9}{'eager MB':>9}"
     )
     for name in dtypes:
-        for record in bench(b, dp, d, DTYPES[name], device, repeat):
+        records_of_dtype = bench(b, dp, d, DTYPES[name], device, repeat)
+        for record in records_of_dtype:
             print(
                 f"{record['backend']:<10}{record['dtype']:<10}{record['forward_ms']:>9.2f}"
                 f"{record['forward_backward_ms']:>12.2f}{record['eager_forward_backward_ms']:>11.2f}"
@@ -178,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_save and not args.quick:
                 append_result(args.out, record)
         print(f"  floor ({record['floor']}): {record['floor_ms']:.2f} ms")
+        if record["eager_graph_forward_backward_ms"] is not None:
+            print("  replayed from a CUDA graph (device work only), fwd+bwd ms:")
+            for row in records_of_dtype:
+                print(f"    {row['backend']:<10}{_fmt_ms(row['graph_forward_backward_ms'])} "
+                      f"(eager {row['eager_graph_forward_backward_ms']:.3f})")  # fmt: skip
 
 
 if __name__ == "__main__":

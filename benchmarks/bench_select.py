@@ -29,6 +29,7 @@ import rela_kernels as rk  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     append_result,
     environment,
+    graph_median_time,
     median_time,
     peak_memory_bytes,
 )
@@ -54,6 +55,12 @@ def milliseconds(fn, args, device: torch.device) -> float:
     return median_time(fn, args.warmup, args.repeat, device) * 1e3
 
 
+def graph_milliseconds(fn, device: torch.device) -> float | None:
+    """The device's work alone (a CUDA graph's replay), rounded; None off CUDA or uncaptured."""
+    seconds = graph_median_time(fn, device)
+    return None if seconds is None else round(seconds * 1e3, 4)
+
+
 def topk_then_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
     """torch's way to select_topk's output (up to the choice among tied scores)."""
     return torch.sort(torch.topk(scores, k, sorted=False).indices).values
@@ -77,11 +84,14 @@ def bench_select_topk(args, device: torch.device, env: dict) -> None:
             for fraction in FRACTIONS:
                 k = max(1, int(n * fraction))
                 topk_ms = milliseconds(partial(torch.topk, scores, k, sorted=False), args, device)
-                topk_sorted_ms = milliseconds(partial(topk_then_sort, scores, k), args, device)
+                sorted_topk = partial(topk_then_sort, scores, k)
+                topk_sorted_ms = milliseconds(sorted_topk, args, device)
+                topk_sorted_graph_ms = graph_milliseconds(sorted_topk, device)
                 for backend in select_backends(device):
                     run = partial(rk.select_topk, scores, k, backend=backend)
                     check_same_selection(run(), scores, k)
                     ms = milliseconds(run, args, device)
+                    graph_ms = graph_milliseconds(run, device)
                     record = {
                         "op": "select_topk",
                         "backend": backend,
@@ -95,6 +105,9 @@ def bench_select_topk(args, device: torch.device, env: dict) -> None:
                         "baseline_sorted": "torch.topk(sorted=False) + sort(indices)",
                         "baseline_sorted_ms": round(topk_sorted_ms, 4),
                         "ratio_sorted": round(topk_sorted_ms / ms, 3),
+                        # Replayed from CUDA graphs: the device's work without the host's.
+                        "graph_ms": graph_ms,
+                        "baseline_sorted_graph_ms": topk_sorted_graph_ms,
                         # Bytes of scores read once over the time: the kernel reads them 2-3
                         # times, so this is a lower bound of the bandwidth used.
                         "input_gb_per_s": round(n * scores.element_size() / (ms * 1e-3) / 1e9, 2),
@@ -147,6 +160,7 @@ def bench_score_and_select(args, device: torch.device, env: dict) -> None:
                 indices, losses = run()
                 torch.testing.assert_close(losses, eager()[1], rtol=1e-3, atol=1e-3)
                 ms = milliseconds(run, args, device)
+                graph_ms = graph_milliseconds(run, device)
                 peak = peak_memory_bytes(run, device)
                 record = {
                     "op": "score_and_select",
@@ -160,6 +174,7 @@ def bench_score_and_select(args, device: torch.device, env: dict) -> None:
                     "ratio": round(eager_ms / ms, 3),
                     "read_p_ms": round(read_p_ms, 4),
                     "over_read_p": round(ms / read_p_ms, 3),
+                    "graph_ms": graph_ms,  # replayed from a CUDA graph: the device's work alone
                     "peak_mb": round(peak / 2**20, 2),
                     "baseline_peak_mb": round(eager_peak / 2**20, 2),
                     "warmup": args.warmup,

@@ -51,6 +51,33 @@ def median_time(
     return statistics.median(times)
 
 
+def graph_median_time(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Median seconds of ``fn()`` replayed from a CUDA graph: the device's work alone.
+
+    :func:`median_time` of a short call measures the host's per-call work as well whenever the
+    device waits for it; a graph replays the same kernels with one launch. None on other devices,
+    and where the call cannot be captured (a host sync inside, say): then it prints why.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        # Warm up on a side stream (autotuning, lazy allocations), as capture requires.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        print(f"  (not captured in a CUDA graph: {str(error).splitlines()[0]})")
+        return None
+    return median_time(graph.replay, device=device)
+
+
 def interleaved_median_times(
     fns: dict[str, Callable[[], object]], warmup: int = 3, repeat: int = 20, calls: int = 1
 ) -> dict[str, float]:

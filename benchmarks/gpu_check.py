@@ -275,6 +275,11 @@ def _fmt(value: object, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _graph(ms: object) -> str:
+    """The device-only time of a figure (a CUDA graph's replay), where there is one."""
+    return f" [graph {ms:.3f}]" if isinstance(ms, float) else ""
+
+
 def _row(*cells: str) -> str:
     """One row of a Markdown table; an empty cell stays a single space."""
     return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
@@ -295,9 +300,11 @@ def bench_table(path: Path) -> list[str]:
                     "loss fwd+bwd",
                     r["backend"],
                     f"B={r['B']} Dp={r['Dp']} d={r['d']} {r['dtype']}",
-                    f"{_fmt(r['forward_backward_ms'])} ms (fwd {_fmt(r['forward_ms'])})",
-                    f"eager {_fmt(r['eager_forward_backward_ms'])} ms; "
-                    f"floor {_fmt(r['floor_ms'])} ms",
+                    f"{_fmt(r['forward_backward_ms'])} ms (fwd {_fmt(r['forward_ms'])})"
+                    + _graph(r.get("graph_forward_backward_ms")),
+                    f"eager {_fmt(r['eager_forward_backward_ms'])} ms"
+                    + _graph(r.get("eager_graph_forward_backward_ms"))
+                    + f"; floor {_fmt(r['floor_ms'])} ms",
                     f"{_fmt(r['speedup_forward_backward'])}x eager, "
                     f"{_fmt(r['forward_backward_over_floor'])}x floor",
                     ">=3x eager, <=1.7x floor",
@@ -309,8 +316,10 @@ def bench_table(path: Path) -> list[str]:
                     "select_topk",
                     r["backend"],
                     f"N={r['shape'][0]} k={r['k']} {r['dtype']}",
-                    f"{_fmt(r['median_ms'], 3)} ms",
-                    f"torch.topk {_fmt(r['baseline_ms'], 3)} ms",
+                    f"{_fmt(r['median_ms'], 3)} ms" + _graph(r.get("graph_ms")),
+                    f"torch.topk {_fmt(r['baseline_ms'], 3)} ms; + sort "
+                    f"{_fmt(r.get('baseline_sorted_ms'), 3)} ms"
+                    + _graph(r.get("baseline_sorted_graph_ms")),
                     f"{_fmt(r['ratio'])}x",
                     ">=2x",
                 )
@@ -322,7 +331,7 @@ def bench_table(path: Path) -> list[str]:
                     "score_and_select",
                     r["backend"],
                     f"N={shape['N']} Dp={shape['Dp']} d={shape['d']} {r['dtype']}",
-                    f"{_fmt(r['median_ms'], 3)} ms",
+                    f"{_fmt(r['median_ms'], 3)} ms" + _graph(r.get("graph_ms")),
                     f"read p {_fmt(r.get('read_p_ms'), 3)} ms",
                     f"{_fmt(r.get('over_read_p'))}x read p",
                     "<=1.5x",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import warnings
 from pathlib import Path
@@ -72,3 +73,15 @@ def test_only_conftest_turns_the_triton_interpreter_on():
         if path.name != "conftest.py" and assignment.search(path.read_text(encoding="utf-8"))
     ]
     assert offenders == [], f"set TRITON_INTERPRET outside conftest.py: {offenders}"
+
+
+def test_available_is_a_fresh_dict_that_follows_the_interpreter_flag(monkeypatch) -> None:
+    first = backends.available()
+    first["cpu"] = backends.Availability(False, "changed by the caller")
+    assert backends.available()["cpu"].reason != "changed by the caller"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    without = backends.available()["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with_flag = backends.available()["triton"]
+    if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        assert not without.usable and with_flag.usable

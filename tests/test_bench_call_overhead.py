@@ -1,5 +1,5 @@
 """benchmarks/bench_call_overhead.py: one record per op and call, the host time being the call
-less its bare kernel; backends.available(), on every call's path, is worked out once."""
+less its bare kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import rela_kernels as rk
 
@@ -42,15 +41,3 @@ def test_records_split_each_call_into_kernel_and_host(tmp_path: Path) -> None:
             assert r["host_us"] == pytest.approx(r["us_per_call"] - r["kernel_us"], abs=0.02)
         else:
             assert r["host_us"] is None and r["eager_us"] > 0
-
-
-def test_available_is_a_fresh_dict_that_follows_the_interpreter_flag(monkeypatch) -> None:
-    first = rk.backends.available()
-    first["cpu"] = rk.backends.Availability(False, "changed by the caller")
-    assert rk.backends.available()["cpu"].reason != "changed by the caller"
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    without = rk.backends.available()["triton"]
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with_flag = rk.backends.available()["triton"]
-    if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        assert not without.usable and with_flag.usable

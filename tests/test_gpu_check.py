@@ -82,6 +82,14 @@ def test_summary_reads_benchmark_records_and_junit(tmp_path: Path) -> None:
     assert len(fused_rows) == len(configs) and all("x predicted" in r for r in fused_rows)
     assert sum("(autotuner's pick)" in r for r in fused_rows) == len(bench_configs.MODES)
     assert sum("| loss fwd+bwd |" in r for r in rows) == len(written) - 5 - len(configs)
+    # CPU records have no CUDA-graph time; where a record has one, its row shows it.
+    assert not any("[graph" in r for r in rows)
+    loss = next(r for r in written if r.get("benchmark") == "transported_cosine_loss")
+    assert loss["graph_forward_backward_ms"] is None
+    with_graph = dict(loss, graph_forward_backward_ms=0.25, eager_graph_forward_backward_ms=1.5)
+    records.write_text(json.dumps(with_graph) + "\n")
+    (row,) = gpu_check.bench_table(records)[2:]
+    assert "[graph 0.250]" in row and "[graph 1.500]" in row
 
     junit = tmp_path / "junit.xml"
     junit.write_text(
@@ -169,3 +177,10 @@ def test_a_stage_past_its_limit_is_stopped_with_its_children(tmp_path: Path, mon
     assert not marker.exists()  # the grandchild was ended with the stage
     log = (tmp_path / "a.log").read_text()
     assert "hello" in log and "===== hang: timeout (1 s)" in log
+
+
+def test_graph_time_is_none_off_cuda(capsys) -> None:
+    module = _load(ROOT / "benchmarks" / "common.py", "common_graph")
+    calls = []
+    assert module.graph_median_time(lambda: calls.append(1), "cpu") is None
+    assert calls == [] and capsys.readouterr().out == ""  # nothing run, nothing said
