@@ -80,11 +80,14 @@ bench-records: install
 # there is no network, so nothing is installed. Builds the CUDA extension in place, runs
 # `pytest -m "cuda or interop"`, compute-sanitizer and the GPU benchmarks, each stage time-boxed (9 minutes in
 # all), and writes at most 8 files to GPU_CHECK_OUT. Without a CUDA device it exits at once.
+# GPU_CHECK_ARGS passes options on, e.g. the stages that run only when named:
+# make gpu-check GPU_CHECK_ARGS="--stages bench-train-folder,bench-train-compiled-byol,bench-train-compiled-rela"
 GPU_CHECK_OUT ?= build/gpu-check
 GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
 .PHONY: gpu-check bench-records
 gpu-check:
-	$(GPU_PYTHON) benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)"
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out "$(GPU_CHECK_OUT)" $(GPU_CHECK_ARGS)
 
 # Fashion-MNIST demo (README's first command): BYOL on all data vs BYOL + ReLA on 50%.
 # Installs Debian's dataset-fashion-mnist package when the IDX files are missing and we can.
