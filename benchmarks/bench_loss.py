@@ -103,8 +103,10 @@ def bench(b: int, dp: int, d: int, dtype: torch.dtype, device: torch.device, rep
     graph_times: dict[str, float | None] = {}
     if device.type == "cuda":
         times = {name: median_time(fn, device=device) for name, fn in fns.items()}
-        # The device's share of each call: a short call timed alone also waits on the host.
-        graph_times = {name: graph_median_time(fn, device) for name, fn in fns.items()}
+        # The device's share of each recorded call: a short call timed alone also waits on the
+        # host.
+        recorded = ["eager_fb"] + [f"{name}_{call}" for name in chosen for call in ("fwd", "fb")]
+        graph_times = {name: graph_median_time(fns[name], device) for name in recorded}
         bytes_moved = (p.numel() + 2 * z.numel()) * p.element_size()
         floor = bytes_moved / copy_bandwidth(device)
         floor_name = "read p and z, write grad at copy bandwidth"

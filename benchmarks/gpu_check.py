@@ -441,16 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in FILES:  # a rerun starts clean: the files describe this run only
         (out / name).unlink(missing_ok=True)
     runner = Runner(out, args.stages)
-    env = environment()
+    py = sys.executable
+    prebuilt = None if args.rebuild else loadable_extension(py, runner.env)
+    env = environment() | ({} if prebuilt is None else {"prebuilt_extension": prebuilt})
     (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     print(f"[gpu-check] {env['gpu']} | torch {env['torch']} | triton {env['triton']} | "
           f"git {env['git_sha']} | output {out}", flush=True)  # fmt: skip
-    py = sys.executable
 
-    prebuilt = None if args.rebuild else loadable_extension(py, runner.env)
     if prebuilt is not None:
-        env["prebuilt_extension"] = prebuilt
-        (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
         note = f"{prebuilt['file']} loads with CUDA kernels (sha256 {prebuilt['sha256'][:12]})"
         build = runner.record(Stage("build", "skipped", 0.0, note))
     else:

@@ -50,25 +50,27 @@ class _ResidualBlock(nn.Module):
         super().__init__()
         out_channels = channels * self.expansion
         widths = [in_channels] + [channels] * (len(self.LAYERS) - 1) + [out_channels]
-        self.depth = len(self.LAYERS)
-        for index, (kernel, strided) in enumerate(self.LAYERS, start=1):
+        # Looked up by name at each use, not held: converting to SyncBatchNorm swaps the modules.
+        self.layer_names = tuple((f"conv{i}", f"bn{i}") for i in range(1, len(self.LAYERS) + 1))
+        for (conv_name, bn_name), (kernel, strided), c_in, c_out in zip(
+            self.layer_names, self.LAYERS, widths[:-1], widths[1:], strict=True
+        ):
             make = _conv3x3 if kernel == 3 else _conv1x1
-            conv = make(widths[index - 1], widths[index], stride if strided else 1)
-            self.add_module(f"conv{index}", conv)
-            self.add_module(f"bn{index}", nn.BatchNorm2d(widths[index]))
+            self.add_module(conv_name, make(c_in, c_out, stride if strided else 1))
+            self.add_module(bn_name, nn.BatchNorm2d(c_out))
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_channels, out_channels, stride)
 
     def last_bn(self) -> nn.BatchNorm2d:
-        return getattr(self, f"bn{self.depth}")
+        return getattr(self, self.layer_names[-1][1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = x
-        for index in range(1, self.depth + 1):
-            out = getattr(self, f"bn{index}")(getattr(self, f"conv{index}")(out))
-            if index < self.depth:
-                out = self.relu(out)
+        for position, (conv_name, bn_name) in enumerate(self.layer_names):
+            if position > 0:
+                out = self.relu(out)  # between the layers, not after the last
+            out = getattr(self, bn_name)(getattr(self, conv_name)(out))
         return self.relu(out + identity)
 
 
